@@ -1,0 +1,41 @@
+"""Every error kvmem raises on bad input; each message says what to change."""
+
+
+class KvmemError(Exception):
+    """Base class: catch this to catch anything kvmem rejects."""
+
+
+class UnknownModelError(KvmemError, ValueError):
+    """A model name that is neither built in, a local folder, nor a TransformerLens name."""
+
+
+class MissingDependencyError(KvmemError, ImportError):
+    """An optional package (an extra) is needed for this call."""
+
+
+class CacheError(KvmemError):
+    """A cached file is corrupt or stale (checksum or fingerprint mismatch)."""
+
+
+class SubjectNotFoundError(KvmemError, ValueError):
+    """The subject does not occur in the prompt (or occurs ambiguously)."""
+
+
+class EmptyTargetError(KvmemError, ValueError):
+    """A target string is empty or tokenizes to nothing."""
+
+
+class PromptTooLongError(KvmemError, ValueError):
+    """A prompt (plus target) is longer than the model's context."""
+
+
+class LayerOutOfRangeError(KvmemError, IndexError):
+    """A layer (or neuron) index outside the model."""
+
+
+class InvalidArgumentError(KvmemError, ValueError):
+    """Any other argument kvmem cannot use as given."""
+
+
+class DataFormatError(KvmemError, ValueError):
+    """A data file that does not have the expected schema."""

@@ -1,0 +1,98 @@
+"""MLP and unembedding weights under one vocabulary, whatever the architecture.
+
+A TransformerLens MLP computes `post = act(x W_in + b_in)` (GPT-2) or
+`post = act(x W_gate) * (x W_in + b_in)` (gated: Gemma, Llama), then `out = post W_out + b_out`.
+Either way `hook_post` holds the key coefficients and row i of `W_out` is value i, so analyses
+written against this module never branch on the model type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxtyping import Float
+from torch import Tensor
+
+from kvmem.errors import LayerOutOfRangeError
+
+
+def check_layer(model, layer: int) -> int:
+    """`layer` as a non-negative index, or a LayerOutOfRangeError that says the valid range."""
+    n = model.cfg.n_layers
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise LayerOutOfRangeError(f"layer must be an int in [0, {n - 1}], got {layer!r}.")
+    if not -n <= layer < n:
+        raise LayerOutOfRangeError(f"layer {layer} is out of range: this model has layers 0..{n - 1}.")
+    return layer % n
+
+
+def check_neurons(model, neurons) -> list[int]:
+    """Neuron indices as a list, each checked against d_mlp."""
+    d_mlp = model.cfg.d_mlp
+    out = [int(i) for i in neurons]
+    bad = [i for i in out if not 0 <= i < d_mlp]
+    if bad:
+        raise LayerOutOfRangeError(f"neurons {bad[:5]} out of range: this model's MLPs have 0..{d_mlp - 1}.")
+    return out
+
+
+def hook_post_name(model, layer: int) -> str:
+    """The hook holding layer `layer`'s key coefficients (post-activation, gated product included)."""
+    return f"blocks.{check_layer(model, layer)}.mlp.hook_post"
+
+
+def hook_mlp_out_name(model, layer: int) -> str:
+    return f"blocks.{check_layer(model, layer)}.hook_mlp_out"
+
+
+def is_gated(model) -> bool:
+    return bool(getattr(model.cfg, "gated_mlp", False))
+
+
+@dataclass(frozen=True)
+class MLPWeights:
+    """Views (not copies) of one MLP's parameters. `W_gate` is None for ungated MLPs."""
+
+    layer: int
+    W_in: Float[Tensor, "d_model d_mlp"]
+    b_in: Float[Tensor, "d_mlp"] | None
+    W_gate: Float[Tensor, "d_model d_mlp"] | None
+    W_out: Float[Tensor, "d_mlp d_model"]
+    b_out: Float[Tensor, "d_model"] | None
+
+    @property
+    def keys(self) -> Float[Tensor, "d_mlp d_model"]:
+        """Key i as a vector in the residual stream (column i of `W_in`)."""
+        return self.W_in.T
+
+    @property
+    def values(self) -> Float[Tensor, "d_mlp d_model"]:
+        """Value i, the vector written to the residual per unit of coefficient (row i of `W_out`)."""
+        return self.W_out
+
+
+def mlp_weights(model, layer: int) -> MLPWeights:
+    """The MLP parameters of `layer`; editing `W_out` in place edits the model."""
+    layer = check_layer(model, layer)
+    mlp = model.blocks[layer].mlp
+    if not hasattr(mlp, "W_out"):
+        raise LayerOutOfRangeError(
+            f"Layer {layer}'s MLP ({type(mlp).__name__}) has no dense W_out; kvmem supports dense MLPs only."
+        )
+    return MLPWeights(
+        layer=layer,
+        W_in=mlp.W_in,
+        b_in=getattr(mlp, "b_in", None),
+        W_gate=getattr(mlp, "W_gate", None) if is_gated(model) else None,
+        W_out=mlp.W_out,
+        b_out=getattr(mlp, "b_out", None),
+    )
+
+
+def W_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+    return mlp_weights(model, layer).W_out
+
+
+def W_U(model) -> Float[Tensor, "d_model d_vocab"]:
+    """The unembedding as TransformerLens holds it (final-norm weights folded in if fold_ln was used)."""
+    return model.W_U

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models of the two architecture families kvmem must support."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvmem.tokenizers import gpt2_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared evaluation data not found at {path}")
+    return path
+
+
+def _tiny(kind: str, seed: int = 0):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    common = dict(
+        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64,
+        d_vocab=50257, default_prepend_bos=True, seed=seed, dtype=torch.float32,
+    )
+    if kind == "gpt2":
+        cfg = HookedTransformerConfig(
+            **common, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+        )
+    elif kind == "gated":
+        # Llama/Gemma-like: RMSNorm, rotary, gated MLP, grouped-query attention.
+        cfg = HookedTransformerConfig(
+            **common, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+            rotary_dim=8, gated_mlp=True, n_key_value_heads=2, final_rms=True,
+        )
+    else:
+        raise ValueError(kind)
+    model = HookedTransformer(cfg, tokenizer=gpt2_tokenizer())
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """3-layer random GPT-2-architecture HookedTransformer with the real GPT-2 tokenizer."""
+    return _tiny("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_gated():
+    """3-layer random Llama-like HookedTransformer (RMSNorm, rotary, gated MLP, GQA)."""
+    return _tiny("gated")
+
+
+@pytest.fixture(scope="session", params=["gpt2", "gated"])
+def tiny_model(request):
+    return _tiny(request.param)
