@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
-import torch
+# Every kvmem function's jaxtyping shapes and type hints are checked at run time in the tests
+# (beartype; typeguard silently skips jaxtyping's dimension strings). The hook must be installed
+# before kvmem is first imported.
+from jaxtyping import install_import_hook
 
-from kvmem.tokenizers import gpt2_tokenizer
+install_import_hook("kvmem", "beartype.beartype")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kvmem.tokenizers import gpt2_tokenizer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

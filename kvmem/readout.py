@@ -1,0 +1,38 @@
+"""Reading predictions off the residual stream at only the positions that matter.
+
+Unembedding every position is the costliest step for large-vocabulary models (Gemma's 262k
+tokens cost more per position than all 18 of its layers), and TransformerLens's `Unembed`
+copies `W_U.T` on every call. Analyses that read one position per row go through here.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+def final_logits(model, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_vocab"]:
+    """Logits from final-layer residual vectors: final norm, unembedding, soft-cap as the model does."""
+    x = resid[:, None, :]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    logits = x[:, 0, :] @ model.W_U
+    if getattr(model, "unembed", None) is not None and getattr(model.unembed, "b_U", None) is not None:
+        logits = logits + model.unembed.b_U
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def last_token_logits(
+    model, tokens: Int[Tensor, "batch pos"], last_pos: Int[Tensor, "batch"] | None = None
+) -> Float[Tensor, "batch d_vocab"]:
+    """Next-token logits at `last_pos` of each row (default: the final column), unembedding only those."""
+    resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    if last_pos is None:
+        picked = resid[:, -1]
+    else:
+        picked = resid[torch.arange(resid.shape[0], device=resid.device), last_pos.to(resid.device)]
+    return final_logits(model, picked)
