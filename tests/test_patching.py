@@ -1,0 +1,147 @@
+"""kvmem.patching: the batched engine equals plain one-run-per-intervention loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import patching as tl_patching
+
+from kvmem.errors import InvalidArgumentError, KvmemError, LayerOutOfRangeError
+from kvmem.hooks import add_noise, freeze, restore
+from kvmem.patching import Intervention, Site, patch_prompts, record_run, run_interventions
+from kvmem.prompts import encode
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+PROMPT = "The Eiffel Tower is located in the city of"
+CORRUPT = "The Blue Green Red Tower is located in the city of"
+ANSWER = 6342  # " Paris"
+
+
+def log_prob(logits):
+    return torch.log_softmax(logits.float(), dim=-1)[:, ANSWER]
+
+
+def hook_name(site: Site) -> str:
+    return f"blocks.{site.layer}.hook_{site.component}"
+
+
+def naive(model, tokens, noise_positions, scale, samples, iv: Intervention):
+    """One run_with_hooks per intervention: noise + one restore hook per site (+ freezes)."""
+    batch = tokens[None].expand(samples, -1)
+    noise = ("hook_embed", add_noise(noise_positions, scale, seed=3))
+    _, clean = model.run_with_cache(tokens[None])
+    corrupt = None
+    names = [hook_name(s) for s in iv.freeze]
+    if names:
+        with model.hooks(fwd_hooks=[noise]):
+            _, corrupt = model.run_with_cache(batch, names_filter=lambda n: n in names)
+    hooks = [noise] + [(hook_name(s), restore(clean[hook_name(s)], [s.position])) for s in iv.restore]
+    hooks += [(hook_name(s), freeze(corrupt[hook_name(s)], [s.position])) for s in iv.freeze]
+    logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+    return log_prob(logits[:, -1])
+
+
+INTERVENTIONS = [
+    Intervention((Site("resid_pre", 0, 3),)),
+    Intervention((Site("resid_post", 1, 4),)),
+    Intervention((Site("resid_post", 2, 9),)),
+    Intervention((Site("mlp_out", 1, 5), Site("mlp_out", 2, 5))),
+    Intervention((Site("attn_out", 0, 4), Site("attn_out", 1, 4), Site("attn_out", 2, 4))),
+    Intervention((Site("mlp_out", 0, 2), Site("attn_out", 2, 6))),  # mixed sites and positions
+    Intervention((Site("resid_post", 0, 5),), freeze=tuple(Site("mlp_out", l, 5) for l in range(3))),
+    Intervention((Site("resid_post", 0, 3),), freeze=tuple(Site("attn_out", l, 3) for l in range(3))),
+    Intervention((Site("resid_pre", 1, 0),)),  # before the noise: provably no effect
+]
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_engine_equals_naive_loop(tiny_model, reuse_prefix):
+    tokens = torch.tensor(encode(tiny_model, PROMPT))
+    subject = [2, 3, 4]
+    corrupt = record_run(
+        tiny_model, tokens, fwd_hooks=[("hook_embed", add_noise(subject, 0.5, seed=3))], n_rows=3
+    )
+    clean = record_run(tiny_model, tokens)
+    got = run_interventions(
+        tiny_model, corrupt, clean, INTERVENTIONS, log_prob, max_batch=4, reuse_prefix=reuse_prefix
+    )
+    for i, iv in enumerate(INTERVENTIONS):
+        want = naive(tiny_model, tokens, subject, 0.5, 3, iv)
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5, msg=f"intervention {iv}")
+
+
+def test_chunking_does_not_change_results(tiny_gated):
+    tokens = torch.tensor(encode(tiny_gated, PROMPT))
+    corrupt = record_run(tiny_gated, tokens, [("hook_embed", add_noise([2, 3, 4], 1.0))], n_rows=2)
+    clean = record_run(tiny_gated, tokens)
+    a = run_interventions(tiny_gated, corrupt, clean, INTERVENTIONS, log_prob, max_batch=1)
+    b = run_interventions(tiny_gated, corrupt, clean, INTERVENTIONS, log_prob, max_batch=1000)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "component,tl_fn",
+    [
+        ("resid_pre", tl_patching.get_act_patch_resid_pre),
+        ("mlp_out", tl_patching.get_act_patch_mlp_out),
+        ("attn_out", tl_patching.get_act_patch_attn_out),
+    ],
+)
+def test_patch_prompts_equals_transformer_lens(tiny_model, component, tl_fn):
+    clean = torch.tensor(encode(tiny_model, PROMPT))
+    corrupted = torch.tensor(encode(tiny_model, CORRUPT))
+    assert clean.shape == corrupted.shape
+    _, clean_cache = tiny_model.run_with_cache(clean[None])
+    want = tl_fn(tiny_model, corrupted[None], clean_cache, lambda logits: log_prob(logits[:, -1])[0])
+    got = patch_prompts(tiny_model, clean, corrupted, log_prob, component=component)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_prompts_accepts_strings(tiny_gpt2):
+    a = patch_prompts(tiny_gpt2, PROMPT, CORRUPT, log_prob, component="resid_pre")
+    assert a.shape == (3, len(encode(tiny_gpt2, PROMPT)))
+    # the prompts share their first two tokens: patching there changes nothing
+    corrupt = record_run(tiny_gpt2, torch.tensor(encode(tiny_gpt2, CORRUPT)))
+    base = log_prob(corrupt.final_logits(tiny_gpt2))[0]
+    torch.testing.assert_close(a[:, :2], base.expand(3, 2))
+    assert not torch.allclose(a[0, 2:5], base.expand(3))
+
+
+def test_final_residual_restored_gives_source(tiny_model):
+    tokens = torch.tensor(encode(tiny_model, PROMPT))
+    corrupt = record_run(tiny_model, tokens, [("hook_embed", add_noise([2, 3], 3.0))], n_rows=3)
+    clean = record_run(tiny_model, tokens)
+    n = tiny_model.cfg.n_layers
+    iv = [Intervention((Site("resid_post", n - 1, len(tokens) - 1),))]
+    got = run_interventions(tiny_model, corrupt, clean, iv, log_prob)
+    want = log_prob(clean.final_logits(tiny_model))
+    torch.testing.assert_close(got[0], want.expand(3), atol=1e-6, rtol=1e-6)
+
+
+def test_engine_bad_input(tiny_gpt2):
+    tokens = torch.tensor(encode(tiny_gpt2, PROMPT))
+    run = record_run(tiny_gpt2, tokens)
+    other = record_run(tiny_gpt2, tokens[:-1])
+    with pytest.raises(InvalidArgumentError):
+        run_interventions(tiny_gpt2, run, other, [Intervention((Site("mlp_out", 0, 1),))], log_prob)
+    with pytest.raises(LayerOutOfRangeError):
+        run_interventions(tiny_gpt2, run, run, [Intervention((Site("mlp_out", 3, 1),))], log_prob)
+    with pytest.raises(InvalidArgumentError):
+        run_interventions(tiny_gpt2, run, run, [Intervention((Site("mlp_out", 0, 99),))], log_prob)
+    with pytest.raises(InvalidArgumentError):
+        run_interventions(tiny_gpt2, run, run, [Intervention(())], log_prob)
+    with pytest.raises(InvalidArgumentError):
+        Site("mlp_in", 0, 0)
+    with pytest.raises(KvmemError):
+        patch_prompts(tiny_gpt2, PROMPT, "A much shorter prompt", log_prob)
+    with pytest.raises(KvmemError):
+        patch_prompts(tiny_gpt2, PROMPT, CORRUPT, log_prob, component="mlp_in")

@@ -1,0 +1,307 @@
+"""kvmem.tracing: causal traces equal a plain one-run-per-cell loop; ROME's conventions hold."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from kvmem import Fact
+from kvmem.errors import InvalidArgumentError, KvmemError, SubjectNotFoundError
+from kvmem.hooks import add_noise, freeze, restore
+from kvmem.prompts import AmbiguousSubjectError, tokenize_fact
+from kvmem.tracing import (
+    BUCKETS,
+    AverageEffect,
+    CausalTrace,
+    average_indirect_effect,
+    causal_trace,
+    noise_level,
+    token_buckets,
+    trace_all,
+)
+from kvmem.viz import HTMLView
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+FACT = Fact("The Eiffel Tower is located in", "Eiffel Tower")
+HOOK = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}
+
+
+def naive_trace(model, fact, kind, window, noise, samples, seed, sever=None):
+    """ROME's loop, written plainly: one run_with_hooks per (layer, token) cell."""
+    tf = tokenize_fact(model, fact, target=None)
+    n_layers, n_pos = model.cfg.n_layers, tf.n_tokens
+    batch = tf.tokens[None].expand(samples, -1)
+    noise_hook = ("hook_embed", add_noise(range(tf.subject.start, tf.subject.end), noise, seed=seed))
+    clean_logits, clean = model.run_with_cache(tf.tokens[None])
+    answer = int(clean_logits[0, -1].argmax())
+    p_clean = float(torch.softmax(clean_logits[0, -1], -1)[answer])
+    with model.hooks(fwd_hooks=[noise_hook]):
+        corrupt_logits, corrupt = model.run_with_cache(batch)
+    p_corrupt = float(torch.softmax(corrupt_logits[:, -1], -1)[:, answer].mean())
+    scores = torch.zeros(n_layers, n_pos)
+    for layer in range(n_layers):
+        if kind == "resid":
+            layers = [layer]
+        else:  # ROME: range(max(0, layer - window // 2), min(num_layers, layer - (-window // 2)))
+            layers = range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+        for t in range(n_pos):
+            hooks = [noise_hook]
+            hooks += [(HOOK[kind].format(j), restore(clean[HOOK[kind].format(j)], [t])) for j in layers]
+            if sever:
+                hooks += [(HOOK[sever].format(j), freeze(corrupt[HOOK[sever].format(j)], [t])) for j in range(n_layers)]
+            logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+            scores[layer, t] = torch.softmax(logits[:, -1], -1)[:, answer].mean()
+    return scores, p_clean, p_corrupt
+
+
+def assert_probs_close(a, b):
+    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), rtol=2e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind,window", [("resid", 1), ("mlp", 1), ("attn", 1), ("mlp", 2), ("attn", 3)])
+def test_trace_equals_naive_loop(tiny_model, kind, window):
+    got = causal_trace(tiny_model, FACT, kind=kind, window=window, noise=0.5, samples=3, seed=1, max_batch=16)
+    scores, p_clean, p_corrupt = naive_trace(tiny_model, FACT, kind, window, 0.5, 3, 1)
+    assert got.scores.shape == scores.shape
+    assert_probs_close(got.scores, scores)
+    assert_probs_close(got.p_clean, p_clean)
+    assert_probs_close(got.p_corrupt, p_corrupt)
+    assert got.kind == kind and got.window == window and got.correct is None
+
+
+@pytest.mark.parametrize("sever", ["mlp", "attn"])
+def test_severed_trace_equals_naive_loop(tiny_model, sever):
+    got = causal_trace(tiny_model, FACT, kind="resid", sever=sever, noise=0.5, samples=2, seed=0)
+    scores, _, _ = naive_trace(tiny_model, FACT, "resid", 1, 0.5, 2, 0, sever=sever)
+    assert_probs_close(got.scores, scores)
+    plain = causal_trace(tiny_model, FACT, kind="resid", noise=0.5, samples=2, seed=0)
+    assert not torch.allclose(plain.scores, got.scores)
+    # severing never matters for the last layer (nothing above it)
+    assert_probs_close(got.scores[-1], plain.scores[-1])
+
+
+def test_trace_all_shares_runs_and_matches_single_traces(tiny_gated):
+    both = trace_all(tiny_gated, FACT, window=2, noise=0.4, samples=2, seed=3)
+    assert both.kinds == ("resid", "mlp", "attn")
+    for kind in both.kinds:
+        single = causal_trace(tiny_gated, FACT, kind=kind, window=1 if kind == "resid" else 2,
+                              noise=0.4, samples=2, seed=3)
+        assert_probs_close(both[kind].scores, single.scores)
+    assert both["resid"].window == 1 and both["mlp"].window == 2
+
+
+def test_zero_noise_gives_clean_everywhere(tiny_model):
+    tr = causal_trace(tiny_model, FACT, kind="mlp", window=2, noise=0.0, samples=2)
+    assert_probs_close(tr.p_corrupt, tr.p_clean)
+    assert_probs_close(tr.scores, torch.full_like(tr.scores, tr.p_clean))
+
+
+def test_restoring_final_residual_at_last_token_gives_p_clean(tiny_model):
+    tr = causal_trace(tiny_model, FACT, kind="resid", samples=4, noise=2.0)
+    torch.testing.assert_close(tr.scores[-1, -1].item(), tr.p_clean, rtol=1e-6, atol=0)
+    # ... and restoring any state before the subject changes nothing
+    before = tr.scores[:, : tr.subject.start]
+    torch.testing.assert_close(before, torch.full_like(before, tr.p_corrupt), rtol=1e-6, atol=0)
+    assert tr.p_corrupt != tr.p_clean
+
+
+def test_noise_defaults_to_three_subject_stds(tiny_gpt2):
+    facts = [FACT, Fact("Michael Jordan plays the sport of", "Michael Jordan")]
+    ids = torch.cat([
+        (lambda tf: tf.tokens[tf.subject.start : tf.subject.end])(tokenize_fact(tiny_gpt2, f, target=None))
+        for f in facts
+    ])
+    want = 3 * float(tiny_gpt2.W_E[ids].std())
+    assert noise_level(tiny_gpt2, facts) == pytest.approx(want, rel=1e-6)
+    default = causal_trace(tiny_gpt2, FACT, samples=2)
+    assert default.noise == pytest.approx(noise_level(tiny_gpt2, [FACT]), rel=1e-6)
+
+
+def test_seed_controls_the_noise(tiny_gpt2):
+    a = causal_trace(tiny_gpt2, FACT, kind="mlp", samples=2, seed=5, noise=0.5)
+    b = causal_trace(tiny_gpt2, FACT, kind="mlp", samples=2, seed=5, noise=0.5)
+    c = causal_trace(tiny_gpt2, FACT, kind="mlp", samples=2, seed=6, noise=0.5)
+    assert torch.equal(a.scores, b.scores) and not torch.equal(a.scores, c.scores)
+
+
+def test_target_sets_answer_and_correctness(tiny_gpt2):
+    tr = causal_trace(tiny_gpt2, Fact(FACT.prompt, FACT.subject, "Paris"), samples=1)
+    assert tr.answer_id == 6342 and tr.answer == " Paris"
+    assert tr.correct is False  # a random model does not know it
+
+
+def _known_facts(model):
+    """Facts whose target is the model's own top token (so a random model 'knows' them)."""
+    prompts = [
+        ("The Eiffel Tower is located in", "Eiffel Tower"),
+        ("Michael Jordan plays the sport of", "Michael Jordan"),
+        ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+        ("Toyota is headquartered in", "Toyota"),
+        ("The Space Needle is in downtown", "Space Needle"),
+        ("Apple was founded by Steve", "Apple"),
+    ]
+    known = []
+    for prompt, subject in prompts:
+        tf = tokenize_fact(model, Fact(prompt, subject), target=None)
+        logits = model(tf.tokens[None])[0, -1]
+        top = int(logits.argmax())
+        text = model.tokenizer.decode([top])
+        try:
+            fact = Fact(prompt, subject, text)
+            if tokenize_fact(model, fact).target_ids[0] == top:
+                known.append(fact)
+        except KvmemError:
+            continue
+    return known
+
+
+def test_average_indirect_effect(tiny_gpt2):
+    known = _known_facts(tiny_gpt2)
+    assert len(known) >= 2
+    known = known[:2]
+    wrong = Fact("The Eiffel Tower is located in", "Eiffel Tower", "Paris")
+    facts = known + [wrong]
+    noise = noise_level(tiny_gpt2, facts)
+    res = average_indirect_effect(tiny_gpt2, facts, window=2, samples=2, seed=4, progress=False)
+    assert isinstance(res, AverageEffect)
+    assert res.n_facts == 2 and res.n_skipped == 1 and res.noise == pytest.approx(noise)
+    assert res.aie.shape == (3, len(BUCKETS), tiny_gpt2.cfg.n_layers)
+    # equals averaging trace_all over the known facts, bucket by bucket (ROME's weighting)
+    sums = torch.zeros_like(res.aie, dtype=torch.float64)
+    counts = torch.zeros(len(BUCKETS))
+    for fact in known:
+        ts = trace_all(tiny_gpt2, fact, window=2, noise=noise, samples=2, seed=4)
+        tr0 = ts["resid"]
+        for b, positions in enumerate(token_buckets(tr0.subject, len(tr0.str_tokens))):
+            counts[b] += len(positions)
+            for k, kind in enumerate(res.kinds):
+                for p in positions:
+                    sums[k, b] += (ts[kind].scores[:, p] - ts[kind].p_corrupt).double()
+    assert torch.equal(res.counts.float(), counts)
+    want = (sums / counts[None, :, None].double()).float()
+    torch.testing.assert_close(res.aie, want, rtol=1e-4, atol=1e-9, equal_nan=True)
+    frame = res.to_frame()
+    assert len(frame) == 3 * len(BUCKETS) * tiny_gpt2.cfg.n_layers
+    assert res["mlp"].shape == (len(BUCKETS), tiny_gpt2.cfg.n_layers)
+    fig = res.plot()
+    assert len(fig.axes) == 3
+
+
+def test_token_buckets():
+    from kvmem.prompts import SubjectSpan
+
+    # BOS The E iff el Tower is located in -> subject 2..5, last 8
+    assert token_buckets(SubjectSpan(2, 6, True), 9) == ((2,), (3, 4), (5,), (6,), (7,), (8,))
+    # one-token subject right before the last token
+    assert token_buckets(SubjectSpan(1, 2, True), 3) == ((1,), (), (1,), (2,), (), (2,))
+
+
+def test_views(tiny_gpt2):
+    ts = trace_all(tiny_gpt2, FACT, samples=2, noise=0.5)
+    tr = ts["mlp"]
+    assert isinstance(tr, CausalTrace)
+    frame = tr.to_frame()
+    assert len(frame) == tr.scores.numel()
+    assert set(frame.columns) >= {"kind", "layer", "position", "token", "is_subject", "score", "indirect_effect"}
+    assert frame["is_subject"].sum() == len(tr.subject) * tr.n_layers
+    fig = tr.plot()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[tr.subject.start].endswith("*") and not labels[0].endswith("*")
+    assert len(ts.plot().axes) >= 3
+    html = ts.show()
+    assert isinstance(html, HTMLView)
+    assert "unpkg.com" not in str(html) and "CircuitsVis.render" in str(html)
+    assert len(ts.to_frame()) == 3 * tr.scores.numel()
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_bad_input(tiny_gpt2):
+    with pytest.raises(SubjectNotFoundError):
+        causal_trace(tiny_gpt2, Fact("The Eiffel Tower is in", "Louvre"))
+    with pytest.raises(AmbiguousSubjectError):
+        causal_trace(tiny_gpt2, Fact("Paris is the capital; Paris is in", "Paris"))
+    with pytest.raises(InvalidArgumentError):
+        causal_trace(tiny_gpt2, FACT, kind="mlp", window=4)  # 3 layers
+    with pytest.raises(InvalidArgumentError):
+        causal_trace(tiny_gpt2, FACT, kind="mlp", window=0)
+    with pytest.raises(InvalidArgumentError):
+        causal_trace(tiny_gpt2, FACT, kind="embed")
+    with pytest.raises(InvalidArgumentError):
+        causal_trace(tiny_gpt2, FACT, samples=0)
+    with pytest.raises(KvmemError):
+        causal_trace(tiny_gpt2, FACT, noise=-1.0)
+    with pytest.raises(InvalidArgumentError):
+        causal_trace(tiny_gpt2, FACT, kind="mlp", sever="attn")
+    with pytest.raises(InvalidArgumentError):
+        trace_all(tiny_gpt2, FACT, window=9)
+    with pytest.raises(KvmemError):
+        average_indirect_effect(tiny_gpt2, [FACT], progress=False)  # no target to check
+    no_embed = types.SimpleNamespace(cfg=tiny_gpt2.cfg, tokenizer=tiny_gpt2.tokenizer, hook_dict={})
+    with pytest.raises(InvalidArgumentError, match="hook_embed"):
+        causal_trace(no_embed, FACT)
+    with pytest.raises(InvalidArgumentError, match="hook_embed"):
+        noise_level(no_embed, [FACT])
+
+
+# --------------------------------------------------------------------------------------------
+# The trained factworld model (skipped until its weights are shipped)
+
+
+@pytest.fixture(scope="module")
+def factworld():
+    fw = pytest.importorskip("kvmem.factworld")
+    if not hasattr(fw, "factworld_hooked_transformer"):
+        pytest.skip("kvmem.factworld has no factworld_hooked_transformer yet")
+    try:
+        model = fw.factworld_hooked_transformer()
+    except (FileNotFoundError, KvmemError, OSError) as e:
+        pytest.skip(f"factworld weights not available: {e}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    facts = [Fact(f.prompt, f.subject, f.target_true) for f in fw.shipped_world().facts()[:40]]
+    return model, facts
+
+
+def test_factworld_trace_recovers_the_fact(factworld):
+    model, facts = factworld
+    def knows(f):
+        tf = tokenize_fact(model, f)
+        return int(model(tf.tokens[None])[0, -1].argmax()) == tf.target_ids[0]
+
+    known = [f for f in facts if knows(f)][:1]
+    if not known:
+        pytest.skip("factworld model answers none of the first facts")
+    fact = known[0]
+    ts = trace_all(model, fact, window=min(3, model.cfg.n_layers), samples=4)
+    res = ts["resid"]
+    assert res.correct and res.p_clean > res.p_corrupt
+    torch.testing.assert_close(res.scores[-1, -1].item(), res.p_clean, rtol=1e-5, atol=0)
+    # restoring the last subject token's residual brings some of the answer back
+    assert float(res.scores[:, tf_last_subject(model, fact)].max()) > res.p_corrupt
+    naive, _, _ = naive_trace(model, fact, "mlp", min(3, model.cfg.n_layers), ts.traces[1].noise, 4, 0)
+    assert_probs_close(ts["mlp"].scores, naive)
+
+
+def tf_last_subject(model, fact) -> int:
+    return tokenize_fact(model, fact).subject.last
+
+
+def test_factworld_average_indirect_effect(factworld):
+    model, facts = factworld
+    res = average_indirect_effect(model, facts[:8], samples=3, progress=False)
+    assert res.n_facts + res.n_skipped == 8
+    if res.n_facts:
+        assert torch.isfinite(res.aie[:, 2]).all()  # last subject token bucket always present
