@@ -1,0 +1,255 @@
+"""ROME on CounterFact (and on the fact world): the ROME table, time per edit, C throughput.
+
+    python benchmarks/bench_editing.py --models gemma-3-270m --n-records 250 --stats-tokens 200000
+    python benchmarks/bench_editing.py --models factworld --n-records 50
+
+Per model: C (second moment of the edit layer's keys) over ordinary text with its convergence and
+throughput next to a plain forward over the same token rows; then, per record, the unedited
+model's metrics and the metrics with that record's ROME edit applied alone (then restored);
+ROME's summary table next to ROME's published GPT-2 XL numbers. Results go to
+benchmarks/results/editing.json and .md (or --out PREFIX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# --- models and records -------------------------------------------------------------------
+
+def load(name: str):
+    if name == "tiny":  # a random 3-layer GPT-2-style model: exercises the pipeline only
+        import torch
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        from kvmem.tokenizers import gpt2_tokenizer
+
+        cfg = HookedTransformerConfig(
+            n_layers=3, d_model=32, n_ctx=128, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257,
+            default_prepend_bos=True, seed=0, dtype=torch.float32, act_fn="gelu_new",
+            normalization_type="LN", positional_embedding_type="standard",
+        )
+        model = HookedTransformer(cfg, tokenizer=gpt2_tokenizer())
+        model.eval()
+        return model
+    if name == "factworld":
+        from kvmem.factworld import factworld_hooked_transformer
+
+        return factworld_hooked_transformer()
+    import kvmem.models
+
+    return kvmem.models.load_model(name)
+
+
+def factworld_records(n: int, seed: int = 0):
+    """CounterFact-style records from the fact world: the request is a fact under its first
+    training template, paraphrases are its held-out templates, neighbours are other subjects
+    with the same relation, template and true object (`world.neighbours`); target_new is
+    another object of the relation (seeded)."""
+    from kvmem.data import CounterFactRecord
+    from kvmem.factworld import shipped_world
+    from kvmem.prompts import Fact
+
+    world = shipped_world()
+    facts = world.facts("train")
+    rng = random.Random(seed)
+    rng.shuffle(facts)
+    out = []
+    for f in facts:
+        neigh = world.neighbours(f, k=10, same_object=True)
+        others = [o for o in world.relation(f.relation).objects if o != f.target]
+        if not neigh or not others:
+            continue
+        request = Fact(f.prompt, f.subject, target_true=f.target, target_new=rng.choice(others), relation_id=f.relation)
+        out.append(CounterFactRecord(
+            case_id=len(out), request=request, template=f.template,
+            paraphrase_prompts=tuple(p.prompt for p in world.prompts_for(f, "paraphrase")),
+            neighborhood_prompts=tuple(x.prompt for x in neigh),
+            attribute_prompts=(), generation_prompts=(f.prompt,),
+        ))
+        if len(out) >= n:
+            break
+    return out
+
+
+def factworld_corpus(seed: int = 0) -> list[str]:
+    """The fact world's own training sentences (every fact under every training template),
+    shuffled: its ordinary text."""
+    from kvmem.factworld import shipped_world
+
+    world = shipped_world()
+    sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
+    random.Random(seed).shuffle(sents)
+    return sents
+
+
+def records_for(name: str, args):
+    if name == "factworld":
+        return factworld_records(args.n_records, args.seed), "factworld (own facts)"
+    from kvmem.data import load_counterfact
+
+    return load_counterfact(args.counterfact, limit=args.n_records), Path(args.counterfact).name
+
+
+# --- throughput --------------------------------------------------------------------------
+
+def plain_forward_tok_s(model, corpus, n_tokens: int, layer: int | None) -> float:
+    """Tokens/s of a plain no-grad forward (no hooks, no unembedding) over the same token rows
+    that `second_moment` uses; stops after `layer` if given, else runs all layers."""
+    import torch
+
+    from kvmem.editing.stats import _batches, _token_rows
+    from kvmem.prompts import pad_batch, spec_for
+
+    rows, total, has_bos = _token_rows(model, corpus, n_tokens, min(256, int(model.cfg.n_ctx)))
+    spec = spec_for(model)
+    stop = model.cfg.n_layers if layer is None else layer + 1
+    t = time.perf_counter()
+    with torch.no_grad():
+        for b in _batches(rows, 4096):
+            model(pad_batch(b, spec.pad_id).tokens, stop_at_layer=stop)
+    return total / (time.perf_counter() - t)
+
+
+# --- one model -----------------------------------------------------------------------------
+
+def run_model(name: str, args) -> dict:
+    import torch
+
+    from kvmem.editing import rome_hparams, second_moment
+    from kvmem.editing.rome import edit_layer
+    from kvmem.evaluation import evaluate_counterfact
+
+    out: dict = {"model": name, "threads": torch.get_num_threads()}
+    t = time.perf_counter()
+    model = load(name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out["load_s"] = time.perf_counter() - t
+    hp = rome_hparams(model)
+    layer = edit_layer(model, hp, args.layer)
+    out.update(layer=layer, layer_source=hp.layer_source if args.layer is None else "--layer",
+               n_contexts=hp.n_contexts, hparams=dataclasses.asdict(hp))
+    corpus = factworld_corpus(args.seed) if name == "factworld" else args.corpus
+    out["corpus"] = "fact-world training sentences" if name == "factworld" else str(corpus)
+
+    sm = second_moment(model, layer, corpus, n_tokens=args.stats_tokens, cache_dir=args.cache_dir,
+                       recompute=args.recompute_stats, progress=not args.quiet)
+    out["stats"] = {
+        "n_tokens": sm.n_tokens, "seconds": sm.seconds, "tok_per_s": sm.tokens_per_s, "from_cache": sm.from_cache,
+        "eigmin": sm.eigmin, "eigmax": sm.eigmax, "condition_number": sm.condition_number,
+        "convergence": sm.convergence().to_dict(orient="list"), "path": sm.path,
+    }
+    n_tp = min(args.stats_tokens, args.throughput_tokens)
+    out["plain_forward_tok_s_to_layer"] = plain_forward_tok_s(model, corpus, n_tp, layer)
+    out["plain_forward_tok_s_all_layers"] = plain_forward_tok_s(model, corpus, n_tp, None)
+    if not math.isnan(sm.tokens_per_s):
+        out["stats_vs_plain_to_layer"] = sm.tokens_per_s / out["plain_forward_tok_s_to_layer"]
+        out["stats_vs_plain_all_layers"] = sm.tokens_per_s / out["plain_forward_tok_s_all_layers"]
+
+    records, source = records_for(name, args)
+    out["records"] = {"source": source, "n": len(records)}
+    t = time.perf_counter()
+    ev = evaluate_counterfact(
+        model, records, stats=sm, hparams=dataclasses.replace(hp, layer=layer),
+        generation=args.gen_tokens > 0, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
+        seed=args.seed, progress=not args.quiet,
+    )
+    out["eval_s"] = time.perf_counter() - t
+    summ = ev.summary()
+    out["summary"] = json.loads(summ.to_json(orient="index"))
+    frame = ev.to_frame()
+    ok = frame[(frame["condition"] == "ROME") & frame["error"].isna()]
+    out["edit_s_mean"] = float(ok["edit_s"].mean()) if len(ok) else float("nan")
+    out["edit_s_median"] = float(ok["edit_s"].median()) if len(ok) else float("nan")
+    out["errors"] = frame[frame["error"].notna()][["case_id", "error"]].to_dict(orient="records")
+    out["summary_md"] = ev.to_markdown()
+    out["peak_rss_mb"] = peak_rss_mb()
+    records_csv = Path(f"{args.out}_{name.replace('/', '_')}_records.csv")
+    frame.to_csv(records_csv, index=False)
+    out["records_csv"] = str(records_csv)
+    return out
+
+
+def markdown(results: list[dict], args) -> str:
+    from kvmem.evaluation import _markdown, published_table
+
+    lines = ["# ROME editing benchmark", "",
+             f"`python benchmarks/bench_editing.py {' '.join(sys.argv[1:])}` on {platform.machine()} "
+             f"({results[0]['threads'] if results else '?'} torch threads).", ""]
+    lines += ["ROME's published GPT-2 XL numbers (CounterFact; the cells given in issue 5):", "",
+              _markdown(published_table()), ""]
+    for r in results:
+        s = r["stats"]
+        lines += [f"## {r['model']}", "",
+                  f"Edit layer {r['layer']} ({r['layer_source']}); {r['n_contexts']} contexts for k*/v*; "
+                  f"records: {r['records']['source']} (n={r['records']['n']}).", "",
+                  r["summary_md"], "",
+                  f"- time per edit (k*, v*, update; excluding C): mean {r['edit_s_mean']:.2f} s, median {r['edit_s_median']:.2f} s",
+                  f"- C: {s['n_tokens']} tokens, " + ("loaded from cache" if s["from_cache"] else f"{s['seconds']:.1f} s") + ", "
+                  f"{s['tok_per_s']:.0f} tok/s; plain forward to the edit layer {r['plain_forward_tok_s_to_layer']:.0f} tok/s, "
+                  f"all layers (no unembedding) {r['plain_forward_tok_s_all_layers']:.0f} tok/s; ratio "
+                  f"{r.get('stats_vs_plain_to_layer', float('nan')):.0%} / {r.get('stats_vs_plain_all_layers', float('nan')):.0%}",
+                  f"- C eigenvalues {s['eigmin']:.3g} .. {s['eigmax']:.3g}; relative change between the last "
+                  f"checkpoints: {', '.join(f'{x:.2e}' for x in s['convergence']['rel_change'][-3:])} "
+                  f"(at {', '.join(str(x) for x in s['convergence']['tokens_seen'][-3:])} tokens)",
+                  f"- peak RSS {r['peak_rss_mb']:.0f} MB; failed edits: {len(r['errors'])}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["gemma-3-270m"])
+    ap.add_argument("--n-records", type=int, default=250)
+    ap.add_argument("--stats-tokens", type=int, default=200_000)
+    ap.add_argument("--throughput-tokens", type=int, default=20_000, help="tokens for the plain-forward comparison")
+    ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
+    ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
+    ap.add_argument("--layer", type=int, default=None, help="override the preset's edit layer")
+    ap.add_argument("--gen-prompts", type=int, default=None, help="generation prompts per record for GE (default all)")
+    ap.add_argument("--gen-tokens", type=int, default=100, help="tokens per generation (0: skip GE)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--recompute-stats", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "editing"), help="output prefix (.json, .md)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    results = []
+    for name in args.models:
+        print(f"== {name}", flush=True)
+        results.append(run_model(name, args))
+        print(results[-1]["summary_md"], flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv, "results": results},
+                                              indent=1, default=str))
+    Path(f"{out}.md").write_text(markdown(results, args))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Editing facts in MLP weights: ROME (rank-one), its key statistics, and applying edits.
+
+    stats = second_moment(model, layer, "wiki", n_tokens=200_000)      # cached on disk
+    edit = compute_rome_edit(model, Fact(...target_new="Rome"), stats=stats)
+    with edited(model, edit):                                          # restored on exit
+        ...
+"""
+
+from kvmem.editing.apply import apply_edit, edited
+from kvmem.editing.fingerprint import ModelMismatchError, model_fingerprint
+from kvmem.editing.rome import (
+    PRESETS,
+    Edit,
+    RomeHparams,
+    compute_rome_edit,
+    context_prefixes,
+    edit_layer,
+    rome_hparams,
+    rome_statistics,
+)
+from kvmem.editing.stats import SecondMoment, SingularStatisticsError, load_second_moment, second_moment
+
+__all__ = [
+    "Edit", "RomeHparams", "PRESETS", "rome_hparams", "edit_layer", "compute_rome_edit",
+    "context_prefixes", "rome_statistics", "apply_edit", "edited", "SecondMoment", "second_moment",
+    "load_second_moment", "SingularStatisticsError", "ModelMismatchError", "model_fingerprint",
+]

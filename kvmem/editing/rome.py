@@ -1,0 +1,475 @@
+"""ROME: rewrite one fact with a rank-one update of one MLP's `W_out` (Meng et al., 2022).
+
+    k*  = the layer's key (`hook_post`) at the subject's last token, averaged over the prompt
+          preceded by random model-generated prefixes;
+    v*  = v_init + δ, where v_init = k*ᵀW_out + b_out and δ is optimised so that adding it to the
+          MLP output at the subject's last token makes the model say the new object (NLL over the
+          prefixed prompts) while "{subject} is a" keeps its prediction (KL), with a weight decay
+          and a norm clamp;
+    ΔW_out = (C⁻¹k*) Λᵀ with Λ = (v* − k*ᵀW_out − b_out) / ((C⁻¹k*)ᵀk*),
+
+so that k*ᵀ(W_out + ΔW_out) + b_out = v* exactly and any key k with kᵀC⁻¹k* = 0 is untouched.
+TransformerLens computes `out = post @ W_out`, so ΔW_out has shape [d_mlp, d_model].
+
+Where the ROME paper and its reference code (kmeng01/rome) disagree, see `RomeHparams`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from kvmem.editing.fingerprint import ModelMismatchError, model_fingerprint, tensors_checksum
+from kvmem.editing.generate import sample_tokens
+from kvmem.editing.stats import SecondMoment, check_invertible
+from kvmem.errors import CacheError, InvalidArgumentError
+from kvmem.prompts import Fact, _occurrences, encode, pad_batch, spec_for, subject_span, tokenize_fact
+from kvmem.readout import final_logits
+from kvmem.weights import check_layer, hook_post_name, mlp_weights
+
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class RomeHparams:
+    """ROME's hyperparameters. Defaults follow the reference code's GPT-2 XL settings
+    (`hparams/ROME/gpt2-xl.json`), except where noted.
+
+    layer: the MLP to edit; None = the model's preset, else a depth heuristic (with a warning).
+        ROME picks the causal-tracing peak of MLP indirect effect at the last subject token
+        (GPT-2 XL: layer 17, 0-indexed; GPT-J: 5).
+    prefixes: (length in tokens, count) of random prefixes sampled from the model, each followed
+        by ". " and the prompt; the plain prompt is always added. k* and v* use the same set.
+        Code: ((5, 20), (10, 20)) = 41 contexts (the newer `get_context_templates`); an older
+        `compute_u` used 50 prefixes of 2–10 tokens for k* only. The paper averages k* over
+        "a small set" of random prefixes (its Eq. 3) and optimises v* over prefixed prompts (Eq. 4).
+    prefix_top_k: prefixes are sampled top-k from the start token (code: generate_fast, top 5).
+    seed: seeds the prefix sampler (a fresh torch.Generator per call; no global cache).
+    v_num_grad_steps, v_lr: Adam steps and learning rate for δ (code: 20, 0.5).
+    v_weight_decay: the term λ·‖δ‖ / ‖v_init‖² (code: 0.5; note ‖δ‖, not ‖δ‖²).
+    clamp_norm_factor: after each step ‖δ‖ is clamped to this × ‖v_init‖ (code: 4).
+    kl_factor: weight of KL(P_edited ‖ P_orig) on `kl_prompt` (code: 0.0625).
+    kl_position: where the KL is read. The code reads the distribution at the subject's last
+        token of "{subject} is a" ("subject_last", the default here); the paper's Eq. 4 reads the
+        prompt's next-token distribution ("last").
+    early_stop_loss: stop once the total loss falls below this (code: 0.05).
+    mom2_adjustment: use C⁻¹k* (True, ROME) or k* itself (False: no statistics needed).
+    mom2_corpus, mom2_n_tokens: what `rome_statistics` collects C over (code: 100,000 Wikipedia
+        documents; here ordinary text, sized for a 2-core machine; see `SecondMoment.convergence`).
+    layer_source: how the preset's layer was chosen.
+
+    One deliberate difference from the code: the code's right vector divides by the key of the
+    plain prompt and subtracts the plain prompt's MLP output, while u uses the prefix-averaged
+    k*; here, as in the paper, the averaged k* is used throughout, so the update maps k* to v*.
+    """
+
+    layer: int | None = None
+    prefixes: tuple[tuple[int, int], ...] = ((5, 20), (10, 20))
+    prefix_top_k: int = 5
+    seed: int = 0
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    kl_prompt: str = "{} is a"
+    kl_position: Literal["subject_last", "last"] = "subject_last"
+    early_stop_loss: float = 0.05
+    mom2_adjustment: bool = True
+    mom2_corpus: str = "wiki"
+    mom2_n_tokens: int = 200_000
+    layer_source: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.kl_prompt.count("{}") != 1:
+            raise InvalidArgumentError("RomeHparams.kl_prompt needs exactly one '{}' for the subject.")
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            raise InvalidArgumentError("Need v_num_grad_steps ≥ 1, v_lr > 0 and clamp_norm_factor > 0.")
+        if any(length < 1 or count < 0 for length, count in self.prefixes):
+            raise InvalidArgumentError("RomeHparams.prefixes holds (length ≥ 1, count ≥ 0) pairs.")
+        if self.kl_position not in ("subject_last", "last"):
+            raise InvalidArgumentError("kl_position must be 'subject_last' or 'last'.")
+
+    @property
+    def n_contexts(self) -> int:
+        return 1 + sum(c for _, c in self.prefixes)
+
+
+PRESETS: dict[str, RomeHparams] = {
+    "gpt2-xl": RomeHparams(layer=17, layer_source="ROME code hparams/ROME/gpt2-xl.json (causal-tracing peak)"),
+    "gpt-j-6b": RomeHparams(layer=5, layer_source="ROME code hparams/ROME/EleutherAI_gpt-j-6B.json"),
+    # Provisional until kvmem.tracing's MLP peak at the last subject token is wired in: ROME's
+    # edit layers sit at 18% (GPT-J) to 35% (GPT-2 XL) of the depth; these take ~30%.
+    # Fewer prefixes (11 contexts) keep an edit to seconds on a 2-core CPU.
+    "gemma-3-270m": RomeHparams(
+        layer=5, prefixes=((5, 5), (10, 5)),
+        layer_source="provisional: ~30% depth (ROME's relative depth); replace by the tracing peak",
+    ),
+    "smollm2-135m": RomeHparams(
+        layer=8, prefixes=((5, 5), (10, 5)),
+        layer_source="provisional: ~30% depth (ROME's relative depth); replace by the tracing peak",
+    ),
+}
+_PRESET_ALIASES = {
+    "gpt2-xl": "gpt2-xl", "gpt-j-6b": "gpt-j-6b", "eleutherai/gpt-j-6b": "gpt-j-6b",
+    "gemma-3-270m": "gemma-3-270m", "google/gemma-3-270m": "gemma-3-270m", "gemma3-270m": "gemma-3-270m",
+    "smollm2-135m": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
+}
+
+
+def rome_hparams(model_or_name) -> RomeHparams:
+    """The preset for a model (or model name); defaults with `layer=None` for unknown models."""
+    name = model_or_name if isinstance(model_or_name, str) else getattr(model_or_name.cfg, "model_name", "")
+    key = _PRESET_ALIASES.get(str(name).lower(), str(name).lower())
+    return PRESETS.get(key, RomeHparams())
+
+
+def edit_layer(model, hparams: RomeHparams, layer: int | None = None) -> int:
+    """The layer an edit goes to: `layer`, else `hparams.layer`, else ~30% of the depth (warns)."""
+    if layer is None:
+        layer = hparams.layer
+    if layer is None:
+        layer = max(0, round(0.3 * (model.cfg.n_layers - 1)))
+        warnings.warn(
+            f"No ROME layer preset for {getattr(model.cfg, 'model_name', 'this model')!r}; editing layer "
+            f"{layer} (~30% depth). Pass layer=... (the causal-tracing MLP peak) to choose.",
+            stacklevel=3,
+        )
+    return check_layer(model, layer)
+
+
+# --- the edit -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Edit:
+    """A rank-one update ΔW_out = u Λᵀ of `blocks[layer].mlp.W_out`, and how it was found.
+
+    `u` = C⁻¹k* / ‖C⁻¹k*‖; `lam` = Λ; `k_star`/`v_star` the key and value it inserts
+    (k_starᵀ(W_out + ΔW_out) + b_out = v_star); `loss_trace` columns: loss, nll, kl,
+    weight_decay, p_target (mean per-token probability of the new target), one row per step.
+    """
+
+    layer: int
+    u: Float[Tensor, "d_mlp"]
+    lam: Float[Tensor, "d_model"]
+    k_star: Float[Tensor, "d_mlp"]
+    v_star: Float[Tensor, "d_model"]
+    request: Fact
+    model_fingerprint: str
+    hparams: RomeHparams = field(default_factory=RomeHparams)
+    loss_trace: Float[Tensor, "step 5"] = field(default_factory=lambda: torch.zeros(0, 5))
+    seconds: float = float("nan")
+
+    TRACE_COLUMNS = ("loss", "nll", "kl", "weight_decay", "p_target")
+
+    def delta(self, dtype: torch.dtype | None = None) -> Float[Tensor, "d_mlp d_model"]:
+        """ΔW_out, [d_mlp, d_model] (computed in float64, returned in `dtype`)."""
+        d = torch.outer(self.u.double(), self.lam.double())
+        return d if dtype is None else d.to(dtype)
+
+    def trace_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.loss_trace.tolist(), columns=list(self.TRACE_COLUMNS)).rename_axis("step")
+
+    # -- files --
+    def save(self, path: str | Path) -> Path:
+        """Write the edit as safetensors (tensors + request, hparams, model fingerprint, checksum)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {
+            "u": self.u.contiguous(), "lam": self.lam.contiguous(), "k_star": self.k_star.contiguous(),
+            "v_star": self.v_star.contiguous(), "loss_trace": self.loss_trace.contiguous(),
+        }
+        meta = {
+            "format": "kvmem.rome_edit",
+            "version": FORMAT_VERSION,
+            "layer": str(self.layer),
+            "model_fingerprint": self.model_fingerprint,
+            "request": json.dumps(asdict(self.request)),
+            "hparams": json.dumps(asdict(self.hparams)),
+            "seconds": repr(self.seconds),
+        }
+        meta["checksum"] = tensors_checksum(tensors, json.dumps(meta, sort_keys=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Edit":
+        """Read an edit written by `save`; a damaged or foreign file raises `CacheError`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise InvalidArgumentError(f"No edit file at {path}.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CacheError(f"Edit file {path} is unreadable ({type(e).__name__}); it is corrupt or not an edit.") from None
+        checksum = meta.pop("checksum", None)
+        if meta.get("format") != "kvmem.rome_edit" or checksum != tensors_checksum(tensors, json.dumps(meta, sort_keys=True)):
+            raise CacheError(f"Edit file {path} fails its checksum: it is corrupt (or not a kvmem edit); recompute it.")
+        hp = json.loads(meta["hparams"])
+        hp["prefixes"] = tuple(tuple(p) for p in hp["prefixes"])
+        return cls(
+            layer=int(meta["layer"]),
+            u=tensors["u"], lam=tensors["lam"], k_star=tensors["k_star"], v_star=tensors["v_star"],
+            request=Fact(**json.loads(meta["request"])),
+            model_fingerprint=meta["model_fingerprint"],
+            hparams=RomeHparams(**hp),
+            loss_trace=tensors["loss_trace"],
+            seconds=float(meta["seconds"]),
+        )
+
+
+# --- k*: contexts ---------------------------------------------------------------------------
+
+def context_prefixes(model, hparams: RomeHparams | None = None, seed: int | None = None) -> list[str]:
+    """ROME's random context prefixes: "" (the plain prompt) plus model samples, each ending ". ".
+
+    Sampled top-k from the model's start token with a fresh generator seeded by `seed`
+    (default `hparams.seed`): same model and seed, same prefixes.
+    """
+    hparams = hparams or rome_hparams(model)
+    spec = spec_for(model)
+    gen = torch.Generator().manual_seed(hparams.seed if seed is None else seed)
+    start = spec.bos_id if spec.bos_id is not None else spec.tokenizer.eos_token_id
+    start_ids = torch.tensor([start] if start is not None else encode(spec, "The", prepend_bos=False))
+    out = [""]
+    for length, count in hparams.prefixes:
+        if count == 0:
+            continue
+        ids = sample_tokens(model, start_ids, count, length, hparams.prefix_top_k, gen)
+        for row in ids.tolist():
+            text = spec.tokenizer.decode(row, skip_special_tokens=True).replace("\n", " ").strip()
+            out.append(text + ". " if text else "")
+    return out
+
+
+def _subject_occurrence(text: str, subject: str, offset: int) -> int:
+    starts = _occurrences(text, subject)
+    for i, s in enumerate(starts):
+        if s >= offset:
+            return i
+    raise InvalidArgumentError(f"Subject {subject!r} not found after the prefix in {text!r}.")
+
+
+def _check_request(model, request) -> tuple[str, str]:
+    if not isinstance(request, Fact):
+        raise InvalidArgumentError(
+            f"request must be a kvmem.Fact, got {type(request).__name__}; "
+            "e.g. Fact('The Eiffel Tower is in', 'The Eiffel Tower', target_true='Paris', target_new='Rome')."
+        )
+    new = request.target("new")  # EmptyTargetError when missing
+    if request.target_true is not None and request.target_true.strip() == new.strip():
+        raise InvalidArgumentError(
+            f"target_new {new!r} equals target_true: there is nothing to edit. Pass a different target_new."
+        )
+    subject_span(model, request.prompt, request.subject)  # subject must sit in the prompt, once
+    return new, request.subject
+
+
+def compute_rome_edit(
+    model,
+    request: Fact,
+    layer: int | None = None,
+    stats: SecondMoment | Tensor | None = None,
+    hparams: RomeHparams | None = None,
+    *,
+    prefixes: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Edit:
+    """The ROME edit that makes `model` answer `request.target_new` for `request`. Does not
+    change the model (apply it with `apply_edit` or `with edited(model, edit):`).
+
+    `stats`: C for the edit layer (`second_moment(model, layer, corpus)`), or a [d_mlp, d_mlp]
+    tensor; required unless `hparams.mom2_adjustment` is False. `hparams`: defaults to the
+    model's preset (`rome_hparams(model)`); `layer` overrides its layer. `prefixes`: the context
+    prefixes to use (default `context_prefixes(model, hparams)`; pass them to reuse across edits).
+    """
+    t0 = time.perf_counter()
+    hparams = hparams or rome_hparams(model)
+    layer = edit_layer(model, hparams, layer)
+    target_new, subject = _check_request(model, request)
+    d_mlp, n_layers = int(model.cfg.d_mlp), int(model.cfg.n_layers)
+    fp = model_fingerprint(model)
+
+    # statistics first: cheap checks before any forward pass
+    if hparams.mom2_adjustment:
+        if stats is None:
+            raise InvalidArgumentError(
+                "compute_rome_edit needs the key statistics of the edit layer: "
+                f"stats=second_moment(model, {layer}, corpus) (or hparams.mom2_adjustment=False)."
+            )
+        if isinstance(stats, SecondMoment):
+            if stats.layer != layer:
+                raise InvalidArgumentError(f"stats are for layer {stats.layer} but the edit goes to layer {layer}.")
+            if stats.model_fingerprint != fp:
+                raise ModelMismatchError(
+                    "stats were computed for different model weights (fingerprint mismatch); "
+                    "recompute them with second_moment(model, layer, corpus)."
+                )
+            stats.check_invertible()
+        elif isinstance(stats, Tensor):
+            if tuple(stats.shape) != (d_mlp, d_mlp):
+                raise InvalidArgumentError(f"stats tensor must be [{d_mlp}, {d_mlp}], got {tuple(stats.shape)}.")
+            check_invertible(stats)
+        else:
+            raise InvalidArgumentError(f"stats must be a SecondMoment or a tensor, got {type(stats).__name__}.")
+
+    spec = spec_for(model)
+    if prefixes is None:
+        prefixes = context_prefixes(model, hparams)
+    if not prefixes:
+        raise InvalidArgumentError("prefixes must hold at least one context ('' for the plain prompt).")
+
+    # rows: one per context (prompt + new target, teacher-forced), then the KL prompt
+    rows, lookup, nll_reads = [], [], []
+    for p in prefixes:
+        text = p + request.prompt
+        tf = tokenize_fact(spec, Fact(text, subject, target_new=target_new), "new",
+                           occurrence=_subject_occurrence(text, subject, len(p)))
+        tokens, positions = tf.teacher_forced()
+        r = len(rows)
+        rows.append(tokens)
+        lookup.append((r, tf.subject.last))
+        nll_reads.extend((r, pos, tid) for pos, tid in zip(positions, tf.target_ids))
+    kl_fact = Fact.from_template(hparams.kl_prompt, subject)
+    kl_tf = tokenize_fact(spec, kl_fact, None, occurrence=-1)
+    kl_row = len(rows)
+    rows.append(kl_tf.tokens)
+    lookup.append((kl_row, kl_tf.subject.last))
+    kl_pos = kl_tf.subject.last if hparams.kl_position == "subject_last" else kl_tf.last_pos
+    n_ctx = len(prefixes)
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = pad_batch(rows, spec.pad_id)
+    tokens = batch.tokens.to(device)
+    mask = torch.zeros(tokens.shape[0], tokens.shape[1], 1, dtype=dtype, device=device)
+    for r, pos in lookup:
+        mask[r, pos] = 1.0
+
+    # layers below the edit never change: run them once
+    got: dict[str, Tensor] = {}
+
+    def keep(act, hook):
+        got[hook.name] = act.detach()
+        return act
+
+    resid_name = f"blocks.{layer}.hook_resid_pre"
+    with torch.no_grad():
+        model.run_with_hooks(
+            tokens, stop_at_layer=layer + 1,
+            fwd_hooks=[(resid_name, keep), (hook_post_name(model, layer), keep)],
+        )
+    resid_pre = got[resid_name]
+    keys = got[hook_post_name(model, layer)]
+    ctx_keys = torch.stack([keys[r, pos] for r, pos in lookup[:n_ctx]]).double()
+    k_star = ctx_keys.mean(0)
+    if not torch.isfinite(k_star).all() or k_star.norm() == 0:
+        raise InvalidArgumentError("The key k* at the subject's last token is zero or not finite; pick another layer.")
+    W = mlp_weights(model, layer)
+    b_out = W.b_out.detach().double() if W.b_out is not None else torch.zeros(W.W_out.shape[1], dtype=torch.float64, device=device)
+    v_init = k_star @ W.W_out.detach().double() + b_out
+    v_norm = v_init.norm()
+
+    nll_r = torch.tensor([x[0] for x in nll_reads], device=device)
+    nll_p = torch.tensor([x[1] for x in nll_reads], device=device)
+    nll_t = torch.tensor([x[2] for x in nll_reads], device=device)
+    first_ctx = [i for i, x in enumerate(nll_reads) if x[0] == 0]
+
+    delta = torch.zeros(v_init.shape[0], dtype=torch.float32, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+
+    def add_delta(module, inputs, output):
+        return output + mask * delta.to(output.dtype)
+
+    trace: list[list[float]] = []
+    kl_init: Tensor | None = None
+    handle = model.blocks[layer].mlp.register_forward_hook(add_delta)
+    try:
+        with torch.enable_grad():
+            for it in range(hparams.v_num_grad_steps):
+                resid = model(resid_pre, start_at_layer=layer, stop_at_layer=n_layers)
+                logp = final_logits(model, resid[nll_r, nll_p]).float().log_softmax(-1)
+                tok_logp = logp.gather(1, nll_t[:, None])[:, 0]
+                if it == 0 and first_ctx and bool((logp[first_ctx].argmax(-1) == nll_t[first_ctx]).all()):
+                    raise InvalidArgumentError(
+                        f"The model already answers {target_new!r} to {request.prompt!r} (greedy): "
+                        "target_new equals its current answer, so there is nothing to edit."
+                    )
+                kl_logp = final_logits(model, resid[kl_row, kl_pos][None]).float().log_softmax(-1)
+                if kl_init is None:
+                    kl_init = kl_logp.detach()
+                nll = -tok_logp.mean()
+                kl = hparams.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum(-1).mean()
+                wd = hparams.v_weight_decay * delta.norm() / (v_norm.float() ** 2)
+                loss = nll + kl + wd
+                trace.append([loss.item(), nll.item(), kl.item(), wd.item(), tok_logp.exp().mean().item()])
+                if progress:
+                    print(f"step {it}: loss {loss.item():.3f} = nll {nll.item():.3f} + kl {kl.item():.3f} + wd {wd.item():.3f}")
+                if loss.item() < hparams.early_stop_loss or it == hparams.v_num_grad_steps - 1:
+                    break
+                (grad,) = torch.autograd.grad(loss, delta)
+                opt.zero_grad()
+                delta.grad = grad
+                opt.step()
+                with torch.no_grad():
+                    max_norm = hparams.clamp_norm_factor * v_norm.float()
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+
+    v_star = v_init + delta.detach().double()
+    if hparams.mom2_adjustment:
+        u = stats.solve(k_star) if isinstance(stats, SecondMoment) else torch.linalg.solve(stats.double().to(k_star), k_star)
+    else:
+        u = k_star.clone()
+    u = u.to(k_star) / u.norm()
+    denom = u @ k_star
+    if not torch.isfinite(denom) or denom <= 0:
+        raise InvalidArgumentError("(C⁻¹k*)ᵀk* is not positive: the statistics do not fit this layer's keys.")
+    lam = (v_star - (k_star @ W.W_out.detach().double() + b_out)) / denom
+    return Edit(
+        layer=layer,
+        u=u.cpu(),
+        lam=lam.cpu(),
+        k_star=k_star.cpu(),
+        v_star=v_star.cpu(),
+        request=request,
+        model_fingerprint=fp,
+        hparams=replace(hparams, layer=layer),
+        loss_trace=torch.tensor(trace, dtype=torch.float32).reshape(-1, 5),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def rome_statistics(model, hparams: RomeHparams | None = None, layer: int | None = None, **kwargs) -> SecondMoment:
+    """`second_moment` for the preset's layer, corpus and token count (kwargs pass through)."""
+    from kvmem.editing.stats import second_moment
+
+    hparams = hparams or rome_hparams(model)
+    layer = edit_layer(model, hparams, layer)
+    kwargs.setdefault("n_tokens", hparams.mom2_n_tokens)
+    return second_moment(model, layer, kwargs.pop("corpus", hparams.mom2_corpus), **kwargs)
+
+
+__all__ = [
+    "Edit", "RomeHparams", "PRESETS", "rome_hparams", "edit_layer", "compute_rome_edit",
+    "context_prefixes", "rome_statistics",
+]

@@ -1,0 +1,316 @@
+"""CounterFact metrics for edits (ROME, Meng et al. 2022, §4), batched and reading only the
+positions that predict target tokens.
+
+Per record, as in ROME's code (`experiments/py/eval_utils_counterfact.py`, `summarize.py`):
+
+- a target's score after a prompt is its teacher-forced log-probability; multi-token targets
+  use the mean log-probability per token (`per_token=True`, ROME's code; `False` sums them,
+  i.e. the full sequence probability);
+- ES / EM: on the rewrite prompt, [P(new) > P(true)] and P(new) − P(true) (probabilities =
+  exp of the scores); PS / PM: the same averaged over paraphrase prompts;
+- NS / NM: on neighbourhood prompts (other subjects, same relation and true object),
+  [P(true) > P(new)] and P(true) − P(new);
+- GE: generation entropy, the mean over generation prompts of (2/3·H₂ + 4/3·H₃)/2, Hₙ the
+  entropy in bits of the n-gram distribution of a 100-token top-5 sample (ROME's
+  `compute_n_gram_entropy`; words split by a regex instead of NLTK's tokenizer);
+- S: the harmonic mean of ES, PS and NS (the paper; one version of the code used PS and NS).
+
+Tables report means over records ×100 (GE too), as ROME's tables do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from kvmem.data import CounterFactRecord
+from kvmem.editing.apply import edited
+from kvmem.editing.generate import sample_tokens
+from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
+from kvmem.errors import InvalidArgumentError, KvmemError, PromptTooLongError
+from kvmem.prompts import encode, pad_batch, spec_for, target_token_ids
+from kvmem.readout import final_logits
+
+METRICS = ("S", "ES", "EM", "PS", "PM", "NS", "NM", "GE")
+
+# ROME paper, Table (CounterFact, GPT-2 XL), as given in kvmem's issue 5; other cells left empty.
+PUBLISHED_GPT2_XL = {
+    "GPT-2 XL (ROME paper)": {"NS": 78.1},
+    "ROME on GPT-2 XL (ROME paper)": {"ES": 100.0, "PS": 96.4, "NS": 75.4},
+}
+
+
+# --- scoring targets ------------------------------------------------------------------------
+
+@torch.no_grad()
+def target_logprobs(
+    model, items: Sequence[tuple[str, str]], batch_size: int = 64
+) -> tuple[Float[Tensor, "item"], Int[Tensor, "item"]]:
+    """For each (prompt, target): the summed teacher-forced log-probability of the target's
+    tokens after the prompt (with the model's start token), and the number of target tokens."""
+    if batch_size < 1:
+        raise InvalidArgumentError("batch_size must be at least 1.")
+    spec = spec_for(model)
+    device = next(model.parameters()).device
+    rows, reads = [], []
+    for prompt, target in items:
+        ids = encode(spec, prompt)
+        tids = target_token_ids(spec, prompt, target)
+        if len(ids) + len(tids) - 1 > spec.n_ctx:
+            raise PromptTooLongError(f"Prompt {prompt[:50]!r}… plus target exceeds the context of {spec.n_ctx}.")
+        rows.append(ids + tids[:-1])
+        reads.append([(len(ids) - 1 + j, t) for j, t in enumerate(tids)])
+    sums = torch.zeros(len(items), dtype=torch.float64)
+    counts = torch.tensor([len(r) for r in reads], dtype=torch.long)
+    n_layers = model.cfg.n_layers
+    for s in range(0, len(rows), batch_size):
+        batch = pad_batch(rows[s : s + batch_size], spec.pad_id)
+        resid = model(batch.tokens.to(device), stop_at_layer=n_layers)
+        r_idx = [i for i, rd in enumerate(reads[s : s + batch_size]) for _ in rd]
+        p_idx = [p for rd in reads[s : s + batch_size] for p, _ in rd]
+        t_idx = torch.tensor([t for rd in reads[s : s + batch_size] for _, t in rd], device=device)
+        logp = final_logits(model, resid[r_idx, p_idx]).float().log_softmax(-1)
+        picked = logp.gather(1, t_idx[:, None])[:, 0].double().cpu()
+        sums[s : s + batch_size].index_add_(0, torch.tensor(r_idx), picked)
+    return sums, counts
+
+
+# --- generation entropy -------------------------------------------------------------------
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's n-gram entropy of one text: mean over n of weightₙ · Hₙ (bits)."""
+    words = _words(text)
+    vals = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        vals.append(w * h)
+    return sum(vals) / len(vals)
+
+
+def generate_texts(
+    model, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5, seed: int = 0
+) -> list[str]:
+    """One top-k sample per prompt (identical prompts share a batch), prompt text included."""
+    spec = spec_for(model)
+    gen = torch.Generator().manual_seed(seed)
+    out: list[str | None] = [None] * len(prompts)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    for p, idx in groups.items():
+        ids = encode(spec, p)
+        n_new = min(max_new_tokens, spec.n_ctx - len(ids))
+        if n_new < 1:
+            raise PromptTooLongError(f"Generation prompt {p[:50]!r}… leaves no room in the context of {spec.n_ctx}.")
+        if n_new < max_new_tokens:
+            warnings.warn(f"Generating {n_new} instead of {max_new_tokens} tokens (context {spec.n_ctx}).", stacklevel=2)
+        new = sample_tokens(model, torch.tensor(ids), len(idx), n_new, top_k, gen)
+        for j, row in zip(idx, new.tolist()):
+            out[j] = p + spec.tokenizer.decode(row, skip_special_tokens=True)
+    return [t or "" for t in out]
+
+
+# --- one record -----------------------------------------------------------------------------
+
+def record_metrics(
+    model,
+    record: CounterFactRecord,
+    *,
+    per_token: bool = True,
+    generation: bool = True,
+    gen_prompts: int | None = None,
+    gen_tokens: int = 100,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict:
+    """ES, EM, PS, PM, NS, NM (fractions / probability differences) and GE for one record."""
+    rq = record.request
+    new, true = rq.target("new"), rq.target("true")
+    groups = {
+        "rewrite": [rq.prompt],
+        "paraphrase": list(record.paraphrase_prompts),
+        "neighborhood": list(record.neighborhood_prompts),
+    }
+    items = [(p, t) for ps in groups.values() for p in ps for t in (new, true)]
+    sums, counts = target_logprobs(model, items, batch_size)
+    score = sums / counts if per_token else sums
+    score = score.view(-1, 2)  # [prompt, (new, true)]
+    out: dict = {}
+    start = 0
+    for name, ps in groups.items():
+        s = score[start : start + len(ps)]
+        start += len(ps)
+        if not ps:
+            out.update({f"{name}_success": float("nan"), f"{name}_diff": float("nan")})
+            continue
+        p_new, p_true = s[:, 0].exp(), s[:, 1].exp()
+        if name == "neighborhood":
+            out["NS"] = float((s[:, 1] > s[:, 0]).double().mean())
+            out["NM"] = float((p_true - p_new).mean())
+        else:
+            key = "E" if name == "rewrite" else "P"
+            out[f"{key}S"] = float((s[:, 0] > s[:, 1]).double().mean())
+            out[f"{key}M"] = float((p_new - p_true).mean())
+    if generation and record.generation_prompts:
+        prompts = list(record.generation_prompts)[: gen_prompts or None]
+        texts = generate_texts(model, prompts, gen_tokens, seed=seed)
+        out["GE"] = sum(ngram_entropy(t) for t in texts) / len(texts)
+    else:
+        out["GE"] = float("nan")
+    return out
+
+
+# --- many records, with and without edits -------------------------------------------------
+
+def _hmean(xs: Sequence[float]) -> float:
+    if any(math.isnan(x) for x in xs):
+        return float("nan")
+    if any(x <= 0 for x in xs):
+        return 0.0
+    return len(xs) / sum(1 / x for x in xs)
+
+
+@dataclass(frozen=True)
+class CounterFactEval:
+    """Per-record metrics (`frame`: one row per condition × case) and ROME's summary table."""
+
+    frame: object  # pandas.DataFrame
+
+    def to_frame(self):
+        return self.frame
+
+    def summary(self):
+        """Means ×100 per condition in ROME's column order, S = hmean(ES, PS, NS)."""
+        import pandas as pd
+
+        rows = {}
+        for cond, g in self.frame.groupby("condition", sort=False):
+            ok = g[g["error"].isna()] if "error" in g else g
+            r = {m: 100 * ok[m].mean() for m in METRICS if m != "S"}
+            r["S"] = _hmean([r["ES"], r["PS"], r["NS"]])
+            r["n"] = len(ok)
+            r["n_failed"] = len(g) - len(ok)
+            if "edit_s" in ok and ok["edit_s"].notna().any():
+                r["edit_s"] = ok["edit_s"].mean()
+            rows[cond] = r
+        return pd.DataFrame.from_dict(rows, orient="index")[[*METRICS, "n", "n_failed", *(["edit_s"] if any("edit_s" in r for r in rows.values()) else [])]]
+
+    def to_markdown(self, floatfmt: str = ".1f") -> str:
+        return _markdown(self.summary(), floatfmt)
+
+
+def _markdown(df, floatfmt: str = ".1f") -> str:
+    cols = list(df.columns)
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for idx, row in df.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            if isinstance(v, float):
+                cells.append("" if math.isnan(v) else format(v, floatfmt))
+            else:
+                cells.append(str(v))
+        lines.append(f"| {idx} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_counterfact(
+    model,
+    records: Sequence[CounterFactRecord],
+    *,
+    editor: Callable[[object, CounterFactRecord], Edit] | bool | None = None,
+    stats=None,
+    hparams: RomeHparams | None = None,
+    method: str = "ROME",
+    unedited: bool = True,
+    per_token: bool = True,
+    generation: bool = True,
+    gen_prompts: int | None = None,
+    gen_tokens: int = 100,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> CounterFactEval:
+    """CounterFact metrics of the unedited model and of each record's edit applied alone (then
+    restored exactly). The model is unchanged afterwards.
+
+    `editor(model, record) -> Edit` defaults to ROME with `stats` (a `SecondMoment` for the
+    edit layer) and `hparams` (default: the model's preset); its context prefixes are sampled
+    once and reused. A record whose edit is rejected (a `KvmemError`) gets its message in the
+    `error` column and is left out of the summary. `editor=False` evaluates only the unedited model.
+    """
+    import pandas as pd
+
+    records = list(records)
+    if not records:
+        raise InvalidArgumentError("No CounterFact records to evaluate.")
+    if editor is None:
+        hp = hparams or rome_hparams(model)
+        if hp.mom2_adjustment and stats is None:
+            raise InvalidArgumentError(
+                "evaluate_counterfact with ROME needs stats=second_moment(model, layer, corpus) "
+                "or a custom editor=..."
+            )
+        prefixes = context_prefixes(model, hp)
+
+        def editor(m, rec):
+            return compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)
+
+    kw = dict(per_token=per_token, generation=generation, gen_prompts=gen_prompts, gen_tokens=gen_tokens,
+              seed=seed, batch_size=batch_size)
+    out = []
+    conds = (["unedited"] if unedited else []) + ([method] if editor is not False else [])
+    bar = tqdm(total=len(records) * len(conds), disable=not progress, desc="CounterFact")
+    for rec in records:
+        base = {"case_id": rec.case_id, "subject": rec.subject, "target_true": rec.request.target_true,
+                "target_new": rec.request.target_new}
+        if unedited:
+            t = time.perf_counter()
+            out.append({"condition": "unedited", **base, **record_metrics(model, rec, **kw),
+                        "eval_s": time.perf_counter() - t, "error": None})
+            bar.update()
+        if editor is False:
+            continue
+        try:
+            edit = editor(model, rec)
+        except KvmemError as e:
+            out.append({"condition": method, **base, "error": f"{type(e).__name__}: {e}"})
+            bar.update()
+            continue
+        t = time.perf_counter()
+        with edited(model, edit, check=False):  # computed on this very model just now
+            m = record_metrics(model, rec, **kw)
+        out.append({"condition": method, **base, **m, "edit_s": edit.seconds, "eval_s": time.perf_counter() - t,
+                    "layer": edit.layer, "v_steps": int(edit.loss_trace.shape[0]),
+                    "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan"),
+                    "error": None})
+        bar.update()
+    bar.close()
+    frame = pd.DataFrame(out)
+    for m in METRICS[1:]:
+        if m not in frame:
+            frame[m] = float("nan")
+    return CounterFactEval(frame)
+
+
+def published_table():
+    """ROME's published GPT-2 XL CounterFact numbers (cells given in kvmem's issue), ROME layout."""
+    import pandas as pd
+
+    return pd.DataFrame.from_dict(PUBLISHED_GPT2_XL, orient="index").reindex(columns=list(METRICS))

@@ -1,0 +1,163 @@
+"""CounterFact metrics: scores equal plain forwards, ROME's n-gram entropy, the table, the bench."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_data
+from kvmem.data import CounterFactRecord, load_counterfact
+from kvmem.editing import RomeHparams, compute_rome_edit, model_fingerprint
+from kvmem.evaluation import (
+    METRICS,
+    evaluate_counterfact,
+    ngram_entropy,
+    published_table,
+    record_metrics,
+    target_logprobs,
+)
+from kvmem.prompts import Fact, encode, target_token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _record(case_id=0):
+    rq = Fact.from_template("The twin city of {} is", "Beirut", target_true="Istanbul", target_new="Florence")
+    return CounterFactRecord(
+        case_id=case_id, request=rq, template="The twin city of {} is",
+        paraphrase_prompts=("What is the twin city of Beirut? It is", "Beirut is a twin city of"),
+        neighborhood_prompts=("The twin city of Athens is", "Vienna is a twin city of", "The twin city of London is"),
+        attribute_prompts=(), generation_prompts=("Beirut's twin city is known for", "Beirut's twin city is known for"),
+    )
+
+
+def test_target_logprobs_equal_full_forward(tiny_model):
+    items = [("The twin city of Beirut is", "Florence"), ("Vienna is a twin city of", "Saint Petersburg"),
+             ("A", "Istanbul")]
+    sums, counts = target_logprobs(tiny_model, items, batch_size=2)
+    for (prompt, target), s, n in zip(items, sums, counts):
+        ids = encode(tiny_model, prompt)
+        tids = target_token_ids(tiny_model, prompt, target)
+        logp = tiny_model(torch.tensor([ids + tids[:-1]]))[0].log_softmax(-1)
+        want = sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(tids))
+        assert n == len(tids)
+        assert s.item() == pytest.approx(want, abs=1e-4)
+
+
+def test_ngram_entropy_matches_rome_formula():
+    # bigrams (a,b),(b,a),(a,b): H2 = H(2/3, 1/3); trigrams (a,b,a),(b,a,b): H3 = 1 bit
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("same same same same") == 0.0
+    assert ngram_entropy("one") == 0.0
+
+
+def test_record_metrics_definitions(tiny_gpt2):
+    rec = _record()
+    m = record_metrics(tiny_gpt2, rec, generation=True, gen_tokens=6)
+    items = [(p, t) for p in [rec.request.prompt, *rec.paraphrase_prompts, *rec.neighborhood_prompts]
+             for t in ("Florence", "Istanbul")]
+    sums, counts = target_logprobs(tiny_gpt2, items)
+    s = (sums / counts).view(-1, 2)
+    assert m["ES"] == float(s[0, 0] > s[0, 1])
+    assert m["EM"] == pytest.approx(float(s[0, 0].exp() - s[0, 1].exp()))
+    assert m["PS"] == pytest.approx(float((s[1:3, 0] > s[1:3, 1]).double().mean()))
+    assert m["NS"] == pytest.approx(float((s[3:, 1] > s[3:, 0]).double().mean()))
+    assert m["NM"] == pytest.approx(float((s[3:, 1].exp() - s[3:, 0].exp()).mean()))
+    assert m["GE"] > 0
+
+
+def test_evaluate_counterfact_unedited_and_edited(tiny_gated):
+    fp = model_fingerprint(tiny_gated)
+    hp = RomeHparams(prefixes=((3, 1),), v_num_grad_steps=3, mom2_adjustment=False)
+    recs = [_record(0), _record(1)]
+
+    def editor(model, rec):
+        return compute_rome_edit(model, rec.request, layer=1, hparams=hp)
+
+    ev = evaluate_counterfact(tiny_gated, recs, editor=editor, gen_prompts=1, gen_tokens=4, progress=False)
+    frame = ev.to_frame()
+    assert list(frame["condition"]) == ["unedited", "ROME", "unedited", "ROME"]
+    summ = ev.summary()
+    assert list(summ.columns[:8]) == list(METRICS) and list(summ.index) == ["unedited", "ROME"]
+    assert (summ["n"] == 2).all()
+    assert model_fingerprint(tiny_gated) == fp  # every edit was undone
+    md = ev.to_markdown()
+    assert "| unedited |" in md and "ES" in md
+    assert list(published_table().columns) == list(METRICS)
+
+
+def test_evaluate_counterfact_records_rejected_edits(tiny_gpt2):
+    bad = _record(5)
+    bad = CounterFactRecord(**{**bad.__dict__, "request": Fact.from_template(
+        "The twin city of {} is", "Beirut", target_true="Florence", target_new="Florence")})
+    ev = evaluate_counterfact(tiny_gpt2, [bad], stats=torch.eye(64, dtype=torch.float64),
+                              hparams=RomeHparams(prefixes=(), v_num_grad_steps=2, layer=1),
+                              generation=False, progress=False)
+    frame = ev.to_frame()
+    assert "nothing to edit" in frame[frame["condition"] == "ROME"]["error"].iloc[0]
+    assert ev.summary().loc["ROME", "n_failed"] == 1
+
+
+def test_counterfact_file_scores(tiny_gpt2):
+    recs = load_counterfact(shared_data("counterfact", "counterfact_dev_250.json"), limit=2)
+    ev = evaluate_counterfact(tiny_gpt2, recs, editor=False, generation=False, progress=False)
+    assert len(ev.to_frame()) == 2 and ev.summary().index.tolist() == ["unedited"]
+
+
+def test_bench_script_end_to_end_tiny(tmp_path):
+    shared_data("counterfact", "counterfact_dev_250.json")
+    shared_data("corpus", "wiki_vital_en.txt")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_editing
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "editing"
+    res = bench_editing.main([
+        "--models", "tiny", "--n-records", "2", "--stats-tokens", "1500", "--throughput-tokens", "500",
+        "--layer", "1", "--gen-prompts", "1", "--gen-tokens", "3", "--cache-dir", str(tmp_path / "c"),
+        "--out", str(out), "--quiet",
+    ])
+    data = json.loads(Path(f"{out}.json").read_text())
+    r = data["results"][0]
+    assert r["stats"]["n_tokens"] == 1500 and r["records"]["n"] == 2
+    assert set(r["summary"]) == {"unedited", "ROME"}
+    assert "ES" in Path(f"{out}.md").read_text()
+    assert res[0]["edit_s_mean"] > 0
+
+
+def test_bench_script_on_factworld(tmp_path):
+    _factworld_or_skip()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_editing
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "editing"
+    res = bench_editing.main([
+        "--models", "factworld", "--n-records", "3", "--stats-tokens", "3000", "--throughput-tokens", "500",
+        "--gen-tokens", "0", "--cache-dir", str(tmp_path / "c"), "--out", str(out), "--quiet",
+    ])
+    assert res[0]["records"]["n"] == 3
+
+
+def _factworld_or_skip():
+    fw = pytest.importorskip("kvmem.factworld", reason="the fact world is not built yet")
+    try:
+        return fw.factworld_hooked_transformer(), fw.shipped_world()
+    except Exception as e:  # weights not shipped yet
+        pytest.skip(f"the fact-world model does not load yet ({type(e).__name__}: {e})")
