@@ -1,0 +1,209 @@
+"""Views of the memory analyses: circuitsvis token colouring (offline-safe), HTML token lists,
+static matplotlib figures.
+
+circuitsvis's `str(html)` and (online) `_repr_html_` load its JavaScript from a CDN; every view
+here returns `OfflineHTML`, which always renders `local_src` (the bundle inlined), so it shows in
+a notebook without network and can be saved as a self-contained file.
+"""
+
+from __future__ import annotations
+
+import html as _html
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from kvmem.memories._common import decode_tokens
+from kvmem.weights import hook_post_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvmem.memories.agreement import Agreement
+    from kvmem.memories.composition import Composition
+    from kvmem.memories.contexts import TopContexts
+    from kvmem.memories.fact_view import FactMemories
+    from kvmem.memories.values import ValueTokens
+
+
+class OfflineHTML:
+    """HTML that renders without network: `_repr_html_` and `str()` give the self-contained source."""
+
+    def __init__(self, src: str):
+        self.src = src
+
+    def _repr_html_(self) -> str:
+        return self.src
+
+    def __html__(self) -> str:
+        return self.src
+
+    def __str__(self) -> str:
+        return self.src
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.src, encoding="utf-8")
+        return path
+
+
+def _esc(s: str) -> str:
+    return _html.escape(s).replace("\n", "\\n")
+
+
+@torch.no_grad()
+def key_contexts_html(model, top: "TopContexts", neuron: int, n: int = 10) -> OfflineHTML:
+    """The neuron's coefficient on every token of its top-n contexts, as circuitsvis colored tokens.
+
+    Each stored context is run again as the model saw it (start token first) and coloured by
+    `hook_post[neuron]`; a context shorter than its window (`context=` in `top_contexts`) is re-run
+    from its first stored token, so colours may differ slightly from the streamed coefficient,
+    which is printed in the separator line. Only the trigger's own document is shown.
+    """
+    from circuitsvis.tokens import colored_tokens
+
+    j = top.row(neuron)
+    tokens: list[str] = []
+    values: list[float] = []
+    name = hook_post_name(model, top.layer)
+    bos = model.tokenizer.bos_token_id if model.cfg.default_prepend_bos else None
+    for s in range(min(n, top.k)):
+        coef = float(top.coefficients[j, s])
+        if coef == float("-inf"):
+            break
+        full = [int(i) for i in top.contexts[j, s].tolist() if int(i) >= 0]
+        if bos is not None and (not full or full[0] != bos):
+            full = [bos] + full
+        shown = top.context_ids(neuron, s)
+        store = {}
+
+        def save(act, hook):
+            store["a"] = act.detach()
+
+        with model.hooks(fwd_hooks=[(name, save)]):
+            model(torch.tensor([full], device=model.W_U.device), stop_at_layer=top.layer + 1)
+        acts = store["a"][0, -len(shown):, neuron].float().tolist() if shown else []
+        nxt = decode_tokens(top.tokenizer, [int(top.next_tokens[j, s])])[0]
+        tokens.append(f"\n#{s} coef={coef:.3g} next={nxt!r}\n")
+        values.append(0.0)
+        tokens += decode_tokens(top.tokenizer, shown)
+        values += acts
+    if not tokens:
+        return OfflineHTML(f"<p>Layer {top.layer} neuron {neuron}: no contexts.</p>")
+    vis = colored_tokens(tokens, values)
+    title = f"<h4>Key L{top.layer}.N{neuron}: top {min(n, top.k)} contexts</h4>"
+    return OfflineHTML(title + vis.local_src)
+
+
+def value_tokens_html(vt: "ValueTokens", neurons: Sequence[int] | None = None, limit: int = 20) -> OfflineHTML:
+    """A plain HTML table: each value's promoted and demoted tokens with their scores."""
+    rows = list(range(len(vt.neurons)))[:limit] if neurons is None else [vt.row(n) for n in neurons]
+    out = [
+        f"<table><caption>Layer {vt.layer} values (final_norm={vt.final_norm})</caption>",
+        "<tr><th>neuron</th><th>promotes</th><th>demotes</th></tr>",
+    ]
+    for j in rows:
+        top = decode_tokens(vt.tokenizer, vt.top_ids[j].tolist())
+        bot = decode_tokens(vt.tokenizer, vt.bottom_ids[j].tolist())
+        fmt = lambda toks, sc: " ".join(  # noqa: E731
+            f"<code>{_esc(t)}</code><sub>{float(s):.2f}</sub>" for t, s in zip(toks, sc)
+        )
+        out.append(
+            f"<tr><td>{int(vt.neurons[j])}</td><td>{fmt(top, vt.top_scores[j])}</td>"
+            f"<td>{fmt(bot, vt.bottom_scores[j])}</td></tr>"
+        )
+    out.append("</table>")
+    return OfflineHTML("\n".join(out))
+
+
+def fact_memories_html(fm: "FactMemories", n: int = 10) -> OfflineHTML:
+    """The strongest memories pushing a fact's answer, at each of the two positions."""
+    from kvmem.memories.fact_view import POSITION_LABELS
+
+    parts = [f"<h4>{_esc(fm.fact.prompt)} → {_esc(fm.target)}</h4>"]
+    for p, label in enumerate(POSITION_LABELS):
+        parts.append(f"<table><caption>{label}: {_esc(fm.str_tokens[fm.positions[p]])!s}</caption>")
+        parts.append("<tr><th>layer</th><th>neuron</th><th>coef</th><th>push</th><th>value promotes</th></tr>")
+        for layer, neuron, push in fm.top_memories(n, label):
+            li = fm.layers.index(layer)
+            j = int((fm.neurons[li, p] == neuron).nonzero()[0, 0])
+            toks = decode_tokens(fm.tokenizer, fm.value_top_ids[li, p, j].tolist())
+            parts.append(
+                f"<tr><td>{layer}</td><td>{neuron}</td><td>{float(fm.coefficients[li, p, j]):.3g}</td>"
+                f"<td>{push:.3g}</td><td>{' '.join('<code>' + _esc(t) + '</code>' for t in toks)}</td></tr>"
+            )
+        parts.append("</table>")
+    return OfflineHTML("\n".join(parts))
+
+
+def _axes(ax, ncols: int = 1):
+    if ax is not None:
+        return (ax[0] if isinstance(ax, (list, tuple)) else ax).figure, ax
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.6), constrained_layout=True)
+    return fig, ax
+
+
+def plot_agreement(ag: "Agreement", ax=None):
+    """Agreement by layer against the shuffled and uniform baselines (log scale, percent)."""
+    fig, ax = _axes(ax)
+    x = list(ag.layers)
+    ax.plot(x, (ag.agreement * 100).tolist(), "o-", label="value top-1 = next token of key's top trigger")
+    ax.plot(x, (ag.in_value_topk * 100).tolist(), "s-", label=f"next token in value's top {ag.k_values}")
+    ax.plot(x, (ag.shuffled * 100).tolist(), "o--", color="gray", label="shuffled values (top-1)")
+    ax.plot(x, (ag.shuffled_in_topk * 100).tolist(), "s--", color="silver", label=f"shuffled (top {ag.k_values})")
+    ax.axhline(ag.uniform * 100, color="k", lw=0.8, ls=":", label="uniform 1/|V|")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("% of memories")
+    ax.set_title(f"Key-value agreement ({ag.n_tokens:,} tokens)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_composition(comp: "Composition", axes=None):
+    """Left: refinement (residual's top token vs final; MLP keeps / overrides / composes).
+    Right: active memories and compositional outputs."""
+    fig, axes = _axes(axes, ncols=2)
+    a, b = axes
+    x = list(comp.layers)
+    a.plot(x, comp.mid_matches_final.tolist(), "o-", label="residual before MLP = final top-1")
+    a.plot(x, comp.post_matches_final.tolist(), "o-", label="residual after MLP = final top-1")
+    a.plot(x, comp.kept.tolist(), "^--", label="MLP keeps residual's top-1")
+    a.plot(x, comp.override.tolist(), "v--", label="changed to MLP output's top-1")
+    a.plot(x, comp.compose.tolist(), "x--", label="changed to neither")
+    a.set_ylim(-0.02, 1.02)
+    a.set_xlabel("layer")
+    a.set_ylabel("fraction of positions")
+    a.set_title(f"Refinement ({comp.n_positions} positions)")
+    a.legend(fontsize=7)
+    b.plot(x, comp.compositional.tolist(), "o-", color="C3", label="MLP top-1 ≠ every active memory's top-1")
+    b.set_ylim(-0.02, 1.02)
+    b.set_xlabel("layer")
+    b.set_ylabel("fraction of positions", color="C3")
+    b2 = b.twinx()
+    b2.plot(x, (comp.n_active / comp.d_mlp * 100).tolist(), "s--", color="C0", label=f"active ({comp.mass:.0%} of mass)")
+    b2.plot(x, (comp.n_positive / comp.d_mlp * 100).tolist(), "^:", color="C2", label="coefficient > 0")
+    b2.set_ylabel(f"% of {comp.d_mlp} memories")
+    b.set_title("Composition")
+    h1, l1 = b.get_legend_handles_labels()
+    h2, l2 = b2.get_legend_handles_labels()
+    b.legend(h1 + h2, l1 + l2, fontsize=7)
+    return fig
+
+
+def plot_fact_memories(fm: "FactMemories", ax=None):
+    """Each layer's MLP push toward the answer at the subject's last token and the last token."""
+    from kvmem.memories.fact_view import POSITION_LABELS
+
+    fig, ax = _axes(ax)
+    x = list(fm.layers)
+    for p, label in enumerate(POSITION_LABELS):
+        ax.plot(x, fm.total[:, p].tolist(), "o-", label=f"{label} ({fm.str_tokens[fm.positions[p]]!r}): all memories")
+        ax.plot(x, fm.push[:, p, 0].tolist(), "x--", label=f"{label}: strongest single memory")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"push toward {fm.target!r} (logit)")
+    ax.set_title(fm.fact.prompt, fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
