@@ -76,11 +76,13 @@ def measure(name: str, cache: str, known_limit: int | None, batch_sizes: list[in
             out[f"tok_per_s_no_unembed_bs{bs}"] = body
 
     if name == "factworld":
-        from kvmem.factworld import build_world
+        from kvmem.factworld import shipped_world
+        from kvmem.prompts import Fact
 
-        world = build_world()
+        world = shipped_world()
         for split in ("train", "paraphrase"):
-            facts = world.kvmem_facts(split)
+            # Every (fact, template) prompt of the split.
+            facts = [Fact(w.prompt, w.subject, target_true=w.target_true) for w in world.all_prompts(split)]
             t = time.perf_counter()
             res = fact_recall(model, facts, batch_size=64)
             out[f"{split}_n"] = len(facts)

@@ -1,6 +1,54 @@
-"""kvmem: MLP layers as key-value memories of facts, for TransformerLens."""
+"""kvmem: MLP layers as key-value memories of facts, for TransformerLens.
+
+    import kvmem
+    model = kvmem.load_model("factworld")            # or "gemma-3-270m", "smollm2-135m", a folder
+    fact = kvmem.Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", target_true="Paris")
+    kvmem.trace_all(model, fact, window=10).plot()    # causal tracing (ROME)
+"""
 
 from kvmem.errors import KvmemError
-from kvmem.prompts import Fact
+from kvmem.prompts import Fact, tokenize_fact
+from kvmem.models import load_model
+from kvmem.recall import fact_recall
+from kvmem.tracing import average_indirect_effect, causal_trace, noise_level, trace_all
+from kvmem.neurons import integrated_gradients, knowledge_neurons, neuron_effect
+from kvmem.memories import (
+    composition_stats,
+    fact_memories,
+    key_value_agreement,
+    top_contexts,
+    top_contexts_by_layer,
+    value_tokens,
+)
+from kvmem.editing import Edit, RomeHparams, apply_edit, compute_rome_edit, edited, second_moment
+from kvmem.evaluation import evaluate_counterfact
 
-__all__ = ["KvmemError", "Fact"]
+__version__ = "0.1.0"
+
+__all__ = [
+    "KvmemError",
+    "Fact",
+    "tokenize_fact",
+    "load_model",
+    "fact_recall",
+    "causal_trace",
+    "trace_all",
+    "average_indirect_effect",
+    "noise_level",
+    "integrated_gradients",
+    "knowledge_neurons",
+    "neuron_effect",
+    "value_tokens",
+    "top_contexts",
+    "top_contexts_by_layer",
+    "key_value_agreement",
+    "composition_stats",
+    "fact_memories",
+    "Edit",
+    "RomeHparams",
+    "compute_rome_edit",
+    "apply_edit",
+    "edited",
+    "second_moment",
+    "evaluate_counterfact",
+]

@@ -48,7 +48,8 @@ def load_model(
     if key == "factworld":
         from kvmem.factworld import factworld_hooked_transformer
 
-        return factworld_hooked_transformer(device=device, dtype=dtype, cache_dir=cache_dir)
+        model = factworld_hooked_transformer(device=device, cache_dir=cache_dir)
+        return model if dtype is None else model.to(dtype)
     if key in ("gemma-3-270m", "smollm2-135m"):
         try:
             from kvmem import offline_models
