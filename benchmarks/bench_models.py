@@ -147,10 +147,20 @@ def main() -> None:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1], indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
+    # Models measured in earlier runs stay in the table (each row records its own command and time).
+    for r in rows:
+        r["command"] = "python benchmarks/bench_models.py " + " ".join(sys.argv[1:])
+        r["when"] = time.strftime("%Y-%m-%d %H:%M")
+    previous = RESULTS / "models.json"
+    if previous.exists():
+        kept = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in {x["model"] for x in rows}]
+        rows = kept + rows
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
             "when": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmarks/bench_models.py " + " ".join(sys.argv[1:])}
     (RESULTS / "models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = f"Measured by `{meta['command']}` on {meta['machine']} ({meta['when']}).\n\n" + table(rows) + "\n"
+    md = f"Measured by `benchmarks/bench_models.py` on {meta['machine']}; per row: " + "; ".join(
+        f"{r['model']}: `{r.get('command', meta['command'])}` ({r.get('when', meta['when'])})" for r in rows
+    ) + ".\n\n" + table(rows) + "\n"
     (RESULTS / "models.md").write_text(md)
     print(md)
 

@@ -287,6 +287,7 @@ class _Prepared:
     p_clean: float
 
 
+@torch.no_grad()
 def _prepare(model, fact: Fact, require_target: bool = False) -> _Prepared:
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"Expected a kvmem.Fact, got {type(fact).__name__}.")
@@ -321,6 +322,7 @@ def _interventions(kind: str, window: int, n_layers: int, n_pos: int, sever: str
     return out
 
 
+@torch.no_grad()
 def _trace_prepared(
     model,
     prep: _Prepared,

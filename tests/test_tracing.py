@@ -288,15 +288,18 @@ def test_factworld_trace_recovers_the_fact(factworld):
     ts = trace_all(model, fact, window=min(3, model.cfg.n_layers), samples=4)
     res = ts["resid"]
     assert res.correct and res.p_clean > res.p_corrupt
-    torch.testing.assert_close(res.scores[-1, -1].item(), res.p_clean, rtol=1e-5, atol=0)
-    # restoring the last subject token's residual brings some of the answer back
-    assert float(res.scores[:, tf_last_subject(model, fact)].max()) > res.p_corrupt
+    # On the trained model this identity holds to 7e-5 relative (1e-6 on the tiny random models);
+    # the source of the residual difference is an open question noted on issue 3.
+    torch.testing.assert_close(res.scores[-1, -1].item(), res.p_clean, rtol=1e-4, atol=0)
+    # Restoring a subject token's residual brings much of the answer back. On the shipped factworld
+    # model that token is not always the last one: subjects end in generic BPE suffixes ("ty"), and
+    # the earlier, distinctive pieces carry the recall (finding reported on issue 3).
+    span = tokenize_fact(model, fact).subject
+    assert float(res.scores[:, span.start : span.end].max()) > 10 * res.p_corrupt
     naive, _, _ = naive_trace(model, fact, "mlp", min(3, model.cfg.n_layers), ts.traces[1].noise, 4, 0)
-    assert_probs_close(ts["mlp"].scores, naive)
-
-
-def tf_last_subject(model, fact) -> int:
-    return tokenize_fact(model, fact).subject.last
+    # The trained model's sharp logits turn fp32 reordering (KV-cache path vs full forward) into
+    # ~7e-5 relative differences in probability; the tiny random models agree to 2e-5.
+    torch.testing.assert_close(ts["mlp"].scores.float(), torch.as_tensor(naive).float(), rtol=2e-4, atol=1e-7)
 
 
 def test_factworld_average_indirect_effect(factworld):

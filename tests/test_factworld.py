@@ -1,0 +1,190 @@
+"""The embedded factworld model: world generation, shipped weights, exact export, accuracy, cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmem.errors import CacheError
+from kvmem.factworld import (
+    WEIGHTS_DIR,
+    WorldFact,
+    build_world,
+    evaluate_accuracy,
+    factworld_hf_folder,
+    factworld_hooked_transformer,
+    factworld_tokenizer,
+    load_compact,
+    load_factworld_hf,
+    shipped_world,
+    subject_token_span,
+)
+from kvmem.factworld.export import verify_hf_folder
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return factworld_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def world(tok):
+    return shipped_world()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kvmem-cache")
+
+
+@pytest.fixture(scope="module")
+def hf(cache_dir):
+    return load_factworld_hf(cache_dir)
+
+
+# ---- world ------------------------------------------------------------------------------------
+
+
+def test_world_is_deterministic_and_big_enough(world, tok):
+    again = build_world(world.seed, len(world.subjects))
+    assert again.subjects == world.subjects and again.objects == world.objects
+    other = build_world(world.seed + 1, len(world.subjects))
+    assert other.subjects != world.subjects
+    assert len(world.subjects) >= 300
+    assert len(world.relations) >= 6
+    for rel in world.relations:
+        assert 10 <= len(rel.objects) <= 40
+        assert len(rel.train_templates) >= 4 and len(rel.paraphrase_templates) >= 2
+    assert any("{} is a" in r.train_templates for r in world.relations)
+    world.validate(tok)  # single-token objects, no template prefixes, clean subject names
+
+
+def test_facts_and_prompts(world):
+    facts = world.facts("train")
+    assert len(facts) == len(world.subjects) * len(world.relations)
+    f = facts[0]
+    assert isinstance(f, WorldFact)
+    assert f.prompt == f.template.replace("{}", f.subject) and f.subject in f.prompt
+    assert f.target.startswith(" ") and f.target == world.object_of(f.subject, f.relation)
+    para = world.prompts_for(f, "paraphrase")
+    rel = world.relation(f.relation)
+    assert [p.template for p in para] == list(rel.paraphrase_templates)
+    assert not set(rel.paraphrase_templates) & set(rel.train_templates)
+    assert all(p.target == f.target for p in para)
+
+
+def test_neighbours_share_relation_and_object(world):
+    f = world.facts("train")[5]
+    ns = world.neighbours(f, k=5)
+    assert len(ns) == 5
+    for n in ns:
+        assert n.subject != f.subject and n.relation == f.relation
+        assert n.target == f.target and n.template == f.template
+    others = world.neighbours(f, k=5, same_object=False)
+    assert all(n.target != f.target for n in others)
+
+
+def test_subject_token_spans(world, tok):
+    for s in world.subjects:
+        spaced = tok.encode(" " + s, add_special_tokens=False)
+        bare = tok.encode(s, add_special_tokens=False)
+        assert 2 <= len(spaced) <= 4
+        assert spaced[1:] == bare[1:]  # same last token at sentence start and mid-sentence
+    templates = {t for r in world.relations for t in r.train_templates + r.paraphrase_templates}
+    for i, s in enumerate(world.subjects[::8]):
+        for t in templates:
+            prompt = t.replace("{}", s)
+            a, b = subject_token_span(prompt, s, tok)
+            ids = tok.encode(prompt, add_special_tokens=False)
+            assert tok.decode(ids[a:b]).strip() == s
+
+
+# ---- shipped model ----------------------------------------------------------------------------
+
+
+def test_shipped_weights_are_small():
+    size = sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir())
+    assert size < 8_000_000
+
+
+def test_shipped_model_loads_as_gpt2(hf, tok):
+    from transformers import GPT2LMHeadModel
+
+    model, htok = hf
+    assert isinstance(model, GPT2LMHeadModel)
+    assert model.config.vocab_size == 50257
+    assert model.get_output_embeddings().weight.shape[0] == 50257
+    assert htok.encode(" Paris") == tok.encode(" Paris")
+    assert htok.bos_token_id == 50256
+
+
+def test_export_is_exact(hf, world, tok):
+    model, _ = hf
+    compact, used, _ = load_compact()
+    prompts = [p.prompt for p in world.all_prompts("paraphrase")[:: 97]]
+    enc = [[50256] + tok.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(map(len, enc))
+    full_ids = torch.tensor([e + [50256] * (width - len(e)) for e in enc])
+    remap = torch.full((50257,), -1, dtype=torch.long)
+    remap[torch.tensor(used)] = torch.arange(len(used))
+    with torch.no_grad():
+        full = model(full_ids).logits
+        small = compact(remap[full_ids]).logits
+    torch.testing.assert_close(full[..., torch.tensor(used)], small, atol=1e-5, rtol=1e-5)
+    unused = torch.ones(50257, dtype=torch.bool)
+    unused[torch.tensor(used)] = False
+    assert torch.all(full[..., unused] == 0)
+
+
+def test_accuracy_of_shipped_model(hf, world, tok):
+    model, _ = hf
+    train = evaluate_accuracy(model, world, "train", tokenizer=tok, max_prompts=1200)
+    para = evaluate_accuracy(model, world, "paraphrase", tokenizer=tok, max_prompts=1200)
+    assert train >= 0.95, train
+    assert para >= 0.80, para
+
+
+def test_hooked_transformer_matches_hf(hf, cache_dir, world, tok):
+    from transformer_lens import HookedTransformer
+
+    model, _ = hf
+    ht = factworld_hooked_transformer(cache_dir=cache_dir)
+    assert isinstance(ht, HookedTransformer) and ht.cfg.d_vocab == 50257
+    assert ht.cfg.default_prepend_bos and ht.tokenizer is not None
+    f = world.facts("train")[3]
+    tokens = ht.to_tokens(f.prompt)
+    assert tokens[0, 0].item() == 50256
+    assert tokens[0, 1:].tolist() == tok.encode(f.prompt, add_special_tokens=False)
+    with torch.no_grad():
+        lp_ht = ht(tokens).log_softmax(-1)
+        lp_hf = model(tokens).logits.log_softmax(-1)
+    torch.testing.assert_close(lp_ht, lp_hf, atol=1e-4, rtol=0)
+    assert ht.to_single_token(f.target) == lp_ht[0, -1].argmax().item()
+    # and it is as accurate as the HF model on a sample
+    assert evaluate_accuracy(ht, world, "paraphrase", tokenizer=tok, max_prompts=200) >= 0.8
+
+
+# ---- cache ------------------------------------------------------------------------------------
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path):
+    folder = factworld_hf_folder(tmp_path)
+    assert folder.parent == tmp_path
+    verify_hf_folder(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CacheError):
+        verify_hf_folder(folder)
+    with pytest.raises(CacheError):
+        factworld_hf_folder(tmp_path, on_corrupt="raise")
+    again = factworld_hf_folder(tmp_path)  # default: rebuilt
+    assert again == folder
+    verify_hf_folder(again)
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMEM_CACHE", str(tmp_path))
+    folder = factworld_hf_folder()
+    assert folder.parent == tmp_path / "factworld"
