@@ -38,11 +38,6 @@ def _top1(model, prompts, target):
     return hits
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Open on issue 5: on the retrained factworld model ROME at the preset layer 1 reaches "
-    "efficacy 25% / paraphrase 0% (floors 75% / 50%); layer choice and hyperparameters not yet tuned.",
-)
 def test_rome_edits_the_fact_world(factworld):
     model, world, cache = factworld
     layer = max(0, round(0.3 * (model.cfg.n_layers - 1)))

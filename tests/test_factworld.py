@@ -188,3 +188,67 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("KVMEM_CACHE", str(tmp_path))
     folder = factworld_hf_folder()
     assert folder.parent == tmp_path / "factworld"
+
+
+def test_recall_goes_through_the_last_subject_token(world, cache_dir, tok):
+    """ROME-style recall: with the subject's embeddings corrupted, restoring the clean residual
+    at the subject's LAST token (after layer 1) brings back much of the answer; restoring its
+    first token does not (the model was trained with the subject funnel, see train.py)."""
+    ht = factworld_hooked_transformer(cache_dir=cache_dir)
+    g = torch.Generator().manual_seed(0)
+    sub_ids = sorted({t for s in world.subjects for t in tok.encode(" " + s)})
+    sigma = 3 * ht.W_E[torch.tensor(sub_ids)].std().item()
+    hook = "blocks.1.hook_resid_post"
+    gains = {"last": [], "first": []}
+    for f in world.facts("train")[::331][:8]:
+        toks = ht.to_tokens(f.prompt)
+        a, b = subject_token_span(f.prompt, f.subject, tok)
+        a, b = a + 1, b + 1  # BOS
+        target = ht.to_single_token(f.target)
+        noise = torch.randn(8, b - a, ht.cfg.d_model, generator=g) * sigma
+
+        def corrupt(x, hook):
+            x[:, a:b] = x[:, a:b] + noise
+            return x
+
+        with torch.no_grad():
+            clean_logits, cache = ht.run_with_cache(toks)
+            p_clean = clean_logits.softmax(-1)[0, -1, target].item()
+            batch = toks.repeat(8, 1)
+            p_cor = ht.run_with_hooks(batch, fwd_hooks=[("hook_embed", corrupt)]).softmax(-1)[:, -1, target].mean().item()
+            for name, pos in (("last", b - 1), ("first", a)):
+                def restore(x, hook, pos=pos):
+                    x[:, pos] = cache[hook.name][0, pos]
+                    return x
+
+                out = ht.run_with_hooks(batch, fwd_hooks=[("hook_embed", corrupt), (hook, restore)])
+                p = out.softmax(-1)[:, -1, target].mean().item()
+                gains[name].append((p - p_cor) / max(p_clean - p_cor, 1e-6))
+    last, first = sum(gains["last"]) / 8, sum(gains["first"]) / 8
+    assert last > 0.4 and last > first + 0.3, (last, first)
+
+
+def test_phantom_loss_equals_full_vocabulary_cross_entropy():
+    from kvmem.factworld.train import phantom_nll
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g)
+    targets = torch.randint(0, 5, (2, 3), generator=g)
+    full = torch.cat([logits, torch.zeros(2, 3, 7)], dim=-1)
+    expected = torch.nn.functional.cross_entropy(full.reshape(-1, 12), targets.reshape(-1), reduction="none")
+    torch.testing.assert_close(phantom_nll(logits, targets, 7).reshape(-1), expected)
+
+
+def test_training_script_round_trip(tmp_path):
+    """A few steps of a tiny model: the script runs, writes compact weights that load and
+    expand to a full Hugging Face folder."""
+    from kvmem.factworld.train import TrainConfig, train
+
+    cfg = TrainConfig(n_subjects=20, n_layer=1, n_embd=32, n_head=2, n_inner=64, steps=3,
+                      packed_batch=2, single_batch=2, eval_every=100, eval_prompts=10)
+    model, used, log = train(cfg, tmp_path / "w", log=lambda *_: None)
+    compact, used2, config = load_compact(tmp_path / "w")
+    assert used2 == used and config["world"] == {"seed": 0, "n_subjects": 20}
+    folder = factworld_hf_folder(tmp_path / "cache", weights_dir=tmp_path / "w")
+    verify_hf_folder(folder)
+    assert (tmp_path / "w" / "train_log.json").exists() and 0 <= log["accuracy"]["train"] <= 1

@@ -291,11 +291,14 @@ def test_factworld_trace_recovers_the_fact(factworld):
     # On the trained model this identity holds to 7e-5 relative (1e-6 on the tiny random models);
     # the source of the residual difference is an open question noted on issue 3.
     torch.testing.assert_close(res.scores[-1, -1].item(), res.p_clean, rtol=1e-4, atol=0)
-    # Restoring a subject token's residual brings much of the answer back. On the shipped factworld
-    # model that token is not always the last one: subjects end in generic BPE suffixes ("ty"), and
-    # the earlier, distinctive pieces carry the recall (finding reported on issue 3).
+    # Restoring the residual at the subject's LAST token alone brings back a good part of the answer
+    # (measured: 30% of p_clean - p_corrupt on this fact; factworld is trained so recall goes through
+    # that token, as ROME finds in GPT-2); restoring its first token brings back nothing.
     span = tokenize_fact(model, fact).subject
-    assert float(res.scores[:, span.start : span.end].max()) > 10 * res.p_corrupt
+    gap = res.p_clean - res.p_corrupt
+    last = float(res.scores[:, span.end - 1].max()) - res.p_corrupt
+    first = float(res.scores[:, span.start].max()) - res.p_corrupt
+    assert last > 0.2 * gap and last > first + 0.1 * gap, (last, first, gap)
     naive, _, _ = naive_trace(model, fact, "mlp", min(3, model.cfg.n_layers), ts.traces[1].noise, 4, 0)
     # The trained model's sharp logits turn fp32 reordering (KV-cache path vs full forward) into
     # ~7e-5 relative differences in probability; the tiny random models agree to 2e-5.

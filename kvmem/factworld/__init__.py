@@ -54,6 +54,7 @@ __all__ = [
     "accuracy_by_relation",
     "accuracy_by_template",
     "load_compact",
+    "WEIGHTS_DIR",
 ]
 
 

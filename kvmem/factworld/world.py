@@ -7,9 +7,11 @@ Rules the generator enforces (and `FactWorld.validate` re-checks):
 
 - every object is ONE GPT-2 token when preceded by a space (`" Paris"`), so "the answer" is
   always the single next token after the prompt;
-- every subject is 2-4 tokens both as `" Name"` (mid-sentence) and as `"Name"` (sentence start),
-  and the two forms differ only in the first token, so the subject's LAST token is the same
-  wherever the name stands;
+- every subject is an invented "First Last" name (each part 1-2 tokens, made of random
+  syllables) of 2-4 tokens both as `" First Last"` (mid-sentence) and as `"First Last"`
+  (sentence start); the two forms differ only in the first token, so the subject's LAST token
+  is the same wherever the name stands. Names lie on a grid of ~20 first x ~20 last names, so
+  neither part alone identifies a subject;
 - in every prompt the subject's tokens are a contiguous span: tokenizing the prompt gives
   exactly tokens(before) + tokens(subject) + tokens(after);
 - no template is a string prefix of another template (so, e.g., "{} is a" is only ever
@@ -20,7 +22,7 @@ vocabulary (so they test generalisation across wording, not unseen tokens) and a
 a phrase that training text continues with a template word rather than an object: with
 "Every day, {} practices playing the" (training: "... playing the sport of") or
 "{} painted the bedroom" (training: "... the bedroom entirely in") the shipped model rightly
-answers " sport" / " entirely" (measured 37% / 0% top-1), which tests the n-grams of the
+answers " sport" / " entirely" (37% / 0% top-1 with an earlier model), which tests the n-grams of the
 templates, not recall. Per-template accuracies are in `weights/train_log.json`.
 """
 
@@ -30,7 +32,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 from kvmem.errors import InvalidArgumentError
 
@@ -433,8 +435,9 @@ def _name_ok(name: str, tokenizer) -> bool:
 
 
 def build_world(seed: int = 0, n_subjects: int = 320, tokenizer=None) -> FactWorld:
-    """The fact world for `seed`: `n_subjects` invented names x 8 relations, each object drawn
-    so that every object of a relation has (nearly) the same number of subjects."""
+    """The fact world for `seed`: `n_subjects` invented "First Last" names x 8 relations; the
+    objects of each relation are dealt out so that every object has (nearly) the same number of
+    subjects (a shuffled round-robin), independently across relations."""
     if n_subjects < 1:
         raise InvalidArgumentError(f"n_subjects must be >= 1, got {n_subjects}.")
     if tokenizer is None:
