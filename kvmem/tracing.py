@@ -19,6 +19,7 @@ ROME conventions kept here (checked against ROME's `experiments/causal_trace.py`
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -173,7 +174,8 @@ class TraceSet:
 
 @dataclass(frozen=True)
 class AverageEffect:
-    """Average indirect effects over facts, per kind x token bucket x layer (ROME fig. 2)."""
+    """Average indirect effects over facts, per kind x token bucket x layer (ROME fig. 2).
+    `counts[b]`: how many facts have bucket b (and so enter its average)."""
 
     kinds: tuple[str, ...]
     buckets: tuple[str, ...]
@@ -454,6 +456,80 @@ def token_buckets(subject: SubjectSpan, n_pos: int) -> tuple[tuple[int, ...], ..
     )
 
 
+def fact_key(fact: Fact) -> str:
+    """A stable key for a fact in a run log (its prompt, subject and targets)."""
+    import hashlib
+    import json
+
+    blob = json.dumps([fact.prompt, fact.subject, fact.target_true, fact.target_new])
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+def _fact_record(prep: _Prepared, traces: Sequence[CausalTrace] | None) -> dict:
+    """What a run log keeps of one fact: per kind, the mean indirect effect of each token bucket
+    by layer (None for an empty bucket), and the full score grids."""
+    rec = {
+        "prompt": prep.tf.fact.prompt,
+        "subject": prep.tf.fact.subject,
+        "target": prep.tf.fact.target_true,
+        "answer": prep.answer,
+        "correct": bool(prep.correct),
+        "p_clean": prep.p_clean,
+    }
+    if traces is None:
+        return rec
+    buckets = token_buckets(prep.tf.subject, prep.tf.n_tokens)
+    rec["p_corrupt"] = traces[0].p_corrupt
+    rec["str_tokens"] = list(prep.tf.str_tokens)
+    rec["subject_span"] = [prep.tf.subject.start, prep.tf.subject.end]
+    rec["bucket_ie"] = {
+        tr.kind: [
+            None if not pos else (tr.scores[:, list(pos)].double() - tr.p_corrupt).mean(dim=1).tolist()
+            for pos in buckets
+        ]
+        for tr in traces
+    }
+    rec["scores"] = {tr.kind: [[round(float(v), 7) for v in row] for row in tr.scores] for tr in traces}
+    return rec
+
+
+def _average_records(records: Sequence[dict], kinds: tuple[str, ...], n_layers: int, **meta) -> AverageEffect:
+    used = [r for r in records if r["correct"]]
+    ie_sum = torch.zeros(len(kinds), len(BUCKETS), n_layers, dtype=torch.float64)
+    score_sum = torch.zeros_like(ie_sum)
+    counts = torch.zeros(len(BUCKETS), dtype=torch.long)
+    for r in used:
+        for b in range(len(BUCKETS)):
+            if r["bucket_ie"][kinds[0]][b] is None:
+                continue
+            counts[b] += 1
+            for k, kind in enumerate(kinds):
+                ie = torch.tensor(r["bucket_ie"][kind][b], dtype=torch.float64)
+                ie_sum[k, b] += ie
+                score_sum[k, b] += ie + r["p_corrupt"]
+    if not used:
+        import warnings
+
+        warnings.warn(
+            f"The model answered none of the {len(records)} facts correctly; the average effect is NaN.",
+            stacklevel=3,
+        )
+    denom = counts.to(torch.float64)[None, :, None]
+    nan = float("nan")
+    return AverageEffect(
+        kinds=kinds,
+        buckets=BUCKETS,
+        aie=(ie_sum / denom).float(),
+        mean_score=(score_sum / denom).float(),
+        counts=counts,
+        n_facts=len(used),
+        n_skipped=len(records) - len(used),
+        p_clean=sum(r["p_clean"] for r in used) / len(used) if used else nan,
+        p_corrupt=sum(r["p_corrupt"] for r in used) / len(used) if used else nan,
+        **meta,
+    )
+
+
 def average_indirect_effect(
     model,
     facts: Sequence[Fact],
@@ -465,72 +541,66 @@ def average_indirect_effect(
     max_batch: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
+    log: str | None = None,
+    restart: bool = False,
 ) -> AverageEffect:
     """ROME's average indirect effect over `facts`, per kind x token bucket x layer.
 
-    Facts the model gets wrong (top token != first target token) are skipped and counted in
-    `n_skipped`. Noise defaults to `noise_level(model, facts)`. Every fact uses the same `seed`,
-    so the result is the average of `trace_all(model, fact, ...)` over the facts used.
+    As in ROME, each fact contributes the mean over its tokens in a bucket, and a bucket's
+    average is over the facts that have it (a one-token subject has no middle tokens); `counts`
+    says how many facts each bucket averages. Facts the model gets wrong (top token != first
+    target token) are skipped and counted in `n_skipped`. Noise defaults to
+    `noise_level(model, facts)`. Every fact uses the same `seed`.
+
+    `log`: a path to a resumable run log (`kvmem.runs.RunLog`, one JSON line per fact with its
+    bucket effects and full score grids). Rerunning with the same settings skips finished facts;
+    other settings raise unless `restart=True`.
     """
     _check_common(model, samples, noise, seed)
     facts = list(facts)
     if not facts:
         raise InvalidArgumentError("average_indirect_effect needs at least one fact.")
     kinds = tuple(kinds)
+    if not kinds:
+        raise InvalidArgumentError("kinds is empty; pass some of 'resid', 'mlp', 'attn'.")
     spec = []
     for kind in kinds:
         _check_kind(model, kind, window)
         spec.append((kind, 1 if kind == "resid" else window, None))
     if noise is None:
         noise = noise_level(model, facts)
-    n_layers = model.cfg.n_layers
-    ie_sum = torch.zeros(len(kinds), len(BUCKETS), n_layers, dtype=torch.float64)
-    score_sum = torch.zeros_like(ie_sum)
-    counts = torch.zeros(len(BUCKETS), dtype=torch.long)
-    used = skipped = 0
-    p_clean_sum = p_corrupt_sum = 0.0
-    iterator = facts
+    keys = [fact_key(f) for f in facts]
+    if len(set(keys)) != len(keys):
+        raise InvalidArgumentError("The same fact appears twice in `facts`; remove the duplicates.")
+    run_log = None
+    if log is not None:
+        from kvmem.editing.fingerprint import model_fingerprint
+        from kvmem.runs import RunLog
+
+        settings = {
+            "analysis": "average_indirect_effect", "model": model_fingerprint(model), "kinds": list(kinds),
+            "window": window, "noise": float(noise), "samples": samples, "seed": seed,
+        }
+        run_log = RunLog(log, settings, restart=restart)
+    records: dict[str, dict] = dict(run_log.records()) if run_log is not None else {}
+    iterator = list(zip(keys, facts))
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(facts, desc="causal tracing", unit="fact")
-    for fact in iterator:
-        prep = _prepare(model, fact, require_target=True)
-        if not prep.correct:
-            skipped += 1
+        iterator = tqdm(iterator, desc="causal tracing", unit="fact", initial=0)
+    for key, fact in iterator:
+        if key in records:
             continue
-        traces = _trace_prepared(model, prep, spec, noise, samples, seed, max_batch, memory_budget, False)
-        used += 1
-        p_clean_sum += prep.p_clean
-        p_corrupt_sum += traces[0].p_corrupt
-        for b, positions in enumerate(token_buckets(prep.tf.subject, prep.tf.n_tokens)):
-            if not positions:
-                continue
-            counts[b] += len(positions)
-            for k, tr in enumerate(traces):
-                cols = tr.scores[:, list(positions)].double()
-                score_sum[k, b] += cols.sum(dim=1)
-                ie_sum[k, b] += (cols - tr.p_corrupt).sum(dim=1)
-    if used == 0:
-        import warnings
-
-        warnings.warn(
-            f"The model answered none of the {len(facts)} facts correctly; the average effect is NaN.",
-            stacklevel=2,
-        )
-    denom = counts.to(torch.float64)[None, :, None]
-    nan = float("nan")
-    return AverageEffect(
-        kinds=kinds,
-        buckets=BUCKETS,
-        aie=(ie_sum / denom).float(),
-        mean_score=(score_sum / denom).float(),
-        counts=counts,
-        n_facts=used,
-        n_skipped=skipped,
-        p_clean=p_clean_sum / used if used else nan,
-        p_corrupt=p_corrupt_sum / used if used else nan,
-        noise=float(noise),
-        window=window,
-        samples=samples,
+        t0 = time.perf_counter()
+        prep = _prepare(model, fact, require_target=True)
+        traces = None
+        if prep.correct:
+            traces = _trace_prepared(model, prep, spec, noise, samples, seed, max_batch, memory_budget, False)
+        rec = _fact_record(prep, traces)
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        records[key] = rec
+        if run_log is not None:
+            run_log.add(key, rec)
+    return _average_records(
+        [records[k] for k in keys], kinds, model.cfg.n_layers, noise=float(noise), window=window, samples=samples
     )

@@ -177,17 +177,20 @@ def test_average_indirect_effect(tiny_gpt2):
     assert isinstance(res, AverageEffect)
     assert res.n_facts == 2 and res.n_skipped == 1 and res.noise == pytest.approx(noise)
     assert res.aie.shape == (3, len(BUCKETS), tiny_gpt2.cfg.n_layers)
-    # equals averaging trace_all over the known facts, bucket by bucket (ROME's weighting)
+    # equals averaging trace_all over the known facts: per fact the mean over the bucket's tokens,
+    # then the mean over the facts that have the bucket (ROME's weighting)
     sums = torch.zeros_like(res.aie, dtype=torch.float64)
     counts = torch.zeros(len(BUCKETS))
     for fact in known:
         ts = trace_all(tiny_gpt2, fact, window=2, noise=noise, samples=2, seed=4)
         tr0 = ts["resid"]
         for b, positions in enumerate(token_buckets(tr0.subject, len(tr0.str_tokens))):
-            counts[b] += len(positions)
+            if not positions:
+                continue
+            counts[b] += 1
             for k, kind in enumerate(res.kinds):
-                for p in positions:
-                    sums[k, b] += (ts[kind].scores[:, p] - ts[kind].p_corrupt).double()
+                per_token = [(ts[kind].scores[:, p] - ts[kind].p_corrupt).double() for p in positions]
+                sums[k, b] += sum(per_token) / len(per_token)
     assert torch.equal(res.counts.float(), counts)
     want = (sums / counts[None, :, None].double()).float()
     torch.testing.assert_close(res.aie, want, rtol=1e-4, atol=1e-9, equal_nan=True)
@@ -196,6 +199,46 @@ def test_average_indirect_effect(tiny_gpt2):
     assert res["mlp"].shape == (len(BUCKETS), tiny_gpt2.cfg.n_layers)
     fig = res.plot()
     assert len(fig.axes) == 3
+
+
+def test_average_indirect_effect_resumes(tiny_gpt2, tmp_path):
+    """A run log: an interrupted run continues without redoing finished facts and gives the same
+    average; other settings refuse to resume."""
+    from kvmem.runs import RunLogError
+
+    facts = _known_facts(tiny_gpt2)[:3] + [Fact("The Eiffel Tower is located in", "Eiffel Tower", "Paris")]
+    kw = dict(window=2, samples=2, seed=1, noise=0.4, progress=False)
+    full = average_indirect_effect(tiny_gpt2, facts, **kw)
+    log = tmp_path / "aie.jsonl"
+    average_indirect_effect(tiny_gpt2, facts[:2], log=str(log), **kw)
+    with open(log, "a") as f:
+        f.write('{"key": "cut off by an interrup')  # a line the interruption left half-written
+    calls = []
+    import kvmem.tracing as tracing
+
+    orig = tracing._trace_prepared
+
+    def counting(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    tracing._trace_prepared = counting
+    try:
+        resumed = average_indirect_effect(tiny_gpt2, facts, log=str(log), **kw)
+    finally:
+        tracing._trace_prepared = orig
+    assert len(calls) == sum(1 for f in facts[2:] if _knows(tiny_gpt2, f))
+    torch.testing.assert_close(resumed.aie, full.aie, equal_nan=True)
+    assert (resumed.n_facts, resumed.n_skipped) == (full.n_facts, full.n_skipped)
+    with pytest.raises(RunLogError, match="samples"):
+        average_indirect_effect(tiny_gpt2, facts, log=str(log), **{**kw, "samples": 3})
+    restarted = average_indirect_effect(tiny_gpt2, facts, log=str(log), restart=True, **kw)
+    torch.testing.assert_close(restarted.aie, full.aie, equal_nan=True)
+
+
+def _knows(model, fact):
+    tf = tokenize_fact(model, fact)
+    return int(model(tf.tokens[None])[0, -1].argmax()) == tf.target_ids[0]
 
 
 def test_token_buckets():
