@@ -69,6 +69,15 @@ class RomeHparams:
     One deliberate difference from the code: the code's right vector divides by the key of the
     plain prompt and subtracts the plain prompt's MLP output, while u uses the prefix-averaged
     k*; here, as in the paper, the averaged k* is used throughout, so the update maps k* to v*.
+    update_key: which key the update's denominator (and the subtracted MLP output) uses.
+        "averaged" (default): the prefix-averaged k*, the same key as in u = C⁻¹k* (the paper;
+        r-ROME, Gupta et al. 2024, "Rebuilding ROME", whose fix for collapse in sequential editing
+        is exactly this homogeneity). "prompt": the plain prompt's key k_p, as the reference code
+        does (`compute_v`: `right_vector = (target - cur_output) / dot(cur_input, left_vector)`
+        with cur_input, cur_output read on the un-prefixed prompt), i.e. Λ = δ / ((C⁻¹k*)ᵀk_p):
+        the update then maps k_p (not k*) to its old value + δ. Kept to reproduce ROME's
+        sequential-editing collapse (`kvmem.stress_edits`); the Edit's k_star/v_star are then
+        k_p and k_pᵀW_out + b_out + δ, the pair the update inserts exactly.
     """
 
     layer: int | None = None
@@ -87,6 +96,7 @@ class RomeHparams:
     mom2_corpus: str = "wiki"
     mom2_n_tokens: int = 200_000
     layer_source: str = "default"
+    update_key: Literal["averaged", "prompt"] = "averaged"
 
     def __post_init__(self) -> None:
         if self.kl_prompt.count("{}") != 1:
@@ -97,6 +107,10 @@ class RomeHparams:
             raise InvalidArgumentError("RomeHparams.prefixes holds (length ≥ 1, count ≥ 0) pairs.")
         if self.kl_position not in ("subject_last", "last"):
             raise InvalidArgumentError("kl_position must be 'subject_last' or 'last'.")
+        if self.update_key not in ("averaged", "prompt"):
+            raise InvalidArgumentError(
+                "update_key must be 'averaged' (paper, r-ROME) or 'prompt' (ROME's reference code)."
+            )
 
     @property
     def n_contexts(self) -> int:
@@ -380,6 +394,14 @@ def compute_rome_edit(
     keys = got[hook_post_name(model, layer)]
     ctx_keys = torch.stack([keys[r, pos] for r, pos in lookup[:n_ctx]]).double()
     k_star = ctx_keys.mean(0)
+    if hparams.update_key == "prompt":
+        if "" not in prefixes:
+            raise InvalidArgumentError(
+                "update_key='prompt' needs the plain prompt among the contexts: include '' in prefixes."
+            )
+        k_update = ctx_keys[list(prefixes).index("")]
+    else:
+        k_update = k_star
     if not torch.isfinite(k_star).all() or k_star.norm() == 0:
         raise InvalidArgumentError("The key k* at the subject's last token is zero or not finite; pick another layer.")
     W = mlp_weights(model, layer)
@@ -441,15 +463,18 @@ def compute_rome_edit(
     else:
         u = k_star.clone()
     u = u.to(k_star) / u.norm()
-    denom = u @ k_star
+    denom = u @ k_update
     if not torch.isfinite(denom) or denom <= 0:
         raise InvalidArgumentError("(C⁻¹k*)ᵀk* is not positive: the statistics do not fit this layer's keys.")
-    lam = (v_star - (k_star @ W.W_out.detach().double() + b_out)) / denom
+    if hparams.update_key == "prompt":
+        # the reference code's v* = (plain prompt's MLP output) + δ, so the update inserts (k_p, v_p + δ)
+        v_star = k_update @ W.W_out.detach().double() + b_out + delta.detach().double()
+    lam = (v_star - (k_update @ W.W_out.detach().double() + b_out)) / denom
     return Edit(
         layer=layer,
         u=u.cpu(),
         lam=lam.cpu(),
-        k_star=k_star.cpu(),
+        k_star=k_update.cpu(),
         v_star=v_star.cpu(),
         request=request,
         model_fingerprint=fp,

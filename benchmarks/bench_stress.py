@@ -1,0 +1,222 @@
+"""Sequential ROME editing until collapse: ROME's reference-code update vs r-ROME vs edits spread over layers.
+
+    python benchmarks/bench_stress.py --model factworld --n-edits 1000 --every 25
+    python benchmarks/bench_stress.py --model gemma-3-270m --n-edits 200 --every 10
+
+On factworld the requests are distinct (subject, relation) facts asked with their first training
+template, each given another object of its relation (seeded); `neighborhood` = untouched facts
+(never edited) under the same training templates, `known` = other untouched facts under the
+held-out paraphrase templates. On a CounterFact file (Gemma) the requests are its records
+(duplicates of a subject+relation skipped), `neighborhood` = their neighbourhood prompts with the
+true object, `known` = `known_1000` facts the model answers top-1.
+
+Every run logs to $KVMEM_CACHE/stress_logs/ (JSONL, ~7 kB per factworld edit; --log-dir) and resumes from it when rerun with
+the same arguments; results go to benchmarks/results/stress_<model>.json/.md/.csv/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+from kvmem.resources import peak_rss_mb  # noqa: E402
+
+
+def factworld_setup(args):
+    from kvmem.factworld import shipped_world
+    from kvmem.prompts import Fact
+
+    world = shipped_world()
+    facts = world.facts("train")
+    rng = random.Random(args.seed)
+    rng.shuffle(facts)
+    edit, rest = facts[: args.n_edits], facts[args.n_edits :]
+    requests = []
+    for f in edit:
+        new = rng.choice([o for o in world.relation(f.relation).objects if o != f.target])
+        requests.append(Fact(f.prompt, f.subject, target_true=f.target, target_new=new, relation_id=f.relation))
+    n_hold = min(args.n_eval, len(rest) // 2)
+    neighborhood = [Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation) for f in rest[:n_hold]]
+    known = []
+    for f in rest[n_hold : 2 * n_hold]:
+        p = world.prompts_for(f, "paraphrase")[0]
+        known.append(Fact(p.prompt, p.subject, target_true=p.target, relation_id=p.relation))
+    gen = [f"{f.subject} is a" for f in rest[:4]]
+    sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
+    random.Random(args.seed).shuffle(sents)
+    return requests, neighborhood, known, gen, sents, "factworld (own facts; known = held-out paraphrase templates)"
+
+
+def counterfact_setup(model, args):
+    from kvmem.data import load_counterfact, load_known_facts
+    from kvmem.prompts import Fact
+    from kvmem.recall import fact_recall
+
+    records = load_counterfact(args.counterfact)
+    seen, requests, rest = set(), [], []
+    for r in records:
+        key = (r.request.subject, r.request.relation_id or r.request.prompt)
+        if key in seen:
+            continue
+        seen.add(key)
+        (requests if len(requests) < args.n_edits else rest).append(r)
+    # untouched CounterFact subjects (records left over after the requests), scored on their true object
+    neighborhood = [Fact(r.request.prompt, r.request.subject, target_true=r.request.target_true,
+                         relation_id=r.request.relation_id) for r in rest][: args.n_eval]
+    known_all = load_known_facts(args.known)[: 4 * args.n_eval]
+    rec = fact_recall(model, known_all)
+    known = [f for f, ok in zip(known_all, rec.known.tolist()) if ok][: args.n_eval]
+    gen = [r.generation_prompts[0] for r in records[:4] if r.generation_prompts]
+    return ([r.request for r in requests], neighborhood, known, gen, args.corpus,
+            f"{Path(args.counterfact).name} (neighbourhood = records not edited) + known_1000 answered top-1")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="factworld")
+    ap.add_argument("--n-edits", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--n-eval", type=int, default=200, help="neighbourhood and known facts tracked")
+    ap.add_argument("--variants", nargs="+", default=["rome", "r-rome", "r-rome-spread"],
+                    help="rome | r-rome | rome-spread | r-rome-spread")
+    ap.add_argument("--layer", type=int, default=None, help="edit layer (default: factworld 1, else the preset)")
+    ap.add_argument("--spread-layers", type=int, nargs="+", default=None)
+    ap.add_argument("--prefixes", default="5x3,10x2", help="context prefixes LENxCOUNT,...")
+    ap.add_argument("--v-steps", type=int, default=20)
+    ap.add_argument("--gen-tokens", type=int, default=40)
+    ap.add_argument("--stats-tokens", type=int, default=None)
+    ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
+    ap.add_argument("--known", default=str(SHARED / "known_1000.json"))
+    ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--log-dir", default=None, help="JSONL run logs (default: $KVMEM_CACHE/stress_logs); rerun resumes")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import kvmem
+    from kvmem.editing import RomeHparams, rome_hparams, second_moment
+    from kvmem.stress import stress_edits
+
+    t0 = time.perf_counter()
+    model = kvmem.load_model(args.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_layers = model.cfg.n_layers
+    if args.model == "factworld":
+        requests, neighborhood, known, gen, corpus, source = factworld_setup(args)
+        layer = 1 if args.layer is None else args.layer
+        spread = args.spread_layers or [0, 1, 2]
+        base = RomeHparams(layer=layer)
+    else:
+        requests, neighborhood, known, gen, corpus, source = counterfact_setup(model, args)
+        base = rome_hparams(model)
+        layer = base.layer if args.layer is None else args.layer
+        spread = args.spread_layers or list(range(max(0, layer - 2), min(n_layers, layer + 3)))
+    prefixes = tuple(tuple(int(x) for x in p.split("x")) for p in args.prefixes.split(","))
+    hp = RomeHparams(**{**base.__dict__, "layer": layer, "prefixes": prefixes, "v_num_grad_steps": args.v_steps})
+    n_tok = args.stats_tokens or max(20_000, 50 * int(model.cfg.d_mlp))
+    stats = {}
+    for l in sorted(set(spread) | {layer}):
+        stats[l] = second_moment(model, l, corpus, n_tokens=n_tok, progress=not args.quiet)
+    setup_s = time.perf_counter() - t0
+
+    out = Path(args.out or RESULTS / f"stress_{args.model.replace('/', '_')}")
+    from kvmem.editing.stats import default_cache_dir
+
+    logs = Path(args.log_dir) if args.log_dir else default_cache_dir() / "stress_logs"
+    results = {}
+    frames = []
+    for v in args.variants:
+        method = v.replace("-spread", "")
+        layers = spread if v.endswith("-spread") else layer
+        log = logs / f"{out.name}_{v}_n{len(requests)}_s{args.seed}.jsonl"
+        print(f"== {v}: layers {layers}, {len(requests)} edits, log {log}", flush=True)
+        res = stress_edits(model, requests, method=method, layers=layers, stats=stats, hparams=hp, every=args.every,
+                           neighborhood=neighborhood, known=known, gen_prompts=gen, gen_tokens=args.gen_tokens,
+                           on_conflict="skip", log=log, seed=args.seed, progress=not args.quiet)
+        df = res.to_frame()
+        df.insert(0, "variant", v)
+        frames.append(df)
+        st = res.steps_frame()
+        norms = st["update_norm"].dropna() if "update_norm" in st else st.iloc[:0]
+        results[v] = {
+            "layers": list(res.layers), "n_applied": res.n_applied, "n_skipped": res.n_skipped,
+            "collapse_step": res.collapse_step, "collapse_reason": res.collapse_reason,
+            "seconds": res.seconds, "resumed_from": res.resumed_from, "baseline": res.baseline,
+            "final": res.checkpoints[-1],
+            "update_norm_median": float(norms.median()) if len(norms) else None,
+            "update_norm_max": float(norms.max()) if len(norms) else None,
+            "update_norm_p99": float(norms.quantile(0.99)) if len(norms) else None,
+            "edit_s_mean": float(st["seconds"].dropna().mean()) if "seconds" in st else None,
+            "log": str(log),
+        }
+        print(json.dumps({k: results[v][k] for k in ("n_applied", "collapse_step", "collapse_reason",
+                                                      "update_norm_median", "update_norm_max")}), flush=True)
+        fig = res.plot(title=f"{args.model}: {v}")
+        fig.savefig(f"{out}_{v}.png", dpi=110)
+
+    import pandas as pd
+
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(f"{out}.csv", index=False)
+    meta = {"argv": sys.argv[1:] if argv is None else argv, "model": args.model, "source": source,
+            "n_requests": len(requests), "n_neighborhood": len(neighborhood), "n_known": len(known),
+            "hparams": {"layer": layer, "spread": spread, "prefixes": prefixes, "v_num_grad_steps": args.v_steps},
+            "stats_tokens": n_tok, "setup_s": setup_s, "threads": torch.get_num_threads(),
+            "peak_rss_mb": peak_rss_mb(), "results": results,
+            "csv": f"{out.name}.csv", "png": f"{out.name}_<variant>.png"}
+    Path(f"{out}.json").write_text(json.dumps(meta, indent=1, default=str))
+    Path(f"{out}.md").write_text(markdown(meta, table))
+    print(Path(f"{out}.md").read_text())
+
+
+def markdown(meta, table) -> str:
+    lines = [f"# Sequential editing stress test: {meta['model']}", "",
+             f"`python benchmarks/bench_stress.py {' '.join(meta['argv'])}` ({platform.machine()}, "
+             f"{meta['threads']} torch thread(s)). Requests: {meta['n_requests']} from {meta['source']}; "
+             f"neighbourhood {meta['n_neighborhood']} and known {meta['n_known']} untouched facts; edit layer "
+             f"{meta['hparams']['layer']}, spread over {meta['hparams']['spread']}; contexts "
+             f"{meta['hparams']['prefixes']}; C from {meta['stats_tokens']} tokens.", "",
+             "| variant | edits applied | skipped | collapse at | retention | neighbourhood acc | known acc | gen. entropy | "
+             "‖ΔW‖ median | ‖ΔW‖ max | max ‖W−W⁰‖/‖W⁰‖ | s/edit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v, r in meta["results"].items():
+        b, f = r["baseline"], r["final"]
+        dmax = max(f["w_delta_rel"].values()) if f["w_delta_rel"] else 0.0
+        lines.append(
+            f"| {v} (layers {r['layers']}) | {r['n_applied']} | {r['n_skipped']} | {r['collapse_step']} | "
+            f"{f['retention']:.3f} | {b['neighborhood_acc']:.3f} → {f['neighborhood_acc']:.3f} | "
+            f"{b['known_acc']:.3f} → {f['known_acc']:.3f} | {b['gen_entropy']:.2f} → {f['gen_entropy']:.2f} | "
+            f"{r['update_norm_median']:.3g} | {r['update_norm_max']:.3g} | {dmax:.3g} | {r['edit_s_mean']:.2f} |")
+    lines += ["", "Retention = share of all edits applied so far whose prompt answers target_new top-1 at the end; "
+              "accuracies are top-1 on the first target token; collapse = first checkpoint where known-fact "
+              "accuracy or generation entropy falls below half its unedited value.", "",
+              f"Per-checkpoint values: `{meta['csv']}`; figures: `{meta['png']}`.", ""]
+    # a compact trajectory: retention / known acc every ~10% of the run
+    for v in meta["results"]:
+        sub = table[table["variant"] == v]
+        idx = sorted(set([0, len(sub) - 1] + [round(i * (len(sub) - 1) / 10) for i in range(11)]))
+        rows = sub.iloc[idx]
+        lines += [f"### {v}", "", "| edits | retention | neighbourhood acc | known acc | gen. entropy |", "|---|---|---|---|---|"]
+        for _, r in rows.iterrows():
+            lines.append(f"| {int(r['step'])} | {r['retention']:.3f} | {r['neighborhood_acc']:.3f} | "
+                         f"{r['known_acc']:.3f} | {r['gen_entropy']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
