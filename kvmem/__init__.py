@@ -22,6 +22,8 @@ from kvmem.memories import (
 )
 from kvmem.editing import Edit, RomeHparams, apply_edit, compute_rome_edit, edited, second_moment
 from kvmem.evaluation import evaluate_counterfact
+from kvmem.diagnose import Localization, UnknownFactError, diagnose
+from kvmem.stress import StressResult, stress_edits
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,9 @@ __all__ = [
     "edited",
     "second_moment",
     "evaluate_counterfact",
+    "diagnose",
+    "Localization",
+    "UnknownFactError",
+    "stress_edits",
+    "StressResult",
 ]

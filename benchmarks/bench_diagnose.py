@@ -1,0 +1,380 @@
+"""Does localization predict safe editing? `kvmem.diagnose` per fact, then ROME at the diagnosed
+layer and at a fixed layer, each edit alone.
+
+    python benchmarks/bench_diagnose.py --model factworld --n-facts 100
+    python benchmarks/bench_diagnose.py --model gemma-3-270m --n-facts 100
+
+Per fact: the diagnostic (causal-trace MLP effect by layer at the last subject token, memory view,
+knowledge neurons over the paraphrases; localization score S = sqrt(concentration × Jaccard)),
+then two single edits (restored after each): at `peak_layer` and at the fixed layer (factworld: 1,
+the ~30% depth heuristic; else the model's ROME preset). Outcomes (kvmem.evaluation.record_metrics):
+ES/EM on the prompt, PS/PM on the paraphrases, NS/NM on neighbourhood prompts (other subjects
+with the same relation and object), and the drop in top-1 accuracy on unrelated known facts.
+
+An edit is called SAFE when ES = 1, PS ≥ 0.5, NS falls by at most 0.1 and unrelated accuracy by at
+most 0.05. Reported: Spearman ρ of the score (and its parts) with each outcome, with 95%
+percentile bootstrap CIs (2,000 resamples of facts); for the criterion "S ≥ τ" at τ = the 25/50/75%
+score quantiles, how many facts pass and the false-safe rate P(unsafe | S ≥ τ) next to the base rate.
+
+Per-fact rows are appended to a JSONL log as they are computed (rerun resumes);
+results: benchmarks/results/diagnose_<model>.json/.md/.csv/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+from kvmem.resources import peak_rss_mb  # noqa: E402
+
+OUTCOMES = ("ES", "EM", "PS", "PM", "NS", "NM", "ns_drop", "unrelated_drop")
+PREDICTORS = ("score", "concentration", "jaccard", "peak_share", "agreement")
+
+
+def factworld_cases(args):
+    from kvmem.data import CounterFactRecord
+    from kvmem.factworld import shipped_world
+    from kvmem.prompts import Fact
+
+    world = shipped_world()
+    facts = world.facts("train")
+    rng = random.Random(args.seed)
+    rng.shuffle(facts)
+    cases = []
+    for f in facts[: args.n_facts]:
+        new = rng.choice([o for o in world.relation(f.relation).objects if o != f.target])
+        req = Fact(f.prompt, f.subject, target_true=f.target, target_new=new, relation_id=f.relation)
+        paras = tuple(p.prompt for p in world.prompts_for(f, "paraphrase"))
+        neigh = tuple(x.prompt for x in world.neighbours(f, k=10, same_object=True))
+        cases.append(CounterFactRecord(case_id=len(cases), request=req, template=f.template,
+                                       paraphrase_prompts=paras, neighborhood_prompts=neigh,
+                                       attribute_prompts=(), generation_prompts=()))
+    unrelated = []
+    for f in facts[-args.n_unrelated:]:
+        unrelated.append(Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation))
+    sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
+    random.Random(args.seed).shuffle(sents)
+    return cases, unrelated, sents, 1
+
+
+def counterfact_cases(model, args):
+    from kvmem.data import load_counterfact, load_known_facts
+    from kvmem.editing import rome_hparams
+    from kvmem.recall import fact_recall
+
+    cases = load_counterfact(args.counterfact)[: args.n_facts]
+    known = load_known_facts(args.known)[: 4 * args.n_unrelated]
+    ok = fact_recall(model, known).known.tolist()
+    unrelated = [f for f, k in zip(known, ok) if k][: args.n_unrelated]
+    return cases, unrelated, args.corpus, rome_hparams(model).layer
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+def ranks(x):
+    import pandas as pd
+
+    return pd.Series(x).rank(method="average").to_numpy()
+
+
+def spearman(x, y) -> float:
+    import numpy as np
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def bootstrap_ci(x, y, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    import numpy as np
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        i = rng.integers(0, len(x), len(x))
+        v = spearman(x[i], y[i])
+        if v == v:
+            vals.append(v)
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+# --- one fact ------------------------------------------------------------------------------
+
+def run_case(model, case, unrelated, stats_for, hp, prefixes, fixed_layer, args) -> dict:
+    import torch
+
+    import kvmem
+    from kvmem.diagnose import UnknownFactError
+    from kvmem.editing import compute_rome_edit, edited
+    from kvmem.errors import KvmemError
+    from kvmem.evaluation import record_metrics
+    from kvmem.recall import fact_recall
+
+    req = case.request
+    fact = kvmem.Fact(req.prompt, req.subject, target_true=req.target_true, relation_id=req.relation_id)
+    row = {"case_id": case.case_id, "subject": req.subject, "prompt": req.prompt, "target_true": req.target_true,
+           "target_new": req.target_new}
+    t = time.perf_counter()
+    try:
+        loc = kvmem.diagnose(model, fact, list(case.paraphrase_prompts), samples=args.samples, steps=args.ig_steps)
+    except UnknownFactError as e:
+        row.update(unknown=True, error=str(e))
+        return row
+    row.update(unknown=False, diagnose_s=time.perf_counter() - t, **{k: v for k, v in loc.summary().items()
+                                                                      if k not in row})
+    row["layer_share"] = [float(x) for x in loc.layer_share]
+    base = record_metrics(model, case, generation=False)
+    acc0 = fact_recall(model, unrelated).top_k(1)
+    row.update({f"unedited_{k}": v for k, v in base.items() if k != "GE"}, unrelated_acc0=acc0)
+    layers = {"diagnosed": loc.peak_layer, "fixed": fixed_layer}
+    for cond, layer in layers.items():
+        if layer < 0:
+            row[f"{cond}_error"] = "no causal effect: no diagnosed layer"
+            continue
+        if cond == "fixed" and layer == layers["diagnosed"] and "diagnosed_ES" in row:
+            row.update({k.replace("diagnosed_", "fixed_"): v for k, v in list(row.items()) if k.startswith("diagnosed_")})
+            continue
+        try:
+            e = compute_rome_edit(model, req, layer=layer, stats=stats_for(layer), hparams=hp, prefixes=prefixes)
+        except KvmemError as err:
+            row[f"{cond}_error"] = f"{type(err).__name__}: {err}"
+            continue
+        with edited(model, e, check=False):
+            m = record_metrics(model, case, generation=False)
+            acc = fact_recall(model, unrelated).top_k(1)
+        m.pop("GE", None)
+        m["ns_drop"] = base["NS"] - m["NS"]
+        m["unrelated_drop"] = acc0 - acc
+        m["layer"] = layer
+        m["edit_s"] = e.seconds
+        m["safe"] = bool(m["ES"] == 1.0 and m["PS"] >= 0.5 and m["ns_drop"] <= 0.1 and m["unrelated_drop"] <= 0.05)
+        row.update({f"{cond}_{k}": v for k, v in m.items()})
+    row["total_s"] = time.perf_counter() - t
+    return row
+
+
+# --- analysis ------------------------------------------------------------------------------
+
+def analyse(df, args) -> dict:
+    import numpy as np
+
+    ok = df[(~df["unknown"]) & df["diagnosed_ES"].notna()].copy()
+    out = {"n_facts": int(len(df)), "n_unknown": int(df["unknown"].sum()), "n_used": int(len(ok)),
+           "diagnosed_equals_fixed": float((ok["peak_layer"] == ok["fixed_layer"]).mean()) if len(ok) else None,
+           "peak_layer_counts": {str(k): int(v) for k, v in ok["peak_layer"].value_counts().sort_index().items()}}
+    means = {}
+    for cond in ("diagnosed", "fixed"):
+        means[cond] = {k: float(ok[f"{cond}_{k}"].mean()) for k in OUTCOMES if f"{cond}_{k}" in ok}
+        means[cond]["safe"] = float(ok[f"{cond}_safe"].astype(float).mean())
+    means["unedited"] = {k: float(ok[f"unedited_{k}"].mean()) for k in ("ES", "EM", "PS", "PM", "NS", "NM")}
+    out["means"] = means
+    corr = []
+    for pred in PREDICTORS:
+        for cond in ("diagnosed", "fixed"):
+            for o in OUTCOMES + ("safe",):
+                col = f"{cond}_{o}"
+                if col not in ok:
+                    continue
+                x, y = ok[pred].to_numpy(float), ok[col].astype(float).to_numpy()
+                rho = spearman(x, y)
+                lo, hi = bootstrap_ci(x, y, args.bootstrap, args.seed) if rho == rho else (float("nan"),) * 2
+                corr.append({"predictor": pred, "condition": cond, "outcome": o, "rho": rho, "ci_lo": lo, "ci_hi": hi,
+                             "n": int(len(x))})
+    out["spearman"] = corr
+    crit = []
+    for cond in ("diagnosed", "fixed"):
+        unsafe = ~ok[f"{cond}_safe"].astype(bool)
+        for q in (0.25, 0.5, 0.75):
+            tau = float(np.quantile(ok["score"], q))
+            passing = ok["score"] >= tau
+            crit.append({"condition": cond, "quantile": q, "tau": tau, "n_pass": int(passing.sum()),
+                         "false_safe_rate": float(unsafe[passing].mean()) if passing.any() else float("nan"),
+                         "unsafe_rate_below": float(unsafe[~passing].mean()) if (~passing).any() else float("nan"),
+                         "base_unsafe_rate": float(unsafe.mean())})
+    out["criterion"] = crit
+    return out
+
+
+def markdown(meta, res) -> str:
+    L = [f"# Does localization predict safe editing? ({meta['model']})", "",
+         f"`python benchmarks/bench_diagnose.py {' '.join(meta['argv'])}` ({platform.machine()}, "
+         f"{meta['threads']} torch thread(s), {meta['wall_s']:.0f} s). {res['n_facts']} facts from {meta['source']}; "
+         f"{res['n_unknown']} unknown to the model (diagnose raised UnknownFactError, skipped); {res['n_used']} used. "
+         f"Fixed layer {meta['fixed_layer']}; diagnosed layer = causal-tracing MLP peak at the last subject token "
+         f"(counts: {res['peak_layer_counts']}; equal to the fixed layer for {res['diagnosed_equals_fixed']:.0%}). "
+         f"Diagnose: {meta['samples']} noise samples, {meta['ig_steps']} IG steps; edits: contexts {meta['prefixes']}.", "",
+         "Score S = sqrt((1 − H(p)/log L) × mean pairwise Jaccard of the paraphrases' knowledge-neuron sets), "
+         "p = positive single-layer MLP indirect effect by layer at the last subject token, normalised.", "",
+         "## Mean outcomes", "", "| condition | " + " | ".join(OUTCOMES) + " | safe |", "|---" * (len(OUTCOMES) + 2) + "|"]
+    for cond, m in res["means"].items():
+        L.append(f"| {cond} | " + " | ".join(f"{m[k]:.3f}" if k in m else "" for k in OUTCOMES)
+                 + f" | {m.get('safe', float('nan')):.3f} |")
+    L += ["", "SAFE = ES = 1, PS ≥ 0.5, NS drop ≤ 0.1, unrelated-accuracy drop ≤ 0.05.", "",
+          "## Spearman ρ of the localization score with each outcome (95% bootstrap CI)", "",
+          "| outcome | at diagnosed layer | at fixed layer |", "|---|---|---|"]
+    sc = [c for c in res["spearman"] if c["predictor"] == "score"]
+    for o in OUTCOMES + ("safe",):
+        cells = []
+        for cond in ("diagnosed", "fixed"):
+            c = next((c for c in sc if c["condition"] == cond and c["outcome"] == o), None)
+            cells.append("n/a (constant)" if c is None or c["rho"] != c["rho"] else
+                         f"{c['rho']:+.2f} [{c['ci_lo']:+.2f}, {c['ci_hi']:+.2f}]")
+        L.append(f"| {o} | " + " | ".join(cells) + " |")
+    L += ["", "The parts of the score against the diagnosed-layer outcomes (ρ [CI]):", "",
+          "| predictor | " + " | ".join(OUTCOMES + ("safe",)) + " |", "|---" * (len(OUTCOMES) + 2) + "|"]
+    for pred in PREDICTORS:
+        cells = []
+        for o in OUTCOMES + ("safe",):
+            c = next((c for c in res["spearman"] if c["predictor"] == pred and c["condition"] == "diagnosed"
+                      and c["outcome"] == o), None)
+            cells.append("n/a" if c is None or c["rho"] != c["rho"] else f"{c['rho']:+.2f} [{c['ci_lo']:+.2f}, {c['ci_hi']:+.2f}]")
+        L.append(f"| {pred} | " + " | ".join(cells) + " |")
+    L += ["", "## Criterion \"S ≥ τ: localized enough to edit here\"", "",
+          "| edit layer | τ (score quantile) | facts passing | false-safe rate P(unsafe given S ≥ τ) | unsafe rate below τ | base unsafe rate |",
+          "|---|---|---|---|---|---|"]
+    for c in res["criterion"]:
+        L.append(f"| {c['condition']} | {c['tau']:.3f} (q{int(c['quantile'] * 100)}) | {c['n_pass']} | {c['false_safe_rate']:.3f} | "
+                 f"{c['unsafe_rate_below']:.3f} | {c['base_unsafe_rate']:.3f} |")
+    L += ["", meta.get("verdict", ""), "", f"Per-fact rows: `{meta['csv']}`; figure: `{meta['png']}`.", ""]
+    return "\n".join(L)
+
+
+def verdict(res, cond: str = "diagnosed") -> str:
+    c = [x for x in res["spearman"] if x["predictor"] == "score" and x["condition"] == cond and x["outcome"] == "safe"]
+    crit = [x for x in res["criterion"] if x["condition"] == cond]
+    base = crit[0]["base_unsafe_rate"] if crit else float("nan")
+    best = min(crit, key=lambda x: x["false_safe_rate"]) if crit else None
+    if not c or c[0]["rho"] != c[0]["rho"]:
+        return (f"Verdict ({cond} layer): the outcome 'safe' is constant over these facts "
+                f"(unsafe rate {base:.1%}), so no criterion can be tested on them.")
+    rho, lo, hi = c[0]["rho"], c[0]["ci_lo"], c[0]["ci_hi"]
+    sig = lo > 0 or hi < 0
+    usable = sig and rho > 0 and best is not None and best["false_safe_rate"] < base
+    return (f"Verdict ({cond} layer): ρ(score, safe) = {rho:+.2f} [{lo:+.2f}, {hi:+.2f}]; "
+            + ("the CI excludes 0. " if sig else "the CI includes 0. ")
+            + (f"A usable criterion emerges: S ≥ {best['tau']:.3f} has a false-safe rate of {best['false_safe_rate']:.1%} "
+               f"against a base unsafe rate of {base:.1%}." if usable else
+               f"No usable criterion emerges here: the best threshold (S ≥ {best['tau']:.3f}) still has a false-safe rate "
+               f"of {best['false_safe_rate']:.1%} against a base unsafe rate of {base:.1%}."))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="factworld")
+    ap.add_argument("--n-facts", type=int, default=100)
+    ap.add_argument("--n-unrelated", type=int, default=50)
+    ap.add_argument("--fixed-layer", type=int, default=None)
+    ap.add_argument("--samples", type=int, default=10, help="causal-tracing noise samples")
+    ap.add_argument("--ig-steps", type=int, default=20)
+    ap.add_argument("--prefixes", default="5x5,10x5")
+    ap.add_argument("--stats-tokens", type=int, default=None)
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
+    ap.add_argument("--known", default=str(SHARED / "known_1000.json"))
+    ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    import kvmem
+    from kvmem.editing import RomeHparams, context_prefixes, rome_hparams, second_moment
+
+    t0 = time.perf_counter()
+    model = kvmem.load_model(args.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.model == "factworld":
+        cases, unrelated, corpus, fixed = factworld_cases(args)
+        source, base_hp = "factworld (paraphrases: held-out templates; neighbours: same relation and object)", RomeHparams()
+    else:
+        cases, unrelated, corpus, fixed = counterfact_cases(model, args)
+        source, base_hp = Path(args.counterfact).name, rome_hparams(model)
+    fixed = args.fixed_layer if args.fixed_layer is not None else fixed
+    prefixes_spec = tuple(tuple(int(x) for x in p.split("x")) for p in args.prefixes.split(","))
+    hp = RomeHparams(**{**base_hp.__dict__, "layer": fixed, "prefixes": prefixes_spec})
+    prefixes = context_prefixes(model, hp)
+    n_tok = args.stats_tokens or max(20_000, 50 * int(model.cfg.d_mlp))
+    memo = {}
+
+    def stats_for(layer):
+        if layer not in memo:
+            memo[layer] = second_moment(model, layer, corpus, n_tokens=n_tok, progress=False)
+        return memo[layer]
+
+    out = Path(args.out or RESULTS / f"diagnose_{args.model.replace('/', '_')}")
+    log = Path(f"{out}.jsonl")
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            done[r["case_id"]] = r
+    rows = []
+    with log.open("a") as fh:
+        for case in tqdm(cases, disable=args.quiet, desc="diagnose + edit"):
+            if case.case_id in done:
+                rows.append(done[case.case_id])
+                continue
+            r = run_case(model, case, unrelated, stats_for, hp, prefixes, fixed, args)
+            r["fixed_layer"] = fixed
+            fh.write(json.dumps(r) + "\n")
+            fh.flush()
+            rows.append(r)
+    df = pd.DataFrame(rows)
+    res = analyse(df, args)
+    res["fixed_layer"] = fixed
+    meta = {"argv": sys.argv[1:] if argv is None else argv, "model": args.model, "source": source,
+            "fixed_layer": fixed, "samples": args.samples, "ig_steps": args.ig_steps, "prefixes": prefixes_spec,
+            "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
+            "csv": f"{out.name}.csv", "png": f"{out.name}.png", "resumed": len(done)}
+    meta["verdict"] = verdict(res, "diagnosed") + "\n\n" + verdict(res, "fixed")
+    df.drop(columns=["layer_share"], errors="ignore").to_csv(f"{out}.csv", index=False)
+    Path(f"{out}.json").write_text(json.dumps({**meta, "results": res}, indent=1, default=str))
+    Path(f"{out}.md").write_text(markdown(meta, res))
+    figure(df, f"{out}.png")
+    print(Path(f"{out}.md").read_text())
+
+
+def figure(df, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[(~df["unknown"]) & df["diagnosed_ES"].notna()]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, o in zip(axes, ("PS", "ns_drop", "unrelated_drop", "EM")):
+        for cond, mk in (("diagnosed", "o"), ("fixed", "x")):
+            ax.scatter(ok["score"], ok[f"{cond}_{o}"], s=12, marker=mk, alpha=0.6, label=f"{cond} layer")
+        ax.set_xlabel("localization score S")
+        ax.set_title(o, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
