@@ -1,0 +1,274 @@
+"""The `kvmem` command end to end on factworld: every subcommand writes its results; an
+interrupted batch run, run again, ends with the same files as an uninterrupted one; bad
+arguments, files and records give a clear message and a non-zero exit, never a traceback, and
+leave no half-written output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvmem.cli as cli
+from kvmem.cli import main
+
+RESULT_FILES = {
+    "trace": ["aie.json", "aie.csv", "facts.json", "facts.csv", "summary.json"],
+    "neurons": ["neurons.json", "neurons.csv", "neuron_list.csv", "summary.json"],
+}
+
+
+@pytest.fixture(scope="module")
+def factworld():
+    import torch
+
+    import kvmem
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield kvmem.load_model("factworld")
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def one_model(monkeypatch, request):
+    """Every command in this module gets the same loaded model (loading is tested elsewhere;
+    it would cost seconds per command here). Tests of failures before loading don't need it."""
+    if "factworld" in request.fixturenames:
+        model = request.getfixturevalue("factworld")
+        monkeypatch.setattr(cli, "_load_model", lambda name: model)
+
+
+@pytest.fixture(scope="module")
+def facts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("facts") / "facts.json"
+    assert main(["facts", "--out", str(path), "--n", "4", "--stride", "41", "--quiet"]) == 0
+    return path
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _same_files(a: Path, b: Path, names) -> None:
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
+
+
+def _no_temp_files(folder: Path) -> None:
+    assert not [p.name for p in folder.rglob(".*.tmp-*")]
+
+
+# --------------------------------------------------------------------------------------------
+# each subcommand
+
+
+def test_facts_file_is_counterfact(facts_file):
+    from kvmem.data import load_counterfact
+
+    records = load_counterfact(facts_file)
+    assert len(records) == 4
+    assert all(r.paraphrase_prompts and r.neighborhood_prompts for r in records)
+    assert all(r.request.target_new != r.request.target_true for r in records)
+
+
+def test_trace_single_fact(factworld, tmp_path, capsys):
+    code, out, err = _run(capsys, "trace", "--out", tmp_path, "--samples", "2", "--quiet")
+    assert code == 0, err
+    for name in ("trace.png", "trace.html", "trace.csv", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mlp_peak"]["layer"] in range(4)
+
+
+def test_trace_dataset_and_resume(factworld, facts_file, tmp_path, capsys, monkeypatch):
+    args = ["trace", "--facts", facts_file, "--samples", "2", "--quiet"]
+    code, _, err = _run(capsys, *args, "--out", tmp_path / "full")
+    assert code == 0, err
+    aie = json.loads((tmp_path / "full" / "aie.json").read_text())
+    assert aie["n_facts"] + aie["n_skipped"] == 4 and set(aie["aie"]) == {"resid", "mlp", "attn"}
+    assert (tmp_path / "full" / "aie.png").stat().st_size > 0
+
+    # interrupt (Ctrl-C) while tracing the third fact
+    import kvmem.tracing as tracing
+
+    real, calls = tracing._trace_prepared, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tracing, "_trace_prepared", interrupted)
+    code, _, err = _run(capsys, *args, "--out", tmp_path / "resumed")
+    assert code == 130 and "run the same command again to resume" in err
+    assert not (tmp_path / "resumed" / "aie.json").exists()  # no results from a partial run
+    monkeypatch.setattr(tracing, "_trace_prepared", real)
+
+    code, _, err = _run(capsys, *args, "--out", tmp_path / "resumed")
+    assert code == 0, err
+    _same_files(tmp_path / "full", tmp_path / "resumed", RESULT_FILES["trace"])
+    _no_temp_files(tmp_path)
+
+
+def test_neurons_and_resume(factworld, facts_file, tmp_path, capsys, monkeypatch):
+    args = ["neurons", "--facts", facts_file, "--steps", "4", "--quiet"]
+    code, _, err = _run(capsys, *args, "--out", tmp_path / "full")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "full" / "neurons.json").read_text())
+    assert len(rows) == 4 and all(r["n_prompts"] == 4 for r in rows)  # prompt + 3 held-out paraphrases
+    assert (tmp_path / "full" / "neurons.png").stat().st_size > 0
+
+    real, calls = cli._neuron_record, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "_neuron_record", interrupted)
+    code, _, _ = _run(capsys, *args, "--out", tmp_path / "resumed")
+    assert code == 130
+    monkeypatch.setattr(cli, "_neuron_record", real)
+    log = tmp_path / "resumed" / "neurons_log.jsonl"
+    assert len(log.read_text().splitlines()) == 1 + 2  # header + the two finished facts
+    with open(log, "a") as f:  # the process died in the middle of writing a line
+        f.write('{"key": "abc", "rec')
+
+    code, out, err = _run(capsys, *args[:-1], "--out", tmp_path / "resumed")
+    assert code == 0, err
+    assert "resuming: 2 of 4 facts" in out
+    _same_files(tmp_path / "full", tmp_path / "resumed", RESULT_FILES["neurons"])
+
+    # other settings in the same folder: refused, with the way out
+    code, _, err = _run(capsys, *args[:-1], "--steps", "5", "--out", tmp_path / "resumed")
+    assert code == 2 and "--restart" in err and "steps" in err and "Traceback" not in err
+
+
+def test_edit(factworld, facts_file, tmp_path, capsys):
+    code, out, err = _run(capsys, "edit", "--facts", facts_file, "--limit", "2", "--out", tmp_path,
+                          "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "edits.json").read_text())
+    assert len(rows) == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["table"]["ROME"]["ES"] == 100.0  # ground truth: factworld edits land
+    assert summary["table"]["unedited"]["ES"] == 0.0
+    assert "| ROME |" in out
+    for name in ("edits.csv", "edits.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_stats(factworld, tmp_path, capsys):
+    code, out, err = _run(capsys, "stats", "--layers", "0,1", "--out", tmp_path, "--cache-dir", tmp_path / "cache",
+                          "--n-tokens", "3000")
+    assert code == 0, err
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert [r["layer"] for r in stats["layers"]] == [0, 1]
+    assert all(Path(r["cache_file"]).exists() for r in stats["layers"])
+    code, out, err = _run(capsys, "stats", "--layers", "0,1", "--out", tmp_path, "--cache-dir", tmp_path / "cache",
+                          "--n-tokens", "3000")
+    assert code == 0 and json.loads((tmp_path / "stats.json").read_text()) == stats
+
+
+def test_demo(factworld, tmp_path, capsys):
+    code, out, err = _run(capsys, "demo", "--out", tmp_path, "--samples", "3", "--steps", "6",
+                          "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert "4. ROME" in out and "report.html" in out
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    assert "CircuitsVis.render(" in html and "unpkg.com" not in html
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["counterfact"]["ES"] == 100.0
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.fixture
+def bad_facts(tmp_path, facts_file) -> Path:
+    records = json.loads(facts_file.read_text())[:3]
+    records.insert(1, {"prompt": "Nobody lives in the city of", "subject": "Somebody", "target": " Paris"})
+    records.insert(3, "not a record")
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_malformed_record_stops_with_its_index(bad_facts, tmp_path, capsys):
+    code, out, err = _run(capsys, "neurons", "--facts", bad_facts, "--out", tmp_path / "o")
+    assert code == 2
+    assert "record 1" in err and "Somebody" in err and "--on-error skip" in err
+    assert "Traceback" not in err
+    assert not any(p.is_file() for p in (tmp_path / "o").rglob("*"))  # nothing written
+
+
+def test_malformed_records_skipped(factworld, bad_facts, tmp_path, capsys):
+    code, out, err = _run(capsys, "trace", "--facts", bad_facts, "--out", tmp_path, "--samples", "2",
+                          "--kinds", "mlp", "--on-error", "skip", "--quiet")
+    assert code == 0, err
+    assert "skipping" in err and "record 1" in err and "record 3" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["record"] for s in summary["skipped_records"]] == [1, 3]
+    assert summary["n_records"] == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trace", "--samples", "0"], "must be at least 1"),
+    (["trace", "--kinds", "mlp,neurons"], "kinds are resid, mlp, attn"),
+    (["neurons"], "--facts"),
+    (["neurons", "--facts", "x.json", "--on-error", "ignore"], "invalid choice"),
+    (["neurons", "--facts", "x.json", "--share", "1.5"], "(0, 1]"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage:" in err
+
+
+def test_missing_and_invalid_files(tmp_path, capsys):
+    code, _, err = _run(capsys, "neurons", "--facts", tmp_path / "missing.json", "--out", tmp_path / "o")
+    assert code == 2 and "No such facts file" in err
+    (tmp_path / "broken.json").write_text('[{"prompt": ')
+    code, _, err = _run(capsys, "edit", "--facts", tmp_path / "broken.json", "--out", tmp_path / "o")
+    assert code == 2 and "not valid JSON" in err
+    (tmp_path / "dict.json").write_text('{"a": 1}')
+    code, _, err = _run(capsys, "trace", "--facts", tmp_path / "dict.json", "--out", tmp_path / "o")
+    assert code == 2 and "expected a JSON list" in err
+    code, _, err = _run(capsys, "demo", "--model", "gemma-3-270m", "--out", tmp_path / "o")
+    assert code == 2 and "--corpus" in err
+
+
+def test_unwritable_output_folder(tmp_path, capsys, facts_file):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # a path below a regular file cannot be created, even by root
+    for argv in (["neurons", "--facts", facts_file], ["demo"], ["stats"], ["trace"]):
+        code, _, err = _run(capsys, *argv, "--out", blocker / "out")
+        assert code == 2, argv
+        assert "Cannot write to the output folder" in err and "--out" in err
+    code, _, err = _run(capsys, "facts", "--out", blocker / "f.json")
+    assert code == 2 and "Cannot write" in err
+
+
+def test_entry_point_exits_cleanly(tmp_path):
+    """The installed command: a clear one-line error, exit status 2, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmem.cli", "edit", "--facts", str(tmp_path / "nope.json"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("kvmem: No such facts file")
+    assert "Traceback" not in proc.stderr
