@@ -73,3 +73,13 @@ def test_rome_edits_the_fact_world(factworld):
     assert eff >= 0.75
     assert ps >= 0.5
     assert ns >= ns0 - 0.2
+
+
+def test_tracing_chooses_the_layer_training_put_the_facts_in(factworld):
+    """Factworld looks its facts up at the subject's last token with the layer-0 MLP (the subject
+    funnel, kvmem/factworld/train.py): single-layer MLP tracing must put the edit layer there."""
+    from kvmem.editing.layer import choose_edit_layer
+
+    model, world, _ = factworld
+    facts = [Fact(f.prompt, f.subject, target_true=f.target) for f in world.facts("train")[::97][:6]]
+    assert choose_edit_layer(model, facts, window=1, samples=3, progress=False) == 0

@@ -7,6 +7,7 @@
 """
 
 from kvmem.editing.apply import apply_edit, edited
+from kvmem.editing.layer import choose_edit_layer, tracing_peak_layer
 from kvmem.editing.fingerprint import ModelMismatchError, model_fingerprint
 from kvmem.editing.rome import (
     PRESETS,
@@ -24,4 +25,5 @@ __all__ = [
     "Edit", "RomeHparams", "PRESETS", "rome_hparams", "edit_layer", "compute_rome_edit",
     "context_prefixes", "rome_statistics", "apply_edit", "edited", "SecondMoment", "second_moment",
     "load_second_moment", "SingularStatisticsError", "ModelMismatchError", "model_fingerprint",
+    "choose_edit_layer", "tracing_peak_layer",
 ]
