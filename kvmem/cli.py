@@ -151,10 +151,16 @@ def _kinds(text: str) -> list[str]:
     return kinds
 
 
-def _load_model(name: str):
+def _load_model(name: str, quiet: bool = False):
+    import contextlib
+
     import kvmem
 
-    return kvmem.load_model(name)
+    if not quiet:
+        return kvmem.load_model(name)
+    # TransformerLens and transformers print loading chatter; --quiet means quiet (errors still raise).
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        return kvmem.load_model(name)
 
 
 def _fingerprint(model) -> str:
@@ -294,8 +300,9 @@ def read_facts(args: argparse.Namespace, need_new: bool = False) -> tuple[list[F
         if need_new and item.fact.target_new is None:
             _reject(args, str(path), i, "has no target_new (the object an edit writes)", skipped)
             continue
-        if item.key in seen:
-            _reject(args, str(path), i, "repeats an earlier fact", skipped)
+        if item.key in seen:  # not malformed (known_1000 has one): a fact is computed once
+            _warn(f"skipping {path} record {i}: it repeats an earlier fact")
+            skipped.append({"record": i, "error": "repeats an earlier fact"})
             continue
         seen.add(item.key)
         items.append(item)
@@ -396,16 +403,24 @@ def _n_tokens(args: argparse.Namespace, model) -> int:
     return args.n_tokens or max(20_000, 40 * int(model.cfg.d_mlp))
 
 
-def _rome_hparams(model, layer: int | None, model_name: str):
+def _rome_hparams(model, layer: int | None, model_name: str, facts: list | None = None, quiet: bool = True):
+    """ROME's settings for this model: its preset; else, when `facts` are given and no `layer`,
+    the MLP tracing peak at the last subject token over a few of them (ROME's rule)."""
     from kvmem.editing.rome import RomeHparams, rome_hparams
 
     hp = rome_hparams(model)
     if _is_factworld(model_name):
-        # Its subject funnel looks facts up in MLP 0 at the last subject token. Measured with
-        # `kvmem edit` on 10 facts (`kvmem facts --n 10 --stride 97`): S 99 at layer 0, 77 at
-        # layer 1 (the ~30%-depth rule), where v* often cannot reach the new object within the clamp.
+        # Its subject funnel looks facts up in MLP 0 at the last subject token (what
+        # kvmem.editing.choose_edit_layer finds with window=1). Measured with `kvmem edit` on 10
+        # facts (`kvmem facts --n 10 --stride 97`): S 99 at layer 0, 77 at layer 1.
         hp = RomeHparams(layer=0, prefixes=((5, 5), (10, 5)),
                          layer_source="factworld: MLP 0, where the subject's last token looks facts up")
+    elif hp.layer is None and layer is None and facts:
+        from kvmem.editing import choose_edit_layer
+
+        peak = choose_edit_layer(model, facts[:8], samples=3, progress=not quiet)
+        hp = RomeHparams(layer=peak, prefixes=((5, 5), (10, 5)),
+                         layer_source=f"kvmem CLI: MLP tracing peak at the last subject token over {len(facts[:8])} facts")
     elif hp.layer is None:  # no preset: ~30% depth (ROME's relative depth), few prefixes for CPU speed
         hp = RomeHparams(layer=max(0, round(0.3 * (model.cfg.n_layers - 1))), prefixes=((5, 5), (10, 5)),
                          layer_source="kvmem CLI: ~30% depth")
@@ -541,7 +556,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     out = _check_out(args.out)
     t0 = time.perf_counter()
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.quiet)
     fact = _single_fact(args, args.model)
     traces = trace_all(model, fact, window=_window(args, model), kinds=args.kinds, samples=args.samples,
                        seed=args.seed, progress=not args.quiet)
@@ -576,7 +591,7 @@ def _trace_dataset(args: argparse.Namespace) -> int:
 
     out = _check_out(args.out)
     items, skipped = read_facts(args)
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.quiet)
     items = check_against_model(args, model, items, skipped)
     facts = [it.fact for it in items]
     log = out / "trace_log.jsonl"
@@ -695,7 +710,7 @@ def cmd_neurons(args: argparse.Namespace) -> int:
     _agg()
     out = _check_out(args.out)
     items, skipped = read_facts(args)
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.quiet)
     items = check_against_model(args, model, items, skipped)
     settings = {"analysis": "knowledge_neurons", "model": _fingerprint(model), "threshold": args.threshold,
                 "share": args.share, "steps": args.steps, "layers": args.layers, "controls": args.controls,
@@ -838,9 +853,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     items, skipped = read_facts(args, need_new=True)
     _corpus(args, "kvmem edit")  # a missing --corpus fails before the model loads
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.quiet)
     items = check_against_model(args, model, items, skipped, need_new=True)
-    hp = _rome_hparams(model, args.layer, args.model)
+    hp = _rome_hparams(model, args.layer, args.model, [it.fact for it in items], args.quiet)
     stats = _stats(args, model, hp.layer, "kvmem edit")
     settings = {"analysis": "rome_edit", "model": _fingerprint(model), "layer": hp.layer,
                 "prefixes": [list(p) for p in hp.prefixes], "stats": stats.corpus_fingerprint,
@@ -881,7 +896,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     _agg()
     out = _check_out(args.out)
     corpus, corpus_name = _corpus(args, "kvmem stats")
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.quiet)
     from kvmem.weights import check_layer
 
     layers = [check_layer(model, l) for l in (args.layers or [_rome_hparams(model, None, args.model).layer])]
@@ -1022,9 +1037,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if fact.target_new is None:
             raise InvalidArgumentError("The demo's ROME edit needs a new object: pass --new.")
         item = FactItem(0, fact, tuple(args.paraphrase or ()), tuple(args.neighbor or ()))
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.quiet)
     t_load = time.perf_counter() - t0
-    hp = _rome_hparams(model, args.layer, args.model)
+    hp = _rome_hparams(model, args.layer, args.model, [item.fact], args.quiet)
     t = time.perf_counter()
     stats = _stats(args, model, hp.layer, "kvmem demo")
     t_stats = time.perf_counter() - t

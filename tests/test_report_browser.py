@@ -30,7 +30,7 @@ def report(tmp_path_factory) -> Path:
     from kvmem.cli import main
 
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out), "--quiet", "--samples", "3", "--steps", "8",
+    assert main(["demo", "--out", str(out), "--quiet", "--samples", "2", "--steps", "4", "--n-tokens", "4000",
                  "--cache-dir", str(out / "cache")]) == 0
     return out / "report.html"
 
