@@ -818,17 +818,14 @@ class _Editor:
 
 
 def _edit_summary(rows: list[dict]):
+    """ROME's table (means ×100, S = hmean(ES, PS, NS)) via `CounterFactEval.summary`."""
     import pandas as pd
 
-    from kvmem.evaluation import METRICS, _hmean
+    from kvmem.evaluation import METRICS, CounterFactEval
 
-    table = {}
-    for cond in ("unedited", "edited"):
-        frame = pd.DataFrame([r[cond] for r in rows])
-        vals = {m: 100 * float(frame[m].mean()) for m in METRICS if m != "S" and m in frame}
-        vals["S"] = _hmean([vals.get("ES", float("nan")), vals.get("PS", float("nan")), vals.get("NS", float("nan"))])
-        table["ROME" if cond == "edited" else cond] = {m: vals.get(m, float("nan")) for m in METRICS}
-    return pd.DataFrame.from_dict(table, orient="index")
+    frame = pd.DataFrame([{"condition": cond, "case_id": r["case_id"], **r[key], "error": None}
+                          for key, cond in (("unedited", "unedited"), ("edited", "ROME")) for r in rows])
+    return CounterFactEval(frame).summary()[list(METRICS)]
 
 
 def _edit_figure(summary):
