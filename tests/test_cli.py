@@ -304,3 +304,39 @@ def test_trace_known_facts_on_gemma(tmp_path, capsys):
     assert len(rows) == 4 and all(r["record"] == i for i, r in enumerate(rows))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_traced"] + summary["n_wrong"] == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_in_a_real_process(facts_file, tmp_path):
+    """SIGINT to the running command (what Ctrl-C sends), then the same command again: the run
+    finishes the remaining facts only and writes what an uninterrupted run writes."""
+    import os
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "kvmem.cli", "neurons", "--facts", str(facts_file), "--steps", "4", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(cmd + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr
+    log = tmp_path / "cut" / "neurons_log.jsonl"
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 2:  # header + one finished fact
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be interrupted")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "resume" in err and "Traceback" not in err
+    done = len(log.read_text().splitlines()) - 1
+    assert 1 <= done < 4
+    again = subprocess.run(cmd[:-1] + ["--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming: {done} of 4 facts" in again.stdout
+    _same_files(tmp_path / "full", tmp_path / "cut", RESULT_FILES["neurons"])
