@@ -7,7 +7,9 @@ Per model: C (second moment of the edit layer's keys) over ordinary text with it
 throughput next to a plain forward over the same token rows; then, per record, the unedited
 model's metrics and the metrics with that record's ROME edit applied alone (then restored);
 ROME's summary table next to ROME's published GPT-2 XL numbers. Results go to
-benchmarks/results/editing.json and .md (or --out PREFIX).
+benchmarks/results/editing.json and .md (or --out PREFIX). Per-record results are logged to
+PREFIX_<model>_records.jsonl as they finish: rerunning the same command resumes (eval_s then
+counts this invocation only); --restart starts over.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ def run_model(name: str, args) -> dict:
         model, records, stats=sm, hparams=dataclasses.replace(hp, layer=layer),
         generation=args.gen_tokens > 0, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
         seed=args.seed, progress=not args.quiet,
+        log=f"{args.out}_{name.replace('/', '_')}_records.jsonl", restart=args.restart,
     )
     out["eval_s"] = time.perf_counter() - t
     summ = ev.summary()
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--recompute-stats", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "editing"), help="output prefix (.json, .md)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--restart", action="store_true", help="discard the per-record log instead of resuming it")
     args = ap.parse_args(argv)
     results = []
     for name in args.models:

@@ -246,9 +246,15 @@ def evaluate_counterfact(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    log: str | None = None,
+    restart: bool = False,
 ) -> CounterFactEval:
     """CounterFact metrics of the unedited model and of each record's edit applied alone (then
     restored exactly). The model is unchanged afterwards.
+
+    `log`: a resumable run log (`kvmem.runs.RunLog`, one JSON line per record); rerunning with
+    the same settings skips finished records, other settings raise unless `restart=True`. Only
+    the default ROME editor can be logged (a custom editor's settings cannot be checked).
 
     `editor(model, record) -> Edit` defaults to ROME with `stats` (a `SecondMoment` for the
     edit layer) and `hparams` (default: the model's preset); its context prefixes are sampled
@@ -260,6 +266,8 @@ def evaluate_counterfact(
     records = list(records)
     if not records:
         raise InvalidArgumentError("No CounterFact records to evaluate.")
+    editor_is_default = editor is None
+    hp = None
     if editor is None:
         hp = hparams or rome_hparams(model)
         if hp.mom2_adjustment and stats is None:
@@ -274,39 +282,82 @@ def evaluate_counterfact(
 
     kw = dict(per_token=per_token, generation=generation, gen_prompts=gen_prompts, gen_tokens=gen_tokens,
               seed=seed, batch_size=batch_size)
+    run_log = None
+    if log is not None:
+        run_log = _counterfact_log(model, log, restart, editor_is_default, hp if editor_is_default else None,
+                                   stats, method, unedited, kw)
     out = []
     conds = (["unedited"] if unedited else []) + ([method] if editor is not False else [])
     bar = tqdm(total=len(records) * len(conds), disable=not progress, desc="CounterFact")
     for rec in records:
+        key = str(rec.case_id)
+        if run_log is not None and key in run_log:
+            out.extend(run_log.records()[key]["rows"])
+            bar.update(len(conds))
+            continue
+        rows = []
         base = {"case_id": rec.case_id, "subject": rec.subject, "target_true": rec.request.target_true,
                 "target_new": rec.request.target_new}
         if unedited:
             t = time.perf_counter()
-            out.append({"condition": "unedited", **base, **record_metrics(model, rec, **kw),
-                        "eval_s": time.perf_counter() - t, "error": None})
+            rows.append({"condition": "unedited", **base, **record_metrics(model, rec, **kw),
+                         "eval_s": time.perf_counter() - t, "error": None})
             bar.update()
-        if editor is False:
-            continue
-        try:
-            edit = editor(model, rec)
-        except KvmemError as e:
-            out.append({"condition": method, **base, "error": f"{type(e).__name__}: {e}"})
+        if editor is not False:
+            try:
+                edit = editor(model, rec)
+            except KvmemError as e:
+                rows.append({"condition": method, **base, "error": f"{type(e).__name__}: {e}"})
+                edit = None
+            if edit is not None:
+                t = time.perf_counter()
+                with edited(model, edit, check=False):  # computed on this very model just now
+                    m = record_metrics(model, rec, **kw)
+                rows.append({"condition": method, **base, **m, "edit_s": edit.seconds,
+                             "eval_s": time.perf_counter() - t, "layer": edit.layer,
+                             "v_steps": int(edit.loss_trace.shape[0]),
+                             "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan"),
+                             "error": None})
             bar.update()
-            continue
-        t = time.perf_counter()
-        with edited(model, edit, check=False):  # computed on this very model just now
-            m = record_metrics(model, rec, **kw)
-        out.append({"condition": method, **base, **m, "edit_s": edit.seconds, "eval_s": time.perf_counter() - t,
-                    "layer": edit.layer, "v_steps": int(edit.loss_trace.shape[0]),
-                    "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan"),
-                    "error": None})
-        bar.update()
+        out.extend(rows)
+        if run_log is not None:
+            run_log.add(key, {"rows": rows})
     bar.close()
     frame = pd.DataFrame(out)
     for m in METRICS[1:]:
         if m not in frame:
             frame[m] = float("nan")
     return CounterFactEval(frame)
+
+
+def _stats_identity(stats):
+    from kvmem.editing.fingerprint import tensors_checksum
+
+    if stats is None:
+        return None
+    if isinstance(stats, Tensor):
+        return tensors_checksum({"C": stats})
+    return [stats.layer, stats.n_tokens, stats.corpus_fingerprint, stats.model_fingerprint]
+
+
+def _counterfact_log(model, path, restart, editor_is_default, hp, stats, method, unedited, kw):
+    import dataclasses
+
+    from kvmem.editing.fingerprint import model_fingerprint
+    from kvmem.runs import RunLog
+
+    if not editor_is_default:
+        raise InvalidArgumentError(
+            "log=... works with the default ROME editor only (a custom editor's settings cannot be "
+            "checked on resume); drop log= or editor=."
+        )
+    settings = {
+        "analysis": "counterfact", "model": model_fingerprint(model), "method": method, "unedited": unedited,
+        "hparams": dataclasses.asdict(hp) if hp is not None else None,
+        "stats": _stats_identity(stats),
+        **kw,
+    }
+    return RunLog(path, settings, restart=restart)
 
 
 def published_table():

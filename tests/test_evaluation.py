@@ -100,6 +100,25 @@ def test_evaluate_counterfact_unedited_and_edited(tiny_gated):
     assert list(published_table().columns) == list(METRICS)
 
 
+def test_evaluate_counterfact_resumes_from_its_log(tiny_gated, tmp_path):
+    hp = RomeHparams(prefixes=((3, 1),), v_num_grad_steps=3, mom2_adjustment=False, layer=1)
+    recs = [_record(0), _record(1), _record(2)]
+    kw = dict(hparams=hp, gen_prompts=1, gen_tokens=4, progress=False)
+    full = evaluate_counterfact(tiny_gated, recs, **kw).to_frame()
+    log = tmp_path / "cf.jsonl"
+    evaluate_counterfact(tiny_gated, recs[:1], log=str(log), **kw)
+    resumed = evaluate_counterfact(tiny_gated, recs, log=str(log), **kw).to_frame()
+    assert len(log.read_text().splitlines()) == 1 + 3
+    cols = [c for c in full.columns if not c.endswith("_s")]  # timings differ
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(resumed[cols], full[cols], check_dtype=False)
+    from kvmem.runs import RunLogError
+
+    with pytest.raises(RunLogError, match="gen_tokens"):
+        evaluate_counterfact(tiny_gated, recs, log=str(log), **{**kw, "gen_tokens": 5})
+
+
 def test_evaluate_counterfact_records_rejected_edits(tiny_gpt2):
     bad = _record(5)
     bad = CounterFactRecord(**{**bad.__dict__, "request": Fact.from_template(

@@ -114,6 +114,7 @@ def hooked_config_from_hf(hf_config, device: str | torch.device | None = None):
         normalization_type="LN",
         positional_embedding_type="standard",
         original_architecture="GPT2LMHeadModel",
+        model_name="factworld",  # so per-model presets (e.g. ROME's edit layer) find it
         tokenizer_name=None,
         default_prepend_bos=True,
         dtype=torch.float32,
