@@ -153,6 +153,7 @@ def plot_average_effect(result, title: str | None = None):
         ax.set_title(f"AIE of {name}" + (f" (window {result.window})" if kind != "resid" and result.window > 1 else ""),
                      fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # layers are whole numbers
         ax.axhline(0, color="grey", linewidth=0.5)
     axes[0][0].set_ylabel("average indirect effect")
     axes[0][-1].legend(fontsize=7)
