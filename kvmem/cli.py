@@ -410,11 +410,9 @@ def _rome_hparams(model, layer: int | None, model_name: str, facts: list | None 
 
     hp = rome_hparams(model)
     if _is_factworld(model_name):
-        # Its subject funnel looks facts up in MLP 0 at the last subject token (what
-        # kvmem.editing.choose_edit_layer finds with window=1). Measured with `kvmem edit` on 10
-        # facts (`kvmem facts --n 10 --stride 97`): S 99 at layer 0, 77 at layer 1.
-        hp = RomeHparams(layer=0, prefixes=((5, 5), (10, 5)),
-                         layer_source="factworld: MLP 0, where the subject's last token looks facts up")
+        # The preset's layer (MLP 0, where the subject funnel looks facts up); fewer contexts keep a
+        # CLI edit to seconds (measured with `kvmem edit` on 10 facts: S 99 at layer 0, 77 at layer 1).
+        hp = replace(hp, prefixes=((5, 5), (10, 5)))
     elif hp.layer is None and layer is None and facts:
         from kvmem.editing import choose_edit_layer
 

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from kvmem.editing import RomeHparams, compute_rome_edit, edited, second_moment
+from kvmem.editing import RomeHparams, compute_rome_edit, edited, rome_hparams, second_moment
 from kvmem.prompts import Fact, encode, target_token_ids
 
 N_EDITS = 4
@@ -40,7 +40,7 @@ def _top1(model, prompts, target):
 
 def test_rome_edits_the_fact_world(factworld):
     model, world, cache = factworld
-    layer = max(0, round(0.3 * (model.cfg.n_layers - 1)))
+    layer = rome_hparams(model).layer  # the preset: MLP 0, the tracing peak
     sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
     random.Random(0).shuffle(sents)
     n_tok = max(20_000, 40 * model.cfg.d_mlp)
@@ -70,8 +70,8 @@ def test_rome_edits_the_fact_world(factworld):
     assert done == N_EDITS, "the fact-world model knows too few facts"
     eff, ps, ns, ns0 = (sum(x) / len(x) for x in (efficacy, para, keep, keep_before))
     print(f"fact world, layer {layer}: efficacy {eff:.0%}, paraphrase {ps:.0%}, neighbours kept {ns:.0%} (before {ns0:.0%})")
-    assert eff >= 0.75
-    assert ps >= 0.5
+    assert eff >= 0.97  # issue 5 floors (ES >= 97, PS >= 85), met at the tracing-chosen layer
+    assert ps >= 0.85
     assert ns >= ns0 - 0.2
 
 

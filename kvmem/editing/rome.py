@@ -127,6 +127,13 @@ PRESETS: dict[str, RomeHparams] = {
         layer=5, prefixes=((5, 5), (10, 5)),
         layer_source="provisional: ~30% depth (ROME's relative depth); replace by the tracing peak",
     ),
+    # The fact world's facts are looked up by MLP 0 at the subject's last token (its training funnels
+    # recall there); single-layer MLP tracing finds that layer (tests/test_editing_factworld.py).
+    "factworld": RomeHparams(
+        layer=0,
+        layer_source="causal-tracing MLP peak at the last subject token (window 1); ROME there: ES/PS/NS "
+        "100/100/100 vs 75/67/100 at layer 1 (benchmarks/results/editing_factworld_layer{0,1}.md)",
+    ),
     "smollm2-135m": RomeHparams(
         layer=8, prefixes=((5, 5), (10, 5)),
         layer_source="provisional: ~30% depth (ROME's relative depth); replace by the tracing peak",
@@ -135,7 +142,7 @@ PRESETS: dict[str, RomeHparams] = {
 _PRESET_ALIASES = {
     "gpt2-xl": "gpt2-xl", "gpt-j-6b": "gpt-j-6b", "eleutherai/gpt-j-6b": "gpt-j-6b",
     "gemma-3-270m": "gemma-3-270m", "google/gemma-3-270m": "gemma-3-270m", "gemma3-270m": "gemma-3-270m",
-    "smollm2-135m": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
+    "smollm2-135m": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "factworld": "factworld",
     "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
 }
 
