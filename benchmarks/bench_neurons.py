@@ -366,8 +366,16 @@ def cmd_specificity(args) -> dict:
         "own_suppress": sum(r["own_rel_change"] for r in ok) / max(1, len(ok)),
         "others_suppress": sum(r["others_rel_change"] for r in ok) / max(1, len(ok)),
         "own_random_suppress": sum(r["own_random_rel_change"] for r in ok) / max(1, len(ok)),
+        "layer_distribution": _layer_shares([l for r in ok for l in r["layers"]], model.cfg.n_layers),
+        "command": "python benchmarks/bench_neurons.py " + " ".join(sys.argv[1:]),
     }
     return {"summary": summary, "facts": rows}
+
+
+def _layer_shares(layers: list[int], n_layers: int) -> dict[str, float]:
+    """Share of knowledge neurons in each layer."""
+    total = max(1, len(layers))
+    return {str(l): layers.count(l) / total for l in range(n_layers)}
 
 
 def known_bags(model, args):
