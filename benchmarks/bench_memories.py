@@ -324,6 +324,28 @@ def to_markdown(res: dict, stem: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replot_agreement(out_dir: Path, stem: str) -> None:
+    """The agreement figure from a finished run's JSON (figure fixes without recomputing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    from kvmem.memories.agreement import Agreement
+
+    res = json.loads((out_dir / f"{stem}.json").read_text())
+    rows = res["agreement"]
+    col = lambda name: torch.tensor([r[name] for r in rows])  # noqa: E731
+    k = next(int(c[len("in_value_top"):]) for c in rows[0] if c.startswith("in_value_top"))
+    ag = Agreement(
+        layers=tuple(r["layer"] for r in rows), agreement=col("agreement"), agreement_all=col("agreement_all_triggers"),
+        in_value_topk=col(f"in_value_top{k}"), shuffled=col("shuffled"), shuffled_in_topk=col(f"shuffled_in_top{k}"),
+        uniform=float(res["agreement_uniform_baseline"]), n_memories=torch.tensor([r["n_memories"] for r in rows]),
+        k_values=k, n_tokens=int(res["tokens_streamed"]),
+    )
+    ag.plot().savefig(out_dir / f"{stem}_agreement.png", dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m")
@@ -342,7 +364,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="redraw <stem>_agreement.png from <stem>.json; no model run")
     a = ap.parse_args(argv)
+    if a.replot:
+        replot_agreement(Path(a.out_dir), a.stem)
+        return
 
     import torch
 

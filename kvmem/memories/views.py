@@ -148,13 +148,18 @@ def plot_agreement(ag: "Agreement", ax=None):
     """Agreement by layer against the shuffled and uniform baselines (log scale, percent)."""
     fig, ax = _axes(ax)
     x = list(ag.layers)
-    ax.plot(x, (ag.agreement * 100).tolist(), "o-", label="value top-1 = next token of key's top trigger")
-    ax.plot(x, (ag.in_value_topk * 100).tolist(), "s-", label=f"next token in value's top {ag.k_values}")
-    ax.plot(x, (ag.shuffled * 100).tolist(), "o--", color="gray", label="shuffled values (top-1)")
-    ax.plot(x, (ag.shuffled_in_topk * 100).tolist(), "s--", color="silver", label=f"shuffled (top {ag.k_values})")
+
+    def pct(t):  # a zero cannot sit on a log axis: leave a gap (the table has the 0%)
+        return [v * 100 if v > 0 else float("nan") for v in t.tolist()]
+
+    ax.plot(x, pct(ag.agreement), "o-", label="value top-1 = next token of key's top trigger (gap: 0%)")
+    ax.plot(x, pct(ag.in_value_topk), "s-", label=f"next token in value's top {ag.k_values}")
+    ax.plot(x, pct(ag.shuffled), "o--", color="gray", label="shuffled values (top-1)")
+    ax.plot(x, pct(ag.shuffled_in_topk), "s--", color="silver", label=f"shuffled (top {ag.k_values})")
     ax.axhline(ag.uniform * 100, color="k", lw=0.8, ls=":", label="uniform 1/|V|")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("% of memories")
     ax.set_title(f"Key-value agreement ({ag.n_tokens:,} tokens)")
     ax.legend(fontsize=7)
