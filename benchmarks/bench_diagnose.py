@@ -97,7 +97,10 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def bootstrap_ci(x, y, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(x, y, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """95% percentile CI of Spearman's ρ over `n` resamples, and the share of resamples where ρ is
+    defined (a resample of a nearly constant outcome can be constant; those are left out, which
+    makes the CI unreliable when the share is low)."""
     import numpy as np
 
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -109,8 +112,8 @@ def bootstrap_ci(x, y, n: int = 2000, seed: int = 0) -> tuple[float, float]:
         if v == v:
             vals.append(v)
     if not vals:
-        return float("nan"), float("nan")
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+        return float("nan"), float("nan"), 0.0
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5)), len(vals) / n
 
 
 # --- one fact ------------------------------------------------------------------------------
@@ -172,6 +175,7 @@ def run_case(model, case, unrelated, stats_for, hp, prefixes, fixed_layer, args)
 
 def analyse(df, args) -> dict:
     import numpy as np
+    import pandas as pd
 
     ok = df[(~df["unknown"]) & df["diagnosed_ES"].notna()].copy()
     out = {"n_facts": int(len(df)), "n_unknown": int(df["unknown"].sum()), "n_used": int(len(ok)),
@@ -192,9 +196,10 @@ def analyse(df, args) -> dict:
                     continue
                 x, y = ok[pred].to_numpy(float), ok[col].astype(float).to_numpy()
                 rho = spearman(x, y)
-                lo, hi = bootstrap_ci(x, y, args.bootstrap, args.seed) if rho == rho else (float("nan"),) * 2
+                lo, hi, frac = bootstrap_ci(x, y, args.bootstrap, args.seed) if rho == rho else (float("nan"),) * 3
+                n_minority = int(len(y) - pd.Series(y).value_counts().iloc[0])
                 corr.append({"predictor": pred, "condition": cond, "outcome": o, "rho": rho, "ci_lo": lo, "ci_hi": hi,
-                             "n": int(len(x))})
+                             "boot_defined": frac, "n_off_mode": n_minority, "n": int(len(x))})
     out["spearman"] = corr
     crit = []
     for cond in ("diagnosed", "fixed"):
@@ -210,10 +215,17 @@ def analyse(df, args) -> dict:
     return out
 
 
+def _cell(c) -> str:
+    flag = "†" if c["boot_defined"] < 0.95 or c["n_off_mode"] < 5 else ""
+    return f"{c['rho']:+.2f} [{c['ci_lo']:+.2f}, {c['ci_hi']:+.2f}]{flag}"
+
+
 def markdown(meta, res) -> str:
     L = [f"# Does localization predict safe editing? ({meta['model']})", "",
          f"`python benchmarks/bench_diagnose.py {' '.join(meta['argv'])}` ({platform.machine()}, "
-         f"{meta['threads']} torch thread(s), {meta['wall_s']:.0f} s). {res['n_facts']} facts from {meta['source']}; "
+         f"{meta['threads']} torch thread(s); {meta['compute_s']:.0f} s of diagnose + edits + evaluation, "
+         f"{meta['compute_s'] / max(res['n_facts'], 1):.1f} s per fact; this invocation {meta['wall_s']:.0f} s, "
+         f"{meta['resumed']} facts read back from the log). {res['n_facts']} facts from {meta['source']}; "
          f"{res['n_unknown']} unknown to the model (diagnose raised UnknownFactError, skipped); {res['n_used']} used. "
          f"Fixed layer {meta['fixed_layer']}; diagnosed layer = causal-tracing MLP peak at the last subject token "
          f"(counts: {res['peak_layer_counts']}; equal to the fixed layer for {res['diagnosed_equals_fixed']:.0%}). "
@@ -232,9 +244,10 @@ def markdown(meta, res) -> str:
         cells = []
         for cond in ("diagnosed", "fixed"):
             c = next((c for c in sc if c["condition"] == cond and c["outcome"] == o), None)
-            cells.append("n/a (constant)" if c is None or c["rho"] != c["rho"] else
-                         f"{c['rho']:+.2f} [{c['ci_lo']:+.2f}, {c['ci_hi']:+.2f}]")
+            cells.append("n/a (constant)" if c is None or c["rho"] != c["rho"] else _cell(c))
         L.append(f"| {o} | " + " | ".join(cells) + " |")
+    L += ["", "† the outcome is nearly constant (fewer than 5 facts differ from its most common value, or ρ is "
+          "undefined in more than 5% of the bootstrap resamples): that ρ and its CI rest on a handful of facts.", ""]
     L += ["", "The parts of the score against the diagnosed-layer outcomes (ρ [CI]):", "",
           "| predictor | " + " | ".join(OUTCOMES + ("safe",)) + " |", "|---" * (len(OUTCOMES) + 2) + "|"]
     for pred in PREDICTORS:
@@ -242,7 +255,7 @@ def markdown(meta, res) -> str:
         for o in OUTCOMES + ("safe",):
             c = next((c for c in res["spearman"] if c["predictor"] == pred and c["condition"] == "diagnosed"
                       and c["outcome"] == o), None)
-            cells.append("n/a" if c is None or c["rho"] != c["rho"] else f"{c['rho']:+.2f} [{c['ci_lo']:+.2f}, {c['ci_hi']:+.2f}]")
+            cells.append("n/a" if c is None or c["rho"] != c["rho"] else _cell(c))
         L.append(f"| {pred} | " + " | ".join(cells) + " |")
     L += ["", "## Criterion \"S ≥ τ: localized enough to edit here\"", "",
           "| edit layer | τ (score quantile) | facts passing | false-safe rate P(unsafe given S ≥ τ) | unsafe rate below τ | base unsafe rate |",
@@ -267,6 +280,8 @@ def verdict(res, cond: str = "diagnosed") -> str:
     usable = sig and rho > 0 and best is not None and best["false_safe_rate"] < base
     return (f"Verdict ({cond} layer): ρ(score, safe) = {rho:+.2f} [{lo:+.2f}, {hi:+.2f}]; "
             + ("the CI excludes 0. " if sig else "the CI includes 0. ")
+            + ("ρ is negative: the more localized a fact, the LESS safe an edit at this layer (its recall sits "
+               "elsewhere). " if sig and rho < 0 else "")
             + (f"A usable criterion emerges: S ≥ {best['tau']:.3f} has a false-safe rate of {best['false_safe_rate']:.1%} "
                f"against a base unsafe rate of {base:.1%}." if usable else
                f"No usable criterion emerges here: the best threshold (S ≥ {best['tau']:.3f}) still has a false-safe rate "
@@ -348,7 +363,8 @@ def main(argv=None):
     meta = {"argv": sys.argv[1:] if argv is None else argv, "model": args.model, "source": source,
             "fixed_layer": fixed, "samples": args.samples, "ig_steps": args.ig_steps, "prefixes": prefixes_spec,
             "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-            "csv": f"{out.name}.csv", "png": f"{out.name}.png", "resumed": len(done)}
+            "csv": f"{out.name}.csv", "png": f"{out.name}.png", "resumed": len(done),
+            "compute_s": float(df["total_s"].fillna(0).sum()) if "total_s" in df else float("nan")}
     meta["verdict"] = verdict(res, "diagnosed") + "\n\n" + verdict(res, "fixed")
     df.drop(columns=["layer_share"], errors="ignore").to_csv(f"{out}.csv", index=False)
     Path(f"{out}.json").write_text(json.dumps({**meta, "results": res}, indent=1, default=str))

@@ -81,6 +81,35 @@ def counterfact_setup(model, args):
             f"{Path(args.counterfact).name} (neighbourhood = records not edited) + known_1000 answered top-1")
 
 
+def denominator_ratios(model, requests, stats, hp, n: int) -> dict:
+    """On the UNEDITED model, for n requests: both update variants share u = C⁻¹k*/‖C⁻¹k*‖ and δ, so
+    ‖Λ_rome‖ / ‖Λ_r-rome‖ = (uᵀk*) / (uᵀk_p) exactly: how much the reference code's plain-prompt key in
+    the denominator inflates (> 1) or shrinks (< 1) each update, and cos(k_p, k*)."""
+    import dataclasses
+
+    import torch
+
+    from kvmem.editing import compute_rome_edit, context_prefixes
+    from kvmem.errors import KvmemError
+
+    prefixes = context_prefixes(model, hp)
+    ratios, cosines = [], []
+    for req in requests[:n]:
+        try:
+            ea = compute_rome_edit(model, req, stats=stats[hp.layer].C, hparams=dataclasses.replace(hp, update_key="averaged"),
+                                   prefixes=prefixes)
+            ep = compute_rome_edit(model, req, stats=stats[hp.layer].C, hparams=dataclasses.replace(hp, update_key="prompt"),
+                                   prefixes=prefixes)
+        except KvmemError:
+            continue
+        ratios.append(float(ep.lam.norm() / ea.lam.norm()))
+        cosines.append(float(torch.nn.functional.cosine_similarity(ea.k_star, ep.k_star, dim=0)))
+    r, c = torch.tensor(ratios, dtype=torch.float64), torch.tensor(cosines, dtype=torch.float64)
+    q = lambda t, x: float(t.quantile(x)) if t.numel() else float("nan")  # noqa: E731
+    return {"n": len(ratios), "ratio_median": q(r, 0.5), "ratio_p05": q(r, 0.05), "ratio_p95": q(r, 0.95),
+            "ratio_max": float(r.max()) if r.numel() else float("nan"), "cos_median": q(c, 0.5), "cos_min": float(c.min()) if c.numel() else float("nan")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="factworld")
@@ -88,7 +117,7 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--n-eval", type=int, default=200, help="neighbourhood and known facts tracked")
     ap.add_argument("--variants", nargs="+", default=["rome", "r-rome", "r-rome-spread"],
-                    help="rome | r-rome | rome-spread | r-rome-spread")
+                    help="rome | r-rome | rome-spread | r-rome-spread, or METHOD@LAYER for another single layer")
     ap.add_argument("--layer", type=int, default=None, help="edit layer (default: factworld 1, else the preset)")
     ap.add_argument("--spread-layers", type=int, nargs="+", default=None)
     ap.add_argument("--prefixes", default="5x3,10x2", help="context prefixes LENxCOUNT,...")
@@ -98,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
     ap.add_argument("--known", default=str(SHARED / "known_1000.json"))
     ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
+    ap.add_argument("--denominator-sample", type=int, default=50,
+                    help="requests for the ROME vs r-ROME denominator comparison on the unedited model (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--log-dir", default=None, help="JSONL run logs (default: $KVMEM_CACHE/stress_logs); rerun resumes")
@@ -129,9 +160,12 @@ def main(argv=None):
     hp = RomeHparams(**{**base.__dict__, "layer": layer, "prefixes": prefixes, "v_num_grad_steps": args.v_steps})
     n_tok = args.stats_tokens or max(20_000, 50 * int(model.cfg.d_mlp))
     stats = {}
-    for l in sorted(set(spread) | {layer}):
+    extra = {int(v.partition("@")[2]) for v in args.variants if "@" in v}
+    for l in sorted(set(spread) | {layer} | extra):
         stats[l] = second_moment(model, l, corpus, n_tokens=n_tok, progress=not args.quiet)
     setup_s = time.perf_counter() - t0
+    denominators = denominator_ratios(model, requests, stats, hp, args.denominator_sample) if args.denominator_sample else {}
+    print("denominator ratio ROME / r-ROME on the unedited model:", denominators, flush=True)
 
     out = Path(args.out or RESULTS / f"stress_{args.model.replace('/', '_')}")
     from kvmem.editing.stats import default_cache_dir
@@ -140,8 +174,9 @@ def main(argv=None):
     results = {}
     frames = []
     for v in args.variants:
-        method = v.replace("-spread", "")
-        layers = spread if v.endswith("-spread") else layer
+        name, _, at = v.partition("@")
+        method = name.replace("-spread", "")
+        layers = spread if name.endswith("-spread") else (int(at) if at else layer)
         log = logs / f"{out.name}_{v}_n{len(requests)}_s{args.seed}.jsonl"
         print(f"== {v}: layers {layers}, {len(requests)} edits, log {log}", flush=True)
         res = stress_edits(model, requests, method=method, layers=layers, stats=stats, hparams=hp, every=args.every,
@@ -176,7 +211,7 @@ def main(argv=None):
             "n_requests": len(requests), "n_neighborhood": len(neighborhood), "n_known": len(known),
             "hparams": {"layer": layer, "spread": spread, "prefixes": prefixes, "v_num_grad_steps": args.v_steps},
             "stats_tokens": n_tok, "setup_s": setup_s, "threads": torch.get_num_threads(),
-            "peak_rss_mb": peak_rss_mb(), "results": results,
+            "peak_rss_mb": peak_rss_mb(), "results": results, "denominators": denominators,
             "csv": f"{out.name}.csv", "png": f"{out.name}_<variant>.png"}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1, default=str))
     Path(f"{out}.md").write_text(markdown(meta, table))
@@ -201,6 +236,12 @@ def markdown(meta, table) -> str:
             f"{f['retention']:.3f} | {b['neighborhood_acc']:.3f} → {f['neighborhood_acc']:.3f} | "
             f"{b['known_acc']:.3f} → {f['known_acc']:.3f} | {b['gen_entropy']:.2f} → {f['gen_entropy']:.2f} | "
             f"{r['update_norm_median']:.3g} | {r['update_norm_max']:.3g} | {dmax:.3g} | {r['edit_s_mean']:.2f} |")
+    d = meta.get("denominators") or {}
+    if d:
+        lines += ["", f"Update size, ROME vs r-ROME, on the unedited model ({d['n']} requests at layer "
+                  f"{meta['hparams']['layer']}): ‖Λ_ROME‖ / ‖Λ_r-ROME‖ = (uᵀk*)/(uᵀk_p) has median {d['ratio_median']:.3f} "
+                  f"(5–95%: {d['ratio_p05']:.3f}–{d['ratio_p95']:.3f}, max {d['ratio_max']:.3f}); cos(k_p, k*) median "
+                  f"{d['cos_median']:.3f}, min {d['cos_min']:.3f}. (k_p: the plain prompt's key; k*: averaged over the prefixed contexts.)"]
     lines += ["", "Retention = share of all edits applied so far whose prompt answers target_new top-1 at the end; "
               "accuracies are top-1 on the first target token; collapse = first checkpoint where known-fact "
               "accuracy or generation entropy falls below half its unedited value.", "",
