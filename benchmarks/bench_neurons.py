@@ -477,7 +477,8 @@ def write(name: str, result: dict, out_dir: Path) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
     summary = result.get("summary", result)
-    lines = [f"# {name}", "", "| key | value |", "|---|---|"]
+    lines = [f"# {name}", "", f"`python benchmarks/bench_neurons.py {' '.join(sys.argv[1:])}`", "",
+             "| key | value |", "|---|---|"]
     for k, v in summary.items():
         if isinstance(v, dict):
             v = ", ".join(f"{a}: {b:.3f}" if isinstance(b, float) else f"{a}: {b}" for a, b in v.items())
