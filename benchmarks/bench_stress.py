@@ -249,8 +249,10 @@ def markdown(meta, table) -> str:
     # a compact trajectory: retention / known acc every ~10% of the run
     for v in meta["results"]:
         sub = table[table["variant"] == v]
-        idx = sorted(set([0, len(sub) - 1] + [round(i * (len(sub) - 1) / 10) for i in range(11)]))
-        rows = sub.iloc[idx]
+        last = int(sub["step"].max())
+        early = [x for x in (0, 10, 20, 30, 40, 50, 60, 80, 100, 150) if x <= last]
+        wanted = set(early) | {round(i * last / 10) for i in range(11)} | {last}
+        rows = sub[sub["step"].isin(wanted)]
         lines += [f"### {v}", "", "| edits | retention | neighbourhood acc | known acc | gen. entropy |", "|---|---|---|---|---|"]
         for _, r in rows.iterrows():
             lines.append(f"| {int(r['step'])} | {r['retention']:.3f} | {r['neighborhood_acc']:.3f} | "
