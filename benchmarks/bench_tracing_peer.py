@@ -442,7 +442,7 @@ def markdown(r: dict) -> str:
             "",
             "CPU time (`time.process_time()` of each single-threaded process): on this shared machine the",
             "`nice`d processes got a varying share of the 2 cores, so wall time also measures the",
-            "share; CPU time measures the work. Each row is one run; kvmem's two numbers bracket the peer's run.",
+            "share; CPU time measures the work. Each row is one run; two kvmem numbers bracket the peer's run.",
             "",
             "| run (UTC) | load avg | kvmem wall s | kvmem CPU s | peer wall s | peer CPU s | peer timed on | ratio wall | ratio CPU |",
             "|---|---:|---:|---:|---:|---:|---|---:|---:|",
@@ -450,7 +450,9 @@ def markdown(r: dict) -> str:
         for t in runs:
             lines.append(
                 f"| {t['date']} | {t['load_average_1min'][0]:.1f}-{t['load_average_1min'][1]:.1f} "
-                f"| {t['kvmem_wall'][0]:.1f} / {t['kvmem_wall'][1]:.1f} | {t['kvmem_cpu'][0]:.1f} / {t['kvmem_cpu'][1]:.1f} "
+                + (f"| {t['kvmem_wall'][0]:.1f} | {t['kvmem_cpu'][0]:.1f} (one run) " if t.get("kvmem_runs") == 1 else
+                   f"| {t['kvmem_wall'][0]:.1f} / {t['kvmem_wall'][1]:.1f} | {t['kvmem_cpu'][0]:.1f} / {t['kvmem_cpu'][1]:.1f} ")
+                + 
                 f"| {t['peer_wall']:.1f} | {t['peer_cpu']:.1f} | {', '.join(t['peer_kinds_timed'])} ({t['peer_note']}) "
                 f"| {t['ratio_wall']:.2f}x | {t['ratio_cpu']:.2f}x |")
     lines += [
