@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--restart", action="store_true")
+    ap.add_argument("--logged-only", action="store_true",
+                    help="summarise the facts already in the run log (an interrupted run) without tracing more")
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
 
@@ -82,7 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = kvmem.load_model(args.model)
     window = args.window or (10 if model.cfg.n_layers >= 10 else max(1, model.cfg.n_layers // 2))
     facts, scanned, n_correct = choose_facts(model, args.model, args.n_facts, args.scan)
-    noise = noise_level(model, facts)
+    noise = noise_level(model, facts)  # over all chosen facts, so a resumed run keeps the same noise
+    n_chosen = len(facts)
+    if args.logged_only:
+        from kvmem.tracing import fact_key
+
+        log_path = out / f"{stem}.jsonl"
+        done = {json.loads(l)["key"] for l in log_path.read_text().splitlines()[1:]} if log_path.exists() else set()
+        facts = [f for f in facts if fact_key(f) in done]
     t0 = time.perf_counter()
     aie = average_indirect_effect(
         model, facts, window=window, noise=noise, samples=args.samples, seed=args.seed,
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "model": args.model, "n_layers": model.cfg.n_layers,
-        "facts_scanned": scanned, "facts_correct_in_scan": n_correct,
+        "facts_scanned": scanned, "facts_correct_in_scan": n_correct, "facts_chosen": n_chosen,
         "n_facts": aie.n_facts, "n_skipped": aie.n_skipped, "window": window, "samples": args.samples,
         "noise": aie.noise, "p_clean": aie.p_clean, "p_corrupt": aie.p_corrupt, "total_effect": aie.total_effect,
         "wall_seconds_all_facts": round(fact_seconds, 1), "wall_seconds_this_invocation": round(this_run, 1),
@@ -114,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         f"Measured by `{summary['command']}` ({summary['date']}, {summary['machine']}).",
         "",
-        f"{aie.n_facts} facts answered correctly (first {aie.n_facts} correct of {scanned} scanned), "
+        f"{aie.n_facts} facts answered correctly (the first {aie.n_facts} of the {n_chosen} chosen: the first "
+        f"correct ones of {scanned} scanned; noise from all {n_chosen}), "
         f"{args.samples} noise samples, noise {aie.noise:.4g}, window {window} for mlp/attn. "
         f"Mean p_clean {aie.p_clean:.3f}, p_corrupt {aie.p_corrupt:.3f}, total effect {aie.total_effect:.3f}. "
         f"Tracing time {fact_seconds:.0f} s ({fact_seconds / max(1, len(records)):.1f} s per fact).",
