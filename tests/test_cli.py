@@ -325,8 +325,12 @@ def test_ctrl_c_then_resume_in_a_real_process(tmp_path):
                           timeout=300)
     assert full.returncode == 0, full.stderr
     log = tmp_path / "cut" / "neurons_log.jsonl"
+    # A job started in the background by a non-interactive shell (as CI may start this suite) inherits
+    # SIGINT as ignored, and Python then never raises KeyboardInterrupt; give the child the default
+    # disposition a terminal's foreground job has.
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and len(log.read_text().splitlines()) >= 2:  # header + one finished fact
