@@ -52,6 +52,16 @@ def _tiny(kind: str, seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     """3-layer random GPT-2-architecture HookedTransformer with the real GPT-2 tokenizer."""

@@ -9,13 +9,7 @@ from kvmem.errors import InvalidArgumentError, KvmemError
 from kvmem.hooks import add_noise, freeze, gaussian_noise, restore, restore_at, scale_neurons
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOKENS = torch.tensor([[50256, 464, 412, 733, 417, 8765, 318, 287]])

@@ -12,13 +12,7 @@ from kvmem.patching import Intervention, Site, patch_prompts, record_run, run_in
 from kvmem.prompts import encode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPT = "The Eiffel Tower is located in the city of"

@@ -30,12 +30,7 @@ REQUESTS = [Fact(f"{s} lives in the city of", s, target_true=" London", target_n
 NEIGHBOURS = [Fact("Zed Gray lives in the city of", "Zed Gray", target_true=" London")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

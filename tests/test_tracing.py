@@ -24,13 +24,7 @@ from kvmem.tracing import (
 from kvmem.viz import HTMLView
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core box thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FACT = Fact("The Eiffel Tower is located in", "Eiffel Tower")
