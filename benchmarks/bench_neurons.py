@@ -409,42 +409,64 @@ def known_bags(model, args):
     return chosen[: args.relations]
 
 
+def _stem(args) -> str:
+    name = f"neurons_{args.command}" + ("" if args.model == "factworld" else f"_{args.model}")
+    return name + (f"_{args.tag}" if args.tag else "")
+
+
+def _effects_row(model, args, rel: str, target: str, prompts: list[str]) -> dict:
+    """Knowledge neurons of one PARAREL bag, then suppress (x0) / amplify (x2) them vs random neurons."""
+    from kvmem.errors import KvmemError
+    from kvmem.neurons import knowledge_neurons, neuron_effect
+
+    try:
+        kn = knowledge_neurons(model, prompts, target, steps=args.steps, threshold=args.threshold,
+                               share=args.share, min_shared=args.min_shared,
+                               target_count=tuple(args.target_count) if args.target_count else None,
+                               progress=False)
+    except KvmemError as e:  # e.g. a target that does not tokenize as given after these prompts
+        return {"relation": rel, "target": target, "prompts": prompts, "n_neurons": 0, "skipped": str(e)}
+    row = {"relation": rel, "target": target, "prompts": prompts, "n_neurons": len(kn.neurons),
+           "neurons": [list(n) for n in kn.neurons], "share_used": kn.share,
+           "completeness_gap_max": max(float(a.completeness_gap.abs().max()) for a in kn.attributions),
+           "p_max": max(a.prob for a in kn.attributions)}
+    if kn.neurons:
+        for name, factor in (("suppress", 0.0), ("amplify", 2.0)):
+            eff = neuron_effect(model, prompts, target, kn, factor=factor, n_controls=args.controls, seed=args.seed)
+            row[name] = eff.relative_change
+            row[name + "_random"] = eff.control_relative_change
+            row[name + "_p_before"] = eff.p_before.tolist()
+            row[name + "_p_after"] = eff.p_after.tolist()
+            row[name + "_p_random"] = eff.p_control.mean(0).tolist()
+    return row
+
+
 def cmd_effects(args) -> dict:
     """Dai et al.'s table: relative change of p(gold) suppressing / amplifying knowledge neurons vs random."""
     from tqdm.auto import tqdm
 
-    from kvmem.errors import KvmemError
-    from kvmem.neurons import knowledge_neurons, neuron_effect
+    from kvmem.runs import RunLog
 
     torch.set_num_threads(args.threads)
     model = load(args.model)
     t0 = time.perf_counter()
     chosen = known_bags(model, args)
-    rows = []
     todo = [(rel, b) for rel, bags in chosen for b in bags]
+    # One line per finished fact: a Gemma run takes hours on 2 cores, so an interrupted run resumes.
+    settings = {k: getattr(args, k) for k in ("model", "steps", "seed", "max_prompts", "known_top_k", "known_share",
+                                              "threshold", "share", "min_shared", "target_count", "controls")}
+    log = RunLog(Path(args.out_dir) / f"{_stem(args)}.jsonl", settings, restart=args.restart)
     for rel, bag in tqdm(todo, desc="facts", disable=not args.progress):
         prompts = list(bag.prompts[: args.max_prompts])
-        try:
-            kn = knowledge_neurons(model, prompts, bag.target, steps=args.steps, threshold=args.threshold,
-                                   share=args.share, min_shared=args.min_shared,
-                                   target_count=tuple(args.target_count) if args.target_count else None,
-                                   progress=False)
-        except KvmemError as e:  # e.g. a target that does not tokenize as given after these prompts
-            rows.append({"relation": rel, "target": bag.target, "prompts": prompts, "n_neurons": 0, "skipped": str(e)})
+        key = f"{rel}|{bag.target}|{prompts[0]}"
+        if key in log:
             continue
-        row = {"relation": rel, "target": bag.target, "prompts": prompts, "n_neurons": len(kn.neurons),
-               "neurons": [list(n) for n in kn.neurons], "share_used": kn.share,
-               "completeness_gap_max": max(float(a.completeness_gap.abs().max()) for a in kn.attributions),
-               "p_max": max(a.prob for a in kn.attributions)}
-        if kn.neurons:
-            for name, factor in (("suppress", 0.0), ("amplify", 2.0)):
-                eff = neuron_effect(model, prompts, bag.target, kn, factor=factor, n_controls=args.controls, seed=args.seed)
-                row[name] = eff.relative_change
-                row[name + "_random"] = eff.control_relative_change
-                row[name + "_p_before"] = eff.p_before.tolist()
-                row[name + "_p_after"] = eff.p_after.tolist()
-                row[name + "_p_random"] = eff.p_control.mean(0).tolist()
-        rows.append(row)
+        t_fact = time.perf_counter()
+        row = _effects_row(model, args, rel, bag.target, prompts)
+        row["seconds"] = round(time.perf_counter() - t_fact, 2)
+        log.add(key, row)
+    wanted = {f"{rel}|{b.target}|{b.prompts[0]}" for rel, b in todo}
+    rows = [r for k, r in log.records().items() if k in wanted]
     ok = [r for r in rows if r["n_neurons"]]
 
     def mean(xs):
@@ -453,7 +475,8 @@ def cmd_effects(args) -> dict:
 
     summary = {"model": args.model, "facts": len(rows), "relations": len({r["relation"] for r in rows}),
                "facts_with_neurons": len(ok), "mean_neurons": mean(r["n_neurons"] for r in ok),
-               "seconds": time.perf_counter() - t0}
+               "seconds_this_invocation": time.perf_counter() - t0,
+               "seconds_all_facts": sum(r.get("seconds", 0.0) for r in rows)}
     for name in ("suppress", "amplify"):
         summary[f"{name}_mean_over_facts"] = mean(r[name] for r in ok)
         summary[f"{name}_random_mean_over_facts"] = mean(r[name + "_random"] for r in ok)
@@ -541,12 +564,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tag", default=None)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--restart", action="store_true", help="effects: discard the per-fact log instead of resuming it")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     result = {"speed": cmd_speed, "peer": cmd_peer, "specificity": cmd_specificity, "effects": cmd_effects}[
         args.command](args)
-    name = f"neurons_{args.command}" + ("" if args.model == "factworld" else f"_{args.model}")
-    name += f"_{args.tag}" if args.tag else ""
+    name = _stem(args)
     path = write(name, result, Path(args.out_dir))
     print(json.dumps(result.get("summary", result), indent=1, default=str))
     print(f"wrote {path}")

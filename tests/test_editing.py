@@ -19,6 +19,7 @@ from kvmem.editing import (
     context_prefixes,
     edited,
     model_fingerprint,
+    reinsert,
     second_moment,
 )
 from kvmem.errors import (
@@ -53,11 +54,12 @@ def stats_for(tmp_path_factory):
     cache = tmp_path_factory.mktemp("kvmem-cache")
     memo = {}
 
+    # keep the model itself in the memo: an id() alone can be reused by the next parametrized model
     def get(model):
         key = id(model)
-        if key not in memo:
-            memo[key] = second_moment(model, LAYER, CORPUS, n_tokens=600, cache_dir=cache, progress=False)
-        return memo[key]
+        if key not in memo or memo[key][0] is not model:
+            memo[key] = (model, second_moment(model, LAYER, CORPUS, n_tokens=600, cache_dir=cache, progress=False))
+        return memo[key][1]
 
     return get
 
@@ -67,9 +69,10 @@ def edit_for(stats_for):
     memo = {}
 
     def get(model):
-        if id(model) not in memo:
-            memo[id(model)] = compute_rome_edit(model, REQUEST, layer=LAYER, stats=stats_for(model), hparams=FAST)
-        return memo[id(model)]
+        key = id(model)
+        if key not in memo or memo[key][0] is not model:
+            memo[key] = (model, compute_rome_edit(model, REQUEST, layer=LAYER, stats=stats_for(model), hparams=FAST))
+        return memo[key][1]
 
     return get
 
@@ -150,6 +153,32 @@ def test_update_maps_k_star_to_v_star_and_spares_orthogonal_keys(tiny_model, sta
         torch.testing.assert_close(k_orth @ W1, k_orth @ W0, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(e.k_star @ W1, e.k_star @ W0)
     assert e.loss_trace.shape[1] == 5 and 1 <= e.loss_trace.shape[0] <= FAST.v_num_grad_steps
+
+
+def test_reinsert_rebuilds_the_same_update_and_scales_or_drops_the_statistics(tiny_model, stats_for, edit_for):
+    sm, e = stats_for(tiny_model), edit_for(tiny_model)
+    same = reinsert(tiny_model, e, sm)
+    torch.testing.assert_close(same.u, e.u.double(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(same.lam, e.lam.double(), rtol=1e-7, atol=1e-9)
+    mlp = tiny_model.blocks[LAYER].mlp
+    W0 = mlp.W_out.detach().double().clone()
+    b = mlp.b_out.detach().double()
+    v_old = e.k_star.double() @ W0 + b
+    # half strength: k* maps halfway to v*; identity statistics: u is k* itself
+    for edit, expect_u in ((reinsert(tiny_model, e, sm, strength=0.5), same.u),
+                           (reinsert(tiny_model, e, None, strength=0.5), e.k_star.double() / e.k_star.norm())):
+        torch.testing.assert_close(edit.u, expect_u, rtol=1e-9, atol=1e-12)
+        with edited(tiny_model, edit):
+            got = e.k_star.double() @ mlp.W_out.detach().double() + b
+        torch.testing.assert_close(got, v_old + 0.5 * (e.v_star.double() - v_old), rtol=1e-5, atol=1e-5)
+    assert reinsert(tiny_model, e, None).hparams.mom2_adjustment is False
+    assert torch.equal(mlp.W_out.detach().double(), W0)
+    with pytest.raises(InvalidArgumentError, match="strength"):
+        reinsert(tiny_model, e, sm, strength=0.0)
+    with pytest.raises(InvalidArgumentError, match="update_key"):
+        reinsert(tiny_model, dataclasses.replace(e, hparams=dataclasses.replace(e.hparams, update_key="prompt")), sm)
+    with pytest.raises(InvalidArgumentError, match="layer"):
+        reinsert(tiny_model, dataclasses.replace(e, layer=LAYER + 1), sm)
 
 
 def test_edit_raises_new_target_probability(tiny_gpt2, stats_for):

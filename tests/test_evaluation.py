@@ -154,6 +154,47 @@ def test_bench_script_end_to_end_tiny(tmp_path):
     assert res[0]["edit_s_mean"] > 0
 
 
+def test_neighbourhood_ablation_script_tiny(tmp_path, monkeypatch):
+    """The NS ablation's reference condition equals a plain ROME edit measured by record_metrics;
+    a rerun resumes from its log."""
+    import dataclasses
+
+    from kvmem.editing import compute_rome_edit, context_prefixes, edited, rome_hparams, second_moment
+    from kvmem.evaluation import record_metrics
+
+    monkeypatch.setenv("KVMEM_CACHE", str(tmp_path / "cache"))
+    cf = shared_data("counterfact", "counterfact_dev_250.json")
+    corpus = shared_data("corpus", "wiki_vital_en.txt")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_editing
+        import editing_neighbourhood
+    finally:
+        sys.path.pop(0)
+    args = ["--model", "tiny", "--n-records", "1", "--layers", "1", "--stats-tokens", "1500", "3000",
+            "--strengths", "0.5", "--threads", "1", "--out", str(tmp_path / "nb"), "--quiet"]
+    res = editing_neighbourhood.main(args)
+    table = res["summary"]["table"]
+    assert set(table) == {"unedited", "L1 C 1k", "L1 C 3k", "L1 no C (u = k*)", "L1 C 1k x0.5"}
+
+    model = bench_editing.load("tiny")
+    rec = load_counterfact(cf, limit=1)[0]
+    sm = second_moment(model, 1, str(corpus), n_tokens=1500, progress=False)
+    hp = dataclasses.replace(rome_hparams(model), layer=1)
+    edit = compute_rome_edit(model, rec.request, layer=1, stats=sm, hparams=hp, prefixes=context_prefixes(model, hp))
+    plain = record_metrics(model, rec, generation=False)
+    with edited(model, edit):
+        after = record_metrics(model, rec, generation=False)
+    for k in ("ES", "PS", "NS"):
+        assert table["unedited"][k] == pytest.approx(100 * plain[k])
+        assert table["L1 C 1k"][k] == pytest.approx(100 * after[k])
+    assert table["L1 C 1k x0.5"]["norm dW"] == pytest.approx(table["L1 C 1k"]["norm dW"] / 2, rel=1e-6)
+    lines = len(Path(f"{tmp_path / 'nb'}.jsonl").read_text().splitlines())
+    again = editing_neighbourhood.main(args)
+    assert json.dumps(again["summary"]) == json.dumps(res["summary"])
+    assert len(Path(f"{tmp_path / 'nb'}.jsonl").read_text().splitlines()) == lines == 2
+
+
 def test_bench_script_on_factworld(tmp_path):
     _factworld_or_skip()
     sys.path.insert(0, str(ROOT / "benchmarks"))

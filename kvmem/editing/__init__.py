@@ -16,6 +16,7 @@ from kvmem.editing.rome import (
     compute_rome_edit,
     context_prefixes,
     edit_layer,
+    reinsert,
     rome_hparams,
     rome_statistics,
 )
@@ -25,5 +26,5 @@ __all__ = [
     "Edit", "RomeHparams", "PRESETS", "rome_hparams", "edit_layer", "compute_rome_edit",
     "context_prefixes", "rome_statistics", "apply_edit", "edited", "SecondMoment", "second_moment",
     "load_second_moment", "SingularStatisticsError", "ModelMismatchError", "model_fingerprint",
-    "choose_edit_layer", "tracing_peak_layer",
+    "choose_edit_layer", "tracing_peak_layer", "reinsert",
 ]

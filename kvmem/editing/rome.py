@@ -465,18 +465,11 @@ def compute_rome_edit(
         handle.remove()
 
     v_star = v_init + delta.detach().double()
-    if hparams.mom2_adjustment:
-        u = stats.solve(k_star) if isinstance(stats, SecondMoment) else torch.linalg.solve(stats.double().to(k_star), k_star)
-    else:
-        u = k_star.clone()
-    u = u.to(k_star) / u.norm()
-    denom = u @ k_update
-    if not torch.isfinite(denom) or denom <= 0:
-        raise InvalidArgumentError("(C⁻¹k*)ᵀk* is not positive: the statistics do not fit this layer's keys.")
     if hparams.update_key == "prompt":
         # the reference code's v* = (plain prompt's MLP output) + δ, so the update inserts (k_p, v_p + δ)
         v_star = k_update @ W.W_out.detach().double() + b_out + delta.detach().double()
-    lam = (v_star - (k_update @ W.W_out.detach().double() + b_out)) / denom
+    u, lam = _rank_one(W.W_out.detach().double(), b_out, k_star, k_update, v_star,
+                       stats if hparams.mom2_adjustment else None)
     return Edit(
         layer=layer,
         u=u.cpu(),
@@ -491,6 +484,66 @@ def compute_rome_edit(
     )
 
 
+def _rank_one(W_out: Tensor, b_out: Tensor, k_star: Tensor, k_update: Tensor, v_star: Tensor,
+              stats: SecondMoment | Tensor | None) -> tuple[Tensor, Tensor]:
+    """u = C⁻¹k*/‖C⁻¹k*‖ (k* itself without statistics) and Λ with k_updateᵀ(W_out + uΛᵀ) + b_out = v*."""
+    if stats is None:
+        u = k_star.clone()
+    elif isinstance(stats, SecondMoment):
+        u = stats.solve(k_star)
+    else:
+        u = torch.linalg.solve(stats.double().to(k_star), k_star)
+    u = u.to(k_star) / u.norm()
+    denom = u @ k_update
+    if not torch.isfinite(denom) or denom <= 0:
+        raise InvalidArgumentError("(C⁻¹k*)ᵀk* is not positive: the statistics do not fit this layer's keys.")
+    lam = (v_star - (k_update @ W_out + b_out)) / denom
+    return u, lam
+
+
+def reinsert(model, edit: Edit, stats: SecondMoment | Tensor | None = None, strength: float = 1.0) -> Edit:
+    """The rank-one edit that inserts `edit`'s own k* → v* into `model` with other key statistics.
+
+    k* and v* (the costly, optimised part of ROME) do not depend on C; only the update's direction
+    u = C⁻¹k* does. This rebuilds u and Λ from `stats` (a `SecondMoment` of the edit's layer, a
+    [d_mlp, d_mlp] tensor, or None for u = k*, i.e. no covariance adjustment), so the effect of the
+    statistics on specificity can be measured without re-optimising v*. `strength` scales the
+    inserted change: the update maps k* to v_old + strength·(v* − v_old) (1 = ROME). Does not
+    change the model.
+    """
+    if edit.hparams.update_key != "averaged":
+        raise InvalidArgumentError(
+            "reinsert needs an edit made with update_key='averaged' (the paper's): an update_key='prompt' "
+            "edit does not keep the averaged k* its u was built from."
+        )
+    if not (isinstance(strength, (int, float)) and strength == strength and strength > 0):
+        raise InvalidArgumentError(f"strength must be a positive number, got {strength!r}.")
+    if model_fingerprint(model) != edit.model_fingerprint:
+        raise ModelMismatchError("This edit was computed for different model weights (fingerprint mismatch).")
+    if isinstance(stats, SecondMoment):
+        if stats.layer != edit.layer:
+            raise InvalidArgumentError(f"stats are for layer {stats.layer} but the edit is at layer {edit.layer}.")
+        if stats.model_fingerprint != edit.model_fingerprint:
+            raise ModelMismatchError("stats were computed for different model weights (fingerprint mismatch).")
+        stats.check_invertible()
+    elif isinstance(stats, Tensor):
+        d_mlp = int(model.cfg.d_mlp)
+        if tuple(stats.shape) != (d_mlp, d_mlp):
+            raise InvalidArgumentError(f"stats tensor must be [{d_mlp}, {d_mlp}], got {tuple(stats.shape)}.")
+        check_invertible(stats)
+    elif stats is not None:
+        raise InvalidArgumentError(f"stats must be a SecondMoment, a tensor or None, got {type(stats).__name__}.")
+    W = mlp_weights(model, edit.layer)
+    W_out = W.W_out.detach().double().cpu()
+    b_out = W.b_out.detach().double().cpu() if W.b_out is not None else torch.zeros(W_out.shape[1], dtype=torch.float64)
+    k = edit.k_star.double().cpu()
+    v_old = k @ W_out + b_out
+    v_star = v_old + float(strength) * (edit.v_star.double().cpu() - v_old)
+    u, lam = _rank_one(W_out, b_out, k, k, v_star, stats)
+    return replace(edit, u=u, lam=lam, v_star=v_star,
+                   hparams=replace(edit.hparams, mom2_adjustment=stats is not None))
+
+
 def rome_statistics(model, hparams: RomeHparams | None = None, layer: int | None = None, **kwargs) -> SecondMoment:
     """`second_moment` for the preset's layer, corpus and token count (kwargs pass through)."""
     from kvmem.editing.stats import second_moment
@@ -503,5 +556,5 @@ def rome_statistics(model, hparams: RomeHparams | None = None, layer: int | None
 
 __all__ = [
     "Edit", "RomeHparams", "PRESETS", "rome_hparams", "edit_layer", "compute_rome_edit",
-    "context_prefixes", "rome_statistics",
+    "context_prefixes", "rome_statistics", "reinsert",
 ]
