@@ -251,7 +251,8 @@ def cmd_speed(args) -> dict:
         model = load(args.model)
         prompt, target = args.prompt, args.target
     out = {"model": args.model, "prompt": prompt, "target": target, "steps": args.steps, "threads": args.threads,
-           "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp}
+           "n_layers": model.cfg.n_layers, "d_mlp": model.cfg.d_mlp, "date": time.strftime("%Y-%m-%d %H:%M UTC"),
+           "load_avg": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
     # Peer-matching definition (pre-GELU, linspace) so all three compute the same numbers.
     ours, t_ours = timed(lambda: integrated_gradients(model, prompt, target, steps=args.steps, rule="linspace",
                                                       site="pre"), args.repeats)
@@ -271,7 +272,60 @@ def cmd_speed(args) -> dict:
         out["speedup_vs_peer"] = out["peer_s"] / t_ours
     if "loop_s" in out:
         out["speedup_vs_loop"] = out["loop_s"] / t_ours
+    if args.completeness:
+        out["completeness"] = completeness_rows(model, prompt, target, args.completeness)
     return out
+
+
+def completeness_rows(model, prompt: str, target: str, settings: list[str]) -> list[dict]:
+    """IG completeness per quadrature rule and step count (default site hook_post): per layer the sum
+    of its attributions vs f(x) - f(baseline); the worst layer, and the top-5 neurons."""
+    from kvmem.neurons import integrated_gradients
+
+    rows = []
+    for item in settings:
+        rule, steps = item.split(":")
+        a = integrated_gradients(model, prompt, target, steps=int(steps), rule=rule)
+        gap = a.completeness_gap
+        worst = int(gap.abs().argmax())
+        delta = a.prob - a.baseline_probs
+        flat = a.scores.flatten().topk(5).indices
+        rows.append({"rule": rule, "steps": int(steps), "worst_layer": a.layers[worst],
+                     "worst_gap": float(gap[worst]), "worst_delta": float(delta[worst]),
+                     "layers_gap_over_10pct": [a.layers[i] for i in range(len(a.layers))
+                                               if abs(float(gap[i])) > 0.1 * max(abs(float(delta[i])), 1e-12)],
+                     "top5": [f"L{a.layers[int(i) // a.scores.shape[1]]}/{int(i) % a.scores.shape[1]}" for i in flat]})
+    return rows
+
+
+def speed_markdown(name: str, r: dict, command: str) -> str:
+    """The speed (and completeness) result as a readable page."""
+    lines = [f"# {name}: integrated gradients for one prompt, all layers", "",
+             f"Measured by `{command}` ({r['date']}, {r['threads']} threads, load average {r['load_avg']}).", "",
+             f"Prompt {r['prompt']!r} -> {r['target']!r}; {r['n_layers']} layers x {r['d_mlp']} neurons, "
+             f"{r['steps']} steps. Times are the best of the repeats.", "",
+             "| method | seconds | vs kvmem | max rel. diff vs kvmem |", "|---|---:|---:|---:|",
+             f"| kvmem `integrated_gradients(..., rule=\"linspace\", site=\"pre\")` (the peer's definition) | "
+             f"{r['kvmem_s']:.3g} | 1.00x | - |",
+             f"| kvmem default (`hook_post`, midpoint rule) | {r['kvmem_default_s']:.3g} | "
+             f"{r['kvmem_default_s'] / r['kvmem_s']:.2f}x | (other definition) |"]
+    if "loop_s" in r:
+        lines.append(f"| plain per-layer loop (`per_layer_loop` in this script) | {r['loop_s']:.3g} | "
+                     f"{r['loop_s'] / r['kvmem_s']:.2f}x | {r['loop_max_rel_diff']:.2g} |")
+    if "peer_s" in r:
+        lines.append(f"| knowledge-neurons 0.0.2 (own venv, same weights in Hugging Face form) | {r['peer_s']:.3g} | "
+                     f"{r['peer_s'] / r['kvmem_s']:.2f}x | {r['peer_max_rel_diff']:.2g} |")
+    else:
+        lines.append("| knowledge-neurons 0.0.2 | n/a (supports BERT, GPT-2, GPT-Neo only) | | |")
+    if r.get("completeness"):
+        lines += ["", "Completeness (sum of a layer's attributions vs f(x) - f(baseline), default `hook_post`):", "",
+                  "| rule, steps | worst layer | gap / (f(x) - f(0)) there | layers with gap > 10% | top-5 neurons |",
+                  "|---|---:|---|---|---|"]
+        for c in r["completeness"]:
+            lines.append(f"| {c['rule']}, {c['steps']} | {c['worst_layer']} | {c['worst_gap']:.3g} / "
+                         f"{c['worst_delta']:.3g} | {', '.join(map(str, c['layers_gap_over_10pct'])) or 'none'} | "
+                         f"{', '.join(c['top5'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_peer(args) -> dict:
@@ -508,6 +562,8 @@ def write(name: str, result: dict, out_dir: Path) -> Path:
         elif isinstance(v, float):
             v = f"{v:.4g}"
         lines.append(f"| {k} | {v} |")
+    if name.startswith("neurons_speed"):
+        lines = [speed_markdown(name, summary, f"python benchmarks/bench_neurons.py {' '.join(sys.argv[1:])}")]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     if name.startswith("neurons_effects"):
         try:
@@ -564,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--tag", default=None)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--completeness", nargs="*", default=[], metavar="RULE:STEPS",
+                    help="speed: also IG completeness for these settings, e.g. midpoint:20 left:20 midpoint:80")
     ap.add_argument("--restart", action="store_true", help="effects: discard the per-fact log instead of resuming it")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)

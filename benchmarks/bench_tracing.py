@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -203,6 +204,11 @@ def main() -> None:
     t_ideal = work / token_layers_per_s + len(cells) * S * unembed_per_row
     print(f"FLOP ideal: {t_ideal:.2f}s ({work} token-layers at {token_layers_per_s:.0f}/s "
           f"+ {len(cells) * S} unembedded rows at {unembed_per_row * 1e3:.2f} ms)")
+    # causal-tracer's work per (cell, sample): a full forward of every layer at every token, and the
+    # logits of every position; at the same measured throughputs this bounds any speed-up over it.
+    t_peer_work = len(cells) * S * (L * T / token_layers_per_s + T * unembed_per_row)
+    print(f"causal-tracer's work at these throughputs: {t_peer_work:.2f}s "
+          f"= {t_peer_work / t_ideal:.2f}x the ideal")
 
     result = {
         "model": args.model,
@@ -215,7 +221,11 @@ def main() -> None:
             "naive_loop_extrapolated": round(t_naive, 3),
             "tl_patching_extrapolated": round(t_tl, 3),
             "flop_ideal": round(t_ideal, 3),
+            "causal_tracer_work_model": round(t_peer_work, 3),
         },
+        "max_speedup_over_causal_tracer": round(t_peer_work / t_ideal, 3),
+        "ideal_parts": {"token_layers": work, "token_layers_per_s": token_layers_per_s,
+                        "unembedded_rows": len(cells) * S, "unembed_s_per_row": unembed_per_row},
         "measured_subset": {"naive_cells": len(subset), "naive_seconds": round(t_subset, 3),
                             "tl_cells": len(tl_subset), "tl_seconds": round(t_tl_subset, 3)},
         "p_clean": traces.p_clean, "p_corrupt": traces.p_corrupt,
@@ -233,10 +243,16 @@ def main() -> None:
         "naive_loop_extrapolated": f"naive per-cell loop (extrapolated from {len(subset)} cells)",
         "tl_patching_extrapolated": f"TL patching loop, 1 layer/cell (extrapolated from {len(tl_subset)} cells)",
         "flop_ideal": "FLOP ideal",
+        "causal_tracer_work_model": "causal-tracer's work (every layer x token, logits at every position) "
+                                    "at the same throughputs (a model, not a run)",
     }
     for key, label in names.items():
         sec = result["seconds"][key]
         table.append(f"| {label} | {sec:.2f} | {sec / t_kvmem:.2f}x |")
+    table += ["", f"So no engine can beat causal-tracer by more than {t_peer_work / t_ideal:.1f}x here without "
+              "skipping work the ideal counts (measured peer runs: benchmarks/results/tracing_peer_*.md). "
+              f"Command: `python benchmarks/bench_tracing.py {' '.join(sys.argv[1:])}` "
+              f"({time.strftime('%Y-%m-%d %H:%M UTC')}).", ""]
     md = "\n".join(table) + "\n"
     print(md)
     result["markdown"] = md
