@@ -1,0 +1,111 @@
+"""Does the causal-tracing engine stay within its memory budget? Peak memory of a full trace per budget.
+
+    python benchmarks/bench_tracing_memory.py --model gemma-3-270m --budgets 16 64 256 1024
+
+Each budget runs in a fresh process: load the model, run one clean forward (so the weights and
+allocator are warm), read the resident memory, then run `trace_all` (3 kinds, window 10, 10
+samples) with `memory_budget` = the budget, and read the process's peak resident memory (VmHWM).
+The peak minus the warm baseline is the engine's working memory: the recorded clean and corrupted
+runs (a fixed cost: every layer's residual, keys and values for all samples) plus the chunk of rows
+in flight, which is what the budget bounds. The scores must agree for every budget to float precision
+(chunking changes only the batch shapes). Writes benchmarks/results/tracing_memory_<model>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+
+def child(model_name: str, budget_mb: float, samples: int, window: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from bench_tracing import load, pick_fact
+
+    from kvmem.patching import rows_for_budget
+    from kvmem.prompts import tokenize_fact
+    from kvmem.resources import peak_rss_mb, rss_mb
+    from kvmem.tracing import noise_level, trace_all
+
+    model = load(model_name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fact = pick_fact(model_name, model)
+    tf = tokenize_fact(model, fact)
+    with torch.no_grad():
+        model(tf.tokens[None])
+    base, base_peak = rss_mb(), peak_rss_mb()
+    budget = int(budget_mb * 2**20)
+    t = time.perf_counter()
+    traces = trace_all(model, fact, window=min(window, model.cfg.n_layers), samples=samples,
+                       noise=noise_level(model, [fact]), memory_budget=budget)
+    seconds = time.perf_counter() - t
+    return {"budget_mb": budget_mb, "baseline_rss_mb": base, "peak_before_mb": base_peak,
+            "peak_rss_mb": peak_rss_mb(), "seconds": seconds, "tokens": tf.n_tokens,
+            "rows_per_full_chunk": rows_for_budget(model, tf.n_tokens, budget),
+            "scores": {t.kind: t.scores.tolist() for t in traces}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="factworld", choices=["factworld", "gemma-3-270m", "tiny"])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[16, 64, 256, 1024], help="MB")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--window", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(args.model, args.child, args.samples, args.window, args.threads)))
+        return {}
+
+    runs = []
+    for b in args.budgets:
+        cmd = [sys.executable, __file__, "--model", args.model, "--samples", str(args.samples), "--window",
+               str(args.window), "--threads", str(args.threads), "--child", str(b)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = runs[-1]
+        print(f"budget {b:g} MB: working memory {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} MB, "
+              f"{r['seconds']:.1f} s", flush=True)
+    import torch
+
+    ref = {k: torch.tensor(v) for k, v in runs[-1]["scores"].items()}
+    max_diff = max(float((torch.tensor(r["scores"][k]) - ref[k]).abs().max()) for r in runs for k in ref)
+    command = "python benchmarks/bench_tracing_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"# Causal-tracing memory by budget: {args.model}", "",
+             f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC')}, {platform.machine()}, "
+             f"{args.threads} thread(s)); one fresh process per budget; full `trace_all` of one fact "
+             f"({runs[0]['tokens']} tokens, 3 kinds, {args.samples} samples).", "",
+             "| budget MB | rows per chunk | working memory MB (peak - warm baseline) | seconds |",
+             "|---:|---:|---:|---:|"]
+    for r in runs:
+        lines.append(f"| {r['budget_mb']:g} | {r['rows_per_full_chunk']} | "
+                     f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {r['seconds']:.1f} |")
+    lines += ["", f"Largest difference of any score between budgets: {max_diff:.1e} (chunking changes only "
+              "the batch shapes, hence the float summation order).", ""]
+    result = {"command": command, "model": args.model, "runs": [{k: v for k, v in r.items() if k != "scores"}
+                                                                 for r in runs], "max_score_diff_between_budgets": max_diff}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"tracing_memory_{args.model}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"tracing_memory_{args.model}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
