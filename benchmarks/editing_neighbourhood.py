@@ -167,6 +167,9 @@ def markdown(summary: dict, meta: dict) -> str:
              "by more than x nats per token, the share still ranked so after the edit. `leak`: |uᵀk| / uᵀk* for "
              "the neighbour prompts' keys (max over positions / last position); the update adds leak × (v* − "
              "v_old) there. `norm dW`: Frobenius norm of the update.", "",
+             "Statistics: " + "; ".join(
+                 f"layer {l}: " + ", ".join(f"`{n}` = {v['n_tokens']} tokens (last rel. change {v['rel_change_last']:.1e})"
+                                            for n, v in d.items() if v) for l, d in meta["stats"].items()) + ".", "",
              f"Unedited neighbour margins: median {summary['median_unedited_margin']:.2f} nats/token; "
              + ", ".join(f"{v} with {k}" for k, v in summary["neighbours_by_unedited_margin"].items()) + ".", ""]
     cols = ["ES", "PS", "NS", "NM", "NS kept (m>0)", "NS kept (m>1)", "NS kept (m>2)", "leak max", "leak last",
