@@ -298,6 +298,54 @@ def completeness_rows(model, prompt: str, target: str, settings: list[str]) -> l
     return rows
 
 
+def effects_markdown(name: str, result: dict, command: str) -> str:
+    """Dai et al.'s suppress / amplify table for this run, per relation, and the layer distribution."""
+    s, cfg = result["summary"], result["config"]
+    ok = [r for r in result["facts"] if r["n_neurons"]]
+    pct = lambda v: f"{100 * v:+.1f}%"  # noqa: E731
+    n_prompts = sum(len(r["prompts"]) for r in ok) / max(1, len(ok))
+    lines = [f"# Knowledge neurons: suppress and amplify ({s['model']})", "",
+             f"Measured by `{command}`; {s['facts']} PARAREL facts the model knows (top-{cfg['known_top_k']} on at "
+             f"least {cfg['known_share']:.0%} of their prompts; prompts with the blank at the end) over "
+             f"{s['relations']} relations, {n_prompts:.1f} prompts per fact (at most {cfg['max_prompts']}). "
+             f"Knowledge neurons: IG over every layer ({cfg['steps']} steps, `hook_post`, last position), threshold "
+             f"{cfg['threshold']} x max, shared by at least {cfg['share']:.0%} of the prompts (share adjusted towards "
+             f"{cfg['target_count']} neurons where possible); {s['facts_with_neurons']} facts have neurons, "
+             f"{s['mean_neurons']:.1f} neurons on average. Random control: the same number of neurons in the same "
+             f"layers, {cfg['controls']} draws. {s['seconds_all_facts'] / max(1, s['facts']):.0f} s per fact "
+             f"({cfg['threads']} thread(s)).", "",
+             "Relative change of the gold answer's probability:", "",
+             "| neurons | suppress (x0) | amplify (x2) |", "|---|---:|---:|",
+             f"| knowledge neurons, mean over facts | {pct(s['suppress_mean_over_facts'])} | "
+             f"{pct(s['amplify_mean_over_facts'])} |",
+             f"| random neurons, mean over facts | {pct(s['suppress_random_mean_over_facts'])} | "
+             f"{pct(s['amplify_random_mean_over_facts'])} |",
+             f"| knowledge neurons, Dai et al.'s aggregate (per relation, then mean) | "
+             f"{pct(s['suppress_dai_per_relation'])} | {pct(s['amplify_dai_per_relation'])} |",
+             f"| random neurons, Dai et al.'s aggregate | {pct(s['suppress_random_dai_per_relation'])} | "
+             f"{pct(s['amplify_random_dai_per_relation'])} |",
+             "| Dai et al. 2022, BERT-base (published): knowledge / random | -29.0% / -1.5% | +31.2% / -1.3% |", "",
+             "Per relation (means over its facts):", "",
+             "| relation | facts | neurons | suppress | random | amplify | random |", "|---|---:|---:|---:|---:|---:|---:|"]
+    by_rel = defaultdict(list)
+    for r in ok:
+        by_rel[r["relation"]].append(r)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for rel in sorted(by_rel):
+        rs = by_rel[rel]
+        lines.append(f"| {rel} | {len(rs)} | {mean([r['n_neurons'] for r in rs]):.1f} | "
+                     f"{pct(mean([r['suppress'] for r in rs]))} | {pct(mean([r['suppress_random'] for r in rs]))} | "
+                     f"{pct(mean([r['amplify'] for r in rs]))} | {pct(mean([r['amplify_random'] for r in rs]))} |")
+    dist = s["layer_distribution"]
+    top = sorted(dist.items(), key=lambda kv: -kv[1])[:5]
+    lines += ["", "Layer distribution of the knowledge neurons (share of all): "
+              + ", ".join(f"layer {k}: {100 * v:.1f}%" for k, v in dist.items() if v > 0)
+              + f". Largest: {', '.join(f'{k} ({100 * v:.0f}%)' for k, v in top)}. Figure: `{name}_layers.png`.",
+              "", "Per-fact rows (prompts, neurons, probabilities before / after): the JSON next to this file; the "
+              "run resumes from its `.jsonl` log.", ""]
+    return "\n".join(lines)
+
+
 def speed_markdown(name: str, r: dict, command: str) -> str:
     """The speed (and completeness) result as a readable page."""
     lines = [f"# {name}: integrated gradients for one prompt, all layers", "",
@@ -562,6 +610,8 @@ def write(name: str, result: dict, out_dir: Path) -> Path:
         elif isinstance(v, float):
             v = f"{v:.4g}"
         lines.append(f"| {k} | {v} |")
+    if name.startswith("neurons_effects") and "facts" in result:
+        lines = [effects_markdown(name, result, f"python benchmarks/bench_neurons.py {' '.join(sys.argv[1:])}")]
     if name.startswith("neurons_speed"):
         lines = [speed_markdown(name, summary, f"python benchmarks/bench_neurons.py {' '.join(sys.argv[1:])}")]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
