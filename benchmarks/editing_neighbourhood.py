@@ -9,7 +9,9 @@ direction u = C⁻¹k* does. So per record and layer this computes the edit once
   - C from each `--stats-tokens` count (is C converged enough?), from `--alt-corpus` (does the
     text C is taken over matter?), and no C at all (u = k*: how much does C buy?);
   - a weaker change, v_old + s·(v* − v_old) for each `--strengths` s (is the edit simply too strong?);
-and re-optimises v* for each `--kl-factors` value (does the KL term protect neighbours?).
+and re-optimises v* for each `--kl-factors` value (does the KL term protect neighbours?) and each
+`--clamp-factors` value (ROME bounds ‖δ‖ by clamp_norm_factor × ‖v_init‖; is that bound what sets
+the edit's size?).
 Each condition is applied alone, measured (ES, PS, NS, NM; no generation) and restored.
 
 Per neighbourhood prompt it also records the margin log p(true) − log p(new) (per token, as NS)
@@ -101,6 +103,7 @@ def measure(model, record, edit, keys, k_star) -> dict:
 def run_record(model, record, layers, stats_by_layer, prefixes, args) -> dict:
     from kvmem.editing import compute_rome_edit, reinsert, rome_hparams
     from kvmem.evaluation import record_metrics
+    from kvmem.weights import mlp_weights
 
     out = {"case_id": record.case_id, "subject": record.subject, "conditions": {}}
     base = record_metrics(model, record, generation=False)
@@ -121,6 +124,13 @@ def run_record(model, record, layers, stats_by_layer, prefixes, args) -> dict:
             conds[f"L{layer} {name}"] = measure(model, record, e, keys, edit.k_star)
         conds[f"L{layer} {ref_name}"]["edit_s"] = edit_s
         conds[f"L{layer} {ref_name}"]["final_p_target"] = float(edit.loss_trace[-1, 4])
+        # how far v* moved, relative to the clamp ROME puts on ‖δ‖ (clamp_norm_factor × ‖v_init‖)
+        W = mlp_weights(model, layer)
+        v_old = edit.k_star.double() @ W.W_out.detach().double().cpu()
+        if W.b_out is not None:
+            v_old = v_old + W.b_out.detach().double().cpu()
+        conds[f"L{layer} {ref_name}"]["delta_over_clamp"] = float(
+            (edit.v_star.double() - v_old).norm() / (hp.clamp_norm_factor * v_old.norm()))
         for s in args.strengths:
             conds[f"L{layer} {ref_name} x{s:g}"] = measure(model, record, reinsert(model, edit, ref_stats, s),
                                                            keys, edit.k_star)
@@ -128,6 +138,12 @@ def run_record(model, record, layers, stats_by_layer, prefixes, args) -> dict:
             e = compute_rome_edit(model, record.request, layer=layer, stats=ref_stats,
                                   hparams=dataclasses.replace(hp, kl_factor=kl), prefixes=prefixes)
             conds[f"L{layer} {ref_name} kl={kl:g}"] = measure(model, record, e, keys, e.k_star)
+        for clamp in args.clamp_factors:
+            e = compute_rome_edit(model, record.request, layer=layer, stats=ref_stats,
+                                  hparams=dataclasses.replace(hp, clamp_norm_factor=clamp), prefixes=prefixes)
+            row = measure(model, record, e, keys, e.k_star)
+            row["final_p_target"] = float(e.loss_trace[-1, 4])
+            conds[f"L{layer} {ref_name} clamp={clamp:g}"] = row
     return out
 
 
@@ -151,6 +167,10 @@ def summarise(records: list[dict]) -> dict:
         row["leak max"] = mean(v for x in rows for v in x["leak_max"])
         row["leak last"] = mean(v for x in rows for v in x["leak_last"])
         row["norm dW"] = mean(x["delta_norm"] for x in rows)
+        if "final_p_target" in rows[0]:
+            row["p_new at v*"] = mean(x["final_p_target"] for x in rows)
+        if "delta_over_clamp" in rows[0]:
+            row["delta / clamp"] = mean(x["delta_over_clamp"] for x in rows)
         table[name] = row
     counts = {f"margin>{lo:g}": sum(b > lo for b in base_m) for lo in (0.0, 1.0, 2.0)}
     return {"n_records": len(records), "neighbour_prompts": len(base_m), "neighbours_by_unedited_margin": counts,
@@ -166,20 +186,22 @@ def markdown(summary: dict, meta: dict) -> str:
              "points of probability. `NS kept (m>x)`: of the neighbours the unedited model ranks true over new "
              "by more than x nats per token, the share still ranked so after the edit. `leak`: |uᵀk| / uᵀk* for "
              "the neighbour prompts' keys (max over positions / last position); the update adds leak × (v* − "
-             "v_old) there. `norm dW`: Frobenius norm of the update.", "",
+             "v_old) there. `norm dW`: Frobenius norm of the update. `p_new at v*`: the new target's probability "
+             "at the end of v*'s optimisation; `delta / clamp`: ‖v* − v_old‖ over ROME's bound on it "
+             "(clamp_norm_factor × ‖v_init‖).", "",
              "Statistics: " + "; ".join(
                  f"layer {l}: " + ", ".join(f"`{n}` = {v['n_tokens']} tokens (last rel. change {v['rel_change_last']:.1e})"
                                             for n, v in d.items() if v) for l, d in meta["stats"].items()) + ".", "",
              f"Unedited neighbour margins: median {summary['median_unedited_margin']:.2f} nats/token; "
              + ", ".join(f"{v} with {k}" for k, v in summary["neighbours_by_unedited_margin"].items()) + ".", ""]
     cols = ["ES", "PS", "NS", "NM", "NS kept (m>0)", "NS kept (m>1)", "NS kept (m>2)", "leak max", "leak last",
-            "norm dW"]
+            "norm dW", "p_new at v*", "delta / clamp"]
     lines += ["| condition | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in summary["table"].items():
         cells = []
         for c in cols:
             v = row.get(c)
-            cells.append("" if v is None else (f"{v:.3f}" if c.startswith(("leak", "norm")) else f"{v:.1f}"))
+            cells.append("" if v is None else (f"{v:.3f}" if c.startswith(("leak", "norm", "p_new", "delta")) else f"{v:.1f}"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -194,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--alt-corpus", default=None, help="also C over this text (first --stats-tokens count)")
     ap.add_argument("--strengths", type=float, nargs="*", default=[0.5])
     ap.add_argument("--kl-factors", type=float, nargs="*", default=[])
+    ap.add_argument("--clamp-factors", type=float, nargs="*", default=[],
+                    help="also re-optimise v* with ROME's norm clamp at these multiples of ||v_init|| (preset: 4)")
     ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="output prefix (default benchmarks/results/editing_neighbourhood_<model>)")
@@ -219,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     layers = args.layers or [edit_layer(model, hp)]
     prefix = Path(args.out or RESULTS / f"editing_neighbourhood_{args.model}")
     settings = {k: getattr(args, k) for k in ("model", "stats_tokens", "alt_corpus", "strengths", "kl_factors")}
+    if args.clamp_factors:  # only when used, so logs of earlier runs still resume
+        settings["clamp_factors"] = args.clamp_factors
     settings.update(layers=layers, corpus=Path(args.corpus).name, hparams=dataclasses.asdict(hp))
     log = RunLog(f"{prefix}.jsonl", settings, restart=args.restart)
     stats_by_layer = {l: stats_variants(model, l, args) for l in layers}
