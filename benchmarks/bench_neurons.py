@@ -17,7 +17,8 @@ Where kvmem and knowledge-neurons 0.0.2 differ (GPT-2 models), all checked in `p
   kvmem's `site="pre"` reproduces the peer.
 - rule: the peer uses `torch.linspace(0, 1, steps)` (alpha = 0 and 1 both included) and divides
   the summed gradients by `steps`; Dai et al.'s code uses alpha = k/m, k = 0..m-1 (left rule);
-  kvmem defaults to the midpoint rule, and `rule="linspace"` / `rule="left"` reproduce the others.
+  kvmem defaults to `rule="auto"` (the midpoint rule; the geometric rule on models that normalise
+  the MLP output, like Gemma-3), and `rule="linspace"` / `rule="left"` reproduce the others.
 - multi-token targets: the peer (model_type="gpt") appends the model's *argmax* token, re-tokenizes,
   moves the patched position to the new last token and averages per-token attributions; kvmem
   teacher-forces the gold tokens, keeps the patch at the last prompt position and attributes the
@@ -239,7 +240,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 
 def cmd_speed(args) -> dict:
-    from kvmem.neurons import integrated_gradients
+    from kvmem.neurons import integrated_gradients, resolve_rule
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="kvmem-bench-neurons-"))
@@ -259,6 +260,7 @@ def cmd_speed(args) -> dict:
     out["kvmem_s"] = t_ours
     _, t_default = timed(lambda: integrated_gradients(model, prompt, target, steps=args.steps), args.repeats)
     out["kvmem_default_s"] = t_default
+    out["default_rule"] = resolve_rule(model, "auto")
     if not args.no_loop:
         loop, t_loop = timed(lambda: per_layer_loop(model, prompt, target, args.steps, "linspace", "pre"),
                              max(1, args.repeats - 2))
@@ -308,7 +310,8 @@ def effects_markdown(name: str, result: dict, command: str) -> str:
              f"Measured by `{command}`; {s['facts']} PARAREL facts the model knows (top-{cfg['known_top_k']} on at "
              f"least {cfg['known_share']:.0%} of their prompts; prompts with the blank at the end) over "
              f"{s['relations']} relations, {n_prompts:.1f} prompts per fact (at most {cfg['max_prompts']}). "
-             f"Knowledge neurons: IG over every layer ({cfg['steps']} steps, `hook_post`, last position), threshold "
+             f"Knowledge neurons: IG over every layer ({cfg['steps']} steps, {cfg.get('rule', 'midpoint')} rule, "
+             f"`hook_post`, last position), threshold "
              f"{cfg['threshold']} x max, shared by at least {cfg['share']:.0%} of the prompts (share adjusted towards "
              f"{cfg['target_count']} neurons where possible); {s['facts_with_neurons']} facts have neurons, "
              f"{s['mean_neurons']:.1f} neurons on average. Random control: the same number of neurons in the same "
@@ -355,7 +358,7 @@ def speed_markdown(name: str, r: dict, command: str) -> str:
              "| method | seconds | vs kvmem | max rel. diff vs kvmem |", "|---|---:|---:|---:|",
              f"| kvmem `integrated_gradients(..., rule=\"linspace\", site=\"pre\")` (the peer's definition) | "
              f"{r['kvmem_s']:.3g} | 1.00x | - |",
-             f"| kvmem default (`hook_post`, midpoint rule) | {r['kvmem_default_s']:.3g} | "
+             f"| kvmem default (`hook_post`, rule=\"auto\": {r.get('default_rule', 'midpoint')}) | {r['kvmem_default_s']:.3g} | "
              f"{r['kvmem_default_s'] / r['kvmem_s']:.2f}x | (other definition) |"]
     if "loop_s" in r:
         lines.append(f"| plain per-layer loop (`per_layer_loop` in this script) | {r['loop_s']:.3g} | "
@@ -522,7 +525,7 @@ def _effects_row(model, args, rel: str, target: str, prompts: list[str]) -> dict
     from kvmem.neurons import knowledge_neurons, neuron_effect
 
     try:
-        kn = knowledge_neurons(model, prompts, target, steps=args.steps, threshold=args.threshold,
+        kn = knowledge_neurons(model, prompts, target, steps=args.steps, rule=args.rule, threshold=args.threshold,
                                share=args.share, min_shared=args.min_shared,
                                target_count=tuple(args.target_count) if args.target_count else None,
                                progress=False)
@@ -555,8 +558,12 @@ def cmd_effects(args) -> dict:
     chosen = known_bags(model, args)
     todo = [(rel, b) for rel, bags in chosen for b in bags]
     # One line per finished fact: a Gemma run takes hours on 2 cores, so an interrupted run resumes.
-    settings = {k: getattr(args, k) for k in ("model", "steps", "seed", "max_prompts", "known_top_k", "known_share",
-                                              "threshold", "share", "min_shared", "target_count", "controls")}
+    from kvmem.neurons import resolve_rule
+
+    args.rule = resolve_rule(model, args.rule)
+    settings = {k: getattr(args, k) for k in ("model", "steps", "rule", "seed", "max_prompts", "known_top_k",
+                                              "known_share", "threshold", "share", "min_shared", "target_count",
+                                              "controls")}
     log = RunLog(Path(args.out_dir) / f"{_stem(args)}.jsonl", settings, restart=args.restart)
     for rel, bag in tqdm(todo, desc="facts", disable=not args.progress):
         prompts = list(bag.prompts[: args.max_prompts])
@@ -641,6 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("command", choices=["speed", "peer", "specificity", "effects"])
     ap.add_argument("--model", default="factworld")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rule", default="auto", help="effects: IG quadrature rule (kvmem.neurons.RULES or auto)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)

@@ -28,10 +28,20 @@ Definitions (what every number here means)
   "trapezoid"   k/m, k = 0..m (m + 1 nodes)        <= max|g'''| / (12 m^2)
   "linspace"    linspace(0, 1, m), each weight 1/m  O(1/m), no clean bound (EleutherAI's
                                                    `knowledge-neurons`; includes a = 1)
+  "geometric"   midpoints of [0, a_min] and of      sum over intervals of
+                m - 1 log-spaced intervals from     max|g''| w_k^3 / 24 (w_k: widths;
+                a_min = 1e-6 to 1, weights = widths exact for linear g)
   ============  =================================  ===================================
 
-  with g(a) = f(h(a)). The midpoint rule is the default: the same cost as Dai et al.'s left rule
-  with a second-order error; `rule="left"` reproduces their definition.
+  with g(a) = f(h(a)). The default `rule="auto"` is the midpoint rule (the same cost as Dai et
+  al.'s left rule, with a second-order error), or the geometric rule on models that normalise the
+  MLP output (below); `rule="left"` reproduces Dai et al.'s definition.
+
+  Models with a norm after the MLP (Gemma-2/3's `ln2_post`) need the geometric rule: the norm
+  makes the layer's output nearly scale-invariant, so g(a) is flat from a ~ 1e-2 to 1 and all of
+  f(x) - f(0) happens below that (an RMSNorm only stops normalising when a·‖out‖ nears sqrt(eps)),
+  where uniform nodes hardly look. Log-spaced nodes resolve it
+  (`benchmarks/results/neurons_speed_gemma-3-270m.md` compares the rules).
 
 How it is computed
 ------------------
@@ -66,9 +76,10 @@ from kvmem.errors import EmptyTargetError, InvalidArgumentError, LayerOutOfRange
 from kvmem.hooks import scale_neurons
 from kvmem.prompts import Fact, encode, pad_batch, spec_for, target_token_ids
 from kvmem.readout import final_logits
-from kvmem.weights import check_layer
+from kvmem.weights import check_layer, mlp_post_norm
 
-RULES: tuple[str, ...] = ("midpoint", "left", "right", "trapezoid", "linspace")
+RULES: tuple[str, ...] = ("midpoint", "left", "right", "trapezoid", "linspace", "geometric")  # + "auto"
+GEOMETRIC_MIN = 1e-6  # the geometric rule's smallest log-spaced node
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per batched pass
 
 Neuron = tuple[int, int]  # (layer, neuron index)
@@ -77,6 +88,16 @@ Neuron = tuple[int, int]  # (layer, neuron index)
 # --------------------------------------------------------------------------------------------
 # Quadrature
 # --------------------------------------------------------------------------------------------
+
+def resolve_rule(model, rule: str, layers: Sequence[int] | None = None) -> str:
+    """`rule`, with "auto" made concrete: "geometric" when any of `layers` (default all) normalises
+    its MLP output (Gemma-2/3's `ln2_post`: the uniform path is degenerate there, module docstring),
+    else "midpoint"."""
+    if rule != "auto":
+        return rule
+    chosen = range(model.cfg.n_layers) if layers is None else layers
+    return "geometric" if any(mlp_post_norm(model, l) is not None for l in chosen) else "midpoint"
+
 
 def riemann_nodes(steps: int, rule: str = "midpoint") -> tuple[Float[Tensor, "node"], Float[Tensor, "node"]]:
     """Nodes `a_k` in [0, 1] and weights `w_k` of the rule (see the module docstring), float64."""
@@ -96,6 +117,15 @@ def riemann_nodes(steps: int, rule: str = "midpoint") -> tuple[Float[Tensor, "no
         w = torch.full((m + 1,), 1.0 / m, dtype=torch.float64)
         w[0] = w[-1] = 0.5 / m
         return torch.arange(m + 1, dtype=torch.float64) / m, w
+    if rule == "geometric":
+        if m < 2:
+            raise InvalidArgumentError("rule='geometric' needs steps >= 2 (one node below a_min, the rest log-spaced).")
+        # intervals [0, a_min], then m - 1 log-spaced up to 1; midpoint of each, weight its width
+        lo = math.log(GEOMETRIC_MIN)
+        edges = (lo * (1 - torch.arange(m, dtype=torch.float64) / (m - 1))).exp()
+        edges = torch.cat([torch.zeros(1, dtype=torch.float64), edges])
+        edges[-1] = 1.0
+        return (edges[:-1] + edges[1:]) / 2, edges[1:] - edges[:-1]
     # EleutherAI's knowledge-neurons: torch.linspace(0, 1, steps), gradients summed, times x / steps.
     nodes = torch.linspace(0, 1, m, dtype=torch.float64) if m > 1 else torch.zeros(1, dtype=torch.float64)
     return nodes, torch.full((m,), 1.0 / m, dtype=torch.float64)
@@ -446,7 +476,7 @@ def integrated_gradients(
     layers: int | Sequence[int] | None = None,
     steps: int = 20,
     baseline: str | Float[Tensor, "layer d_mlp"] = "zero",
-    rule: str = "midpoint",
+    rule: str = "auto",
     site: str = "post",
     max_rows: int | None = None,
     prepend_bos: bool | None = None,
@@ -455,15 +485,18 @@ def integrated_gradients(
     """Integrated gradients of p(gold target | prompt) w.r.t. each MLP neuron at the last prompt position.
 
     `layers`: None for all (or an int / list); `steps`: m, the number of Riemann intervals;
-    `baseline`: "zero" (Dai et al.) or a `[len(layers), d_mlp]` tensor; `rule`: "midpoint" (default),
-    "left" (Dai et al.), "right", "trapezoid" or "linspace" (EleutherAI); `site`: "post" (hook_post,
+    `baseline`: "zero" (Dai et al.) or a `[len(layers), d_mlp]` tensor; `rule`: "auto" (default:
+    "geometric" on models that normalise the MLP output, like Gemma-3, else "midpoint"), "midpoint",
+    "left" (Dai et al.), "right", "trapezoid", "linspace" (EleutherAI) or "geometric"; `site`: "post" (hook_post,
     default) or "pre" (hook_pre); `max_rows`: cap on rows (layer x step pairs) per batched pass
     (default: fit ~1 GiB). Multi-token targets are teacher-forced with the gold tokens and scored by
     the product of their probabilities. See the module docstring for the exact definitions.
     """
     prep = _prepare(model, prompt, target, prepend_bos)
+    chosen = _layers(model, layers)
+    rule = resolve_rule(model, rule, chosen)
     riemann_nodes(steps, rule)  # validate early
-    return _ig_prepared(model, prep, _layers(model, layers), steps, baseline, rule, site, max_rows, progress)
+    return _ig_prepared(model, prep, chosen, steps, baseline, rule, site, max_rows, progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -627,7 +660,7 @@ def knowledge_neurons(
     target_count: tuple[int, int] | None = None,
     layers: int | Sequence[int] | None = None,
     steps: int = 20,
-    rule: str = "midpoint",
+    rule: str = "auto",
     baseline: str = "zero",
     site: str = "post",
     max_rows: int | None = None,
@@ -647,6 +680,7 @@ def knowledge_neurons(
     texts, tgt = _bag(prompts, target)
     chosen = _layers(model, layers)
     preps = [_prepare(model, p, tgt) for p in texts]
+    rule = resolve_rule(model, rule, chosen)
     riemann_nodes(steps, rule)
     attrs = tuple(
         _ig_prepared(model, p, chosen, steps, baseline, rule, site, max_rows, False)

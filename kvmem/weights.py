@@ -96,3 +96,21 @@ def W_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
 def W_U(model) -> Float[Tensor, "d_model d_vocab"]:
     """The unembedding as TransformerLens holds it (final-norm weights folded in if fold_ln was used)."""
     return model.W_U
+
+
+def mlp_post_norm(model, layer: int):
+    """The norm a block applies to its MLP output before the residual add, or None."""
+    block = model.blocks[layer]
+    norm = None
+    if getattr(model.cfg, "use_normalization_before_and_after", False):
+        norm = getattr(block, "ln2_post", None)
+    else:
+        try:
+            from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+        except ImportError:  # pragma: no cover - older TransformerLens
+            POST_NORM_ARCHITECTURES = ()
+        if getattr(model.cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES:
+            norm = getattr(block, "ln2", None)
+    if norm is None or not hasattr(norm, "hook_scale"):
+        return None
+    return norm

@@ -77,3 +77,32 @@ def tiny_gated():
 @pytest.fixture(scope="session", params=["gpt2", "gated"])
 def tiny_model(request):
     return _tiny(request.param)
+
+
+def _tiny_postnorm():
+    """Gemma-2/3-like: RMSNorm before *and after* attention and MLP (ln2_post, with a random gain)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from kvmem.tokenizers import gpt2_tokenizer
+
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257,
+        default_prepend_bos=True, seed=1, dtype=torch.float32, act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True,
+        use_normalization_before_and_after=True, final_rms=True,
+    )
+    model = HookedTransformer(cfg, tokenizer=gpt2_tokenizer())
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        block.ln2_post.w.copy_(0.5 + torch.rand(32, generator=g))
+        block.mlp.b_out.copy_(0.1 * torch.randn(32, generator=g))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_postnorm():
+    """3-layer random Gemma-2/3-like HookedTransformer (norms before and after attention and MLP)."""
+    return _tiny_postnorm()

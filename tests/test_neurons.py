@@ -3,6 +3,8 @@ stated quadrature error bound, refinement, interventions, views and bad input.""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,6 +20,7 @@ from kvmem.neurons import (
     neuron_effect,
     random_neurons,
     refine,
+    resolve_rule,
     riemann_nodes,
     scaling_hooks,
 )
@@ -160,6 +163,34 @@ def test_completeness_error_bound(tiny64, layer):
     # Midpoint at m = 32 is accurate to a small fraction of the total.
     a = integrated_gradients(tiny64, PROMPT, "Paris", layers=layer, steps=16)
     assert abs(float(a.completeness_gap[0])) < 1e-3 * abs(delta)
+
+
+def test_geometric_rule_nodes_and_auto_choice(tiny_gpt2, tiny_postnorm):
+    nodes, weights = riemann_nodes(20, "geometric")
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-12)  # exact for a linear g
+    assert (nodes > 0).all() and (nodes < 1).all() and (nodes.diff() > 0).all() and (weights > 0).all()
+    with pytest.raises(InvalidArgumentError, match="steps >= 2"):
+        riemann_nodes(1, "geometric")
+    assert resolve_rule(tiny_gpt2, "auto") == "midpoint"
+    assert resolve_rule(tiny_postnorm, "auto") == "geometric"
+    assert resolve_rule(tiny_postnorm, "left") == "left"
+    assert integrated_gradients(tiny_postnorm, PROMPT, "Paris", steps=4).rule == "geometric"
+
+
+def test_geometric_rule_converges_where_a_post_mlp_norm_defeats_uniform_nodes(tiny_postnorm):
+    """With a norm after the MLP and outputs far above its eps scale, g(a) = f(a x) is flat on
+    (~1e-3, 1] and steps near a = 0: uniform nodes miss the step entirely (gap = the whole change),
+    log-spaced nodes converge at second order."""
+    model = copy.deepcopy(tiny_postnorm)
+    for block in model.blocks:
+        block.mlp.W_out.mul_(1000.0)
+    rel = {}
+    for rule, m in (("midpoint", 20), ("midpoint", 80), ("geometric", 20), ("geometric", 40), ("geometric", 80)):
+        a = integrated_gradients(model, PROMPT, "Paris", steps=m, rule=rule)
+        rel[rule, m] = (a.completeness_gap.abs() / (a.prob - a.baseline_probs).abs()).max().item()
+    assert rel["midpoint", 20] > 0.9 and rel["midpoint", 80] > 0.9
+    assert rel["geometric", 20] < 0.1
+    assert rel["geometric", 40] < rel["geometric", 20] / 3 and rel["geometric", 80] < rel["geometric", 40] / 3
 
 
 def test_completeness_on_factworld():

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
 from kvmem.weights import check_layer, check_neurons
+from kvmem.weights import mlp_post_norm  # noqa: F401  (re-exported for the memory views)
 
 FinalNorm = Literal["linear", "none"]
 
@@ -76,23 +77,6 @@ def resolve_layers(model, layers: Sequence[int] | int | None) -> list[int]:
         raise LayerOutOfRangeError(f"layers is empty; pass None for all layers 0..{model.cfg.n_layers - 1}.")
     return out
 
-
-def mlp_post_norm(model, layer: int):
-    """The norm a block applies to its MLP output before the residual add, or None."""
-    block = model.blocks[layer]
-    norm = None
-    if getattr(model.cfg, "use_normalization_before_and_after", False):
-        norm = getattr(block, "ln2_post", None)
-    else:
-        try:
-            from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
-        except ImportError:  # pragma: no cover - older TransformerLens
-            POST_NORM_ARCHITECTURES = ()
-        if getattr(model.cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES:
-            norm = getattr(block, "ln2", None)
-    if norm is None or not hasattr(norm, "hook_scale"):
-        return None
-    return norm
 
 
 def post_norm_scale_name(model, layer: int) -> str | None:
