@@ -276,7 +276,34 @@ def cmd_speed(args) -> dict:
         out["speedup_vs_loop"] = out["loop_s"] / t_ours
     if args.completeness:
         out["completeness"] = completeness_rows(model, prompt, target, args.completeness)
+        out["path"] = path_profile(model, prompt, target)
     return out
+
+
+PATH_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1.0)
+
+
+def path_profile(model, prompt: str, target: str) -> dict:
+    """g(a) = p(target) with one layer's last-position neurons scaled by a, on a log-ish grid: where
+    along IG's straight path the probability actually changes."""
+    from kvmem.neurons import _prepare
+    from kvmem.weights import hook_post_name
+
+    prep = _prepare(model, prompt, target)
+    tokens = prep.tokens[None].expand(len(PATH_GRID), -1)
+    grid = torch.tensor(PATH_GRID)
+    out = {}
+    for layer in range(model.cfg.n_layers):
+        def scale(act, hook):
+            act = act.clone()
+            act[:, prep.last_pos] = act[:, prep.last_pos] * grid.to(act)[:, None]
+            return act
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_post_name(model, layer), scale)])
+        logp = logits[:, prep.last_pos].float().log_softmax(-1)[:, prep.target_ids[0]]
+        out[str(layer)] = logp.exp().tolist()
+    return {"grid": list(PATH_GRID), "p_by_layer": out}
 
 
 def completeness_rows(model, prompt: str, target: str, settings: list[str]) -> list[dict]:
@@ -376,6 +403,13 @@ def speed_markdown(name: str, r: dict, command: str) -> str:
             lines.append(f"| {c['rule']}, {c['steps']} | {c['worst_layer']} | {c['worst_gap']:.3g} / "
                          f"{c['worst_delta']:.3g} | {', '.join(map(str, c['layers_gap_over_10pct'])) or 'none'} | "
                          f"{', '.join(c['top5'])} |")
+    if r.get("path"):
+        grid = r["path"]["grid"]
+        lines += ["", "Where along the path the probability changes: p(first target token) with one layer's "
+                  "last-position neurons scaled by a:", "",
+                  "| layer | " + " | ".join(f"a={a:g}" for a in grid) + " |", "|---:" * (len(grid) + 1) + "|"]
+        for layer, ps in r["path"]["p_by_layer"].items():
+            lines.append(f"| {layer} | " + " | ".join(f"{v:.3f}" for v in ps) + " |")
     return "\n".join(lines) + "\n"
 
 
