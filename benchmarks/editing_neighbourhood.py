@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: getattr(args, k) for k in ("model", "stats_tokens", "alt_corpus", "strengths", "kl_factors")}
     if args.clamp_factors:  # only when used, so logs of earlier runs still resume
         settings["clamp_factors"] = args.clamp_factors
-    settings.update(layers=layers, corpus=Path(args.corpus).name, hparams=dataclasses.asdict(hp))
+    # the preset's settings other than its layer (given by --layers) and the layer's provenance note
+    settings.update(layers=layers, corpus=Path(args.corpus).name,
+                    hparams={k: v for k, v in dataclasses.asdict(hp).items() if k not in ("layer", "layer_source")})
     log = RunLog(f"{prefix}.jsonl", settings, restart=args.restart)
     stats_by_layer = {l: stats_variants(model, l, args) for l in layers}
     prefixes = context_prefixes(model, hp)

@@ -353,7 +353,8 @@ def _counterfact_log(model, path, restart, editor_is_default, hp, stats, method,
         )
     settings = {
         "analysis": "counterfact", "model": model_fingerprint(model), "method": method, "unedited": unedited,
-        "hparams": dataclasses.asdict(hp) if hp is not None else None,
+        # layer_source only documents where a preset's layer came from; it changes no number
+        "hparams": {k: v for k, v in dataclasses.asdict(hp).items() if k != "layer_source"} if hp is not None else None,
         "stats": _stats_identity(stats),
         **kw,
     }
