@@ -336,21 +336,7 @@ def compute_rome_edit(
                 "compute_rome_edit needs the key statistics of the edit layer: "
                 f"stats=second_moment(model, {layer}, corpus) (or hparams.mom2_adjustment=False)."
             )
-        if isinstance(stats, SecondMoment):
-            if stats.layer != layer:
-                raise InvalidArgumentError(f"stats are for layer {stats.layer} but the edit goes to layer {layer}.")
-            if stats.model_fingerprint != fp:
-                raise ModelMismatchError(
-                    "stats were computed for different model weights (fingerprint mismatch); "
-                    "recompute them with second_moment(model, layer, corpus)."
-                )
-            stats.check_invertible()
-        elif isinstance(stats, Tensor):
-            if tuple(stats.shape) != (d_mlp, d_mlp):
-                raise InvalidArgumentError(f"stats tensor must be [{d_mlp}, {d_mlp}], got {tuple(stats.shape)}.")
-            check_invertible(stats)
-        else:
-            raise InvalidArgumentError(f"stats must be a SecondMoment or a tensor, got {type(stats).__name__}.")
+        _check_stats(stats, layer, fp, d_mlp)
 
     spec = spec_for(model)
     if prefixes is None:
@@ -485,6 +471,25 @@ def compute_rome_edit(
     )
 
 
+def _check_stats(stats, layer: int, fp: str, d_mlp: int) -> None:
+    """Raise unless `stats` is an invertible C for this layer of this model."""
+    if isinstance(stats, SecondMoment):
+        if stats.layer != layer:
+            raise InvalidArgumentError(f"stats are for layer {stats.layer} but the edit goes to layer {layer}.")
+        if stats.model_fingerprint != fp:
+            raise ModelMismatchError(
+                "stats were computed for different model weights (fingerprint mismatch); "
+                "recompute them with second_moment(model, layer, corpus)."
+            )
+        stats.check_invertible()
+    elif isinstance(stats, Tensor):
+        if tuple(stats.shape) != (d_mlp, d_mlp):
+            raise InvalidArgumentError(f"stats tensor must be [{d_mlp}, {d_mlp}], got {tuple(stats.shape)}.")
+        check_invertible(stats)
+    else:
+        raise InvalidArgumentError(f"stats must be a SecondMoment or a tensor, got {type(stats).__name__}.")
+
+
 def _rank_one(W_out: Tensor, b_out: Tensor, k_star: Tensor, k_update: Tensor, v_star: Tensor,
               stats: SecondMoment | Tensor | None) -> tuple[Tensor, Tensor]:
     """u = C⁻¹k*/‖C⁻¹k*‖ (k* itself without statistics) and Λ with k_updateᵀ(W_out + uΛᵀ) + b_out = v*."""
@@ -521,19 +526,8 @@ def reinsert(model, edit: Edit, stats: SecondMoment | Tensor | None = None, stre
         raise InvalidArgumentError(f"strength must be a positive number, got {strength!r}.")
     if model_fingerprint(model) != edit.model_fingerprint:
         raise ModelMismatchError("This edit was computed for different model weights (fingerprint mismatch).")
-    if isinstance(stats, SecondMoment):
-        if stats.layer != edit.layer:
-            raise InvalidArgumentError(f"stats are for layer {stats.layer} but the edit is at layer {edit.layer}.")
-        if stats.model_fingerprint != edit.model_fingerprint:
-            raise ModelMismatchError("stats were computed for different model weights (fingerprint mismatch).")
-        stats.check_invertible()
-    elif isinstance(stats, Tensor):
-        d_mlp = int(model.cfg.d_mlp)
-        if tuple(stats.shape) != (d_mlp, d_mlp):
-            raise InvalidArgumentError(f"stats tensor must be [{d_mlp}, {d_mlp}], got {tuple(stats.shape)}.")
-        check_invertible(stats)
-    elif stats is not None:
-        raise InvalidArgumentError(f"stats must be a SecondMoment, a tensor or None, got {type(stats).__name__}.")
+    if stats is not None:
+        _check_stats(stats, edit.layer, edit.model_fingerprint, int(model.cfg.d_mlp))
     W = mlp_weights(model, edit.layer)
     W_out = W.W_out.detach().double().cpu()
     b_out = W.b_out.detach().double().cpu() if W.b_out is not None else torch.zeros(W_out.shape[1], dtype=torch.float64)
