@@ -18,6 +18,10 @@ score quantiles, how many facts pass and the false-safe rate P(unsafe | S ≥ τ
 
 Per-fact rows are appended to a JSONL log as they are computed (rerun resumes);
 results: benchmarks/results/diagnose_<model>.json/.md/.csv/.png.
+
+Splitting a run over processes or machines: `--shard I/N` diagnoses every N-th fact into
+diagnose_<model>.shardIofN.jsonl (no summary); `--merge N` joins the shard logs into the run's
+log and summarises the facts in it (as --logged-only). --device cuda runs on a GPU.
 """
 
 from __future__ import annotations
@@ -223,7 +227,7 @@ def _cell(c) -> str:
 def markdown(meta, res) -> str:
     L = [f"# Does localization predict safe editing? ({meta['model']})", "",
          f"`python benchmarks/bench_diagnose.py {' '.join(meta['argv'])}` ({platform.machine()}, "
-         f"{meta['threads']} torch thread(s); {meta['compute_s']:.0f} s of diagnose + edits + evaluation, "
+         f"{meta['threads']} torch thread(s){meta.get('gpu', '')}; {meta['compute_s']:.0f} s of diagnose + edits + evaluation, "
          f"{meta['compute_s'] / max(res['n_facts'], 1):.1f} s per fact; this invocation {meta['wall_s']:.0f} s, "
          f"{meta['resumed']} facts read back from the log). {res['n_facts']} facts from {meta['source']}; "
          f"{res['n_unknown']} unknown to the model (diagnose raised UnknownFactError, skipped); {res['n_used']} used. "
@@ -305,6 +309,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--device", default=None, help="torch device (default: the loader's, i.e. cpu)")
+    ap.add_argument("--shard", default=None, help="I/N: diagnose every N-th fact from the I-th, log only")
+    ap.add_argument("--merge", type=int, default=None, metavar="N",
+                    help="join the N shard logs into the run log, then summarise the logged facts")
+    ap.add_argument("--logged-only", action="store_true", help="summarise the logged facts without computing more")
     args = ap.parse_args(argv)
 
     import pandas as pd
@@ -315,7 +324,10 @@ def main(argv=None):
     from kvmem.editing import RomeHparams, context_prefixes, rome_hparams, second_moment
 
     t0 = time.perf_counter()
-    model = kvmem.load_model(args.model)
+    from kvmem.runs import parse_shard, shard_path, take_shard
+
+    shard = parse_shard(args.shard)
+    model = kvmem.load_model(args.model, device=args.device)
     for p in model.parameters():
         p.requires_grad_(False)
     if args.model == "factworld":
@@ -338,14 +350,30 @@ def main(argv=None):
 
     out = Path(args.out or RESULTS / f"diagnose_{args.model.replace('/', '_')}")
     log = Path(f"{out}.jsonl")
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            done[r["case_id"]] = r
+
+    def read_rows(path: Path) -> dict:
+        rows = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut off by an interruption: recomputed
+                rows[r["case_id"]] = r
+        return rows
+
+    done = read_rows(log)
+    if args.merge:  # rows are keyed by case_id; a fact in two logs keeps the first
+        for i in range(args.merge):
+            for k, r in read_rows(shard_path(log, (i, args.merge))).items():
+                done.setdefault(k, r)
+        log.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    if args.merge or args.logged_only:
+        cases = [c for c in cases if c.case_id in done]
+    cases = take_shard(cases, shard)
+    if shard is not None:
+        log = shard_path(log, shard)
+        done = read_rows(log)
     rows = []
     with log.open("a") as fh:
         for case in tqdm(cases, disable=args.quiet, desc="diagnose + edit"):
@@ -357,11 +385,15 @@ def main(argv=None):
             fh.write(json.dumps(r) + "\n")
             fh.flush()
             rows.append(r)
+    if shard is not None:
+        print(f"shard {args.shard}: {len(rows)} facts in {log}", flush=True)
+        return
     df = pd.DataFrame(rows)
     res = analyse(df, args)
     res["fixed_layer"] = fixed
     meta = {"argv": sys.argv[1:] if argv is None else argv, "model": args.model, "source": source,
             "fixed_layer": fixed, "samples": args.samples, "ig_steps": args.ig_steps, "prefixes": prefixes_spec,
+            "gpu": f", GPU {torch.cuda.get_device_name()}" if str(model.cfg.device).startswith("cuda") else "",
             "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
             "csv": f"{out.name}.csv", "png": f"{out.name}.png", "resumed": len(done),
             "compute_s": float(df["total_s"].fillna(0).sum()) if "total_s" in df else float("nan")}

@@ -10,6 +10,10 @@ ROME's summary table next to ROME's published GPT-2 XL numbers. Results go to
 benchmarks/results/editing.json and .md (or --out PREFIX). Per-record results are logged to
 PREFIX_<model>_records.jsonl as they finish: rerunning the same command resumes (eval_s then
 counts this invocation only); --restart starts over.
+
+Splitting a run over processes or machines: `--shard I/N` evaluates every N-th record into
+PREFIX_<model>_records.shardIofN.jsonl (no summary); `--merge N` joins the N shard logs into the
+run's log and summarises the records in it (as --logged-only). --device cuda runs on a GPU.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from kvmem.resources import peak_rss_mb  # noqa: E402
 
 # --- models and records -------------------------------------------------------------------
 
-def load(name: str):
+def load(name: str, device: str | None = None):
     if name == "tiny":  # a random 3-layer GPT-2-style model: exercises the pipeline only
         import torch
         from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -49,14 +53,14 @@ def load(name: str):
         )
         model = HookedTransformer(cfg, tokenizer=gpt2_tokenizer())
         model.eval()
-        return model
+        return model.to(device) if device else model
     if name == "factworld":
         from kvmem.factworld import factworld_hooked_transformer
 
-        return factworld_hooked_transformer()
+        return factworld_hooked_transformer(device=device)
     import kvmem.models
 
-    return kvmem.models.load_model(name)
+    return kvmem.models.load_model(name, device=device)
 
 
 def factworld_records(n: int, seed: int = 0):
@@ -138,9 +142,13 @@ def run_model(name: str, args) -> dict:
     from kvmem.editing.rome import edit_layer
     from kvmem.evaluation import evaluate_counterfact
 
+    from kvmem.runs import merge_run_logs, parse_shard, shard_path, take_shard
+
     out: dict = {"model": name, "threads": torch.get_num_threads()}
     t = time.perf_counter()
-    model = load(name)
+    model = load(name, args.device)
+    if str(model.cfg.device).startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name()
     for p in model.parameters():
         p.requires_grad_(False)
     out["load_s"] = time.perf_counter() - t
@@ -159,22 +167,38 @@ def run_model(name: str, args) -> dict:
         "convergence": sm.convergence().to_dict(orient="list"), "path": sm.path,
     }
     n_tp = min(args.stats_tokens, args.throughput_tokens)
-    out["plain_forward_tok_s_to_layer"] = plain_forward_tok_s(model, corpus, n_tp, layer)
-    out["plain_forward_tok_s_all_layers"] = plain_forward_tok_s(model, corpus, n_tp, None)
-    if not math.isnan(sm.tokens_per_s):
+    shard = parse_shard(args.shard)
+    if shard is None:
+        out["plain_forward_tok_s_to_layer"] = plain_forward_tok_s(model, corpus, n_tp, layer)
+        out["plain_forward_tok_s_all_layers"] = plain_forward_tok_s(model, corpus, n_tp, None)
+    if not math.isnan(sm.tokens_per_s) and shard is None:
         out["stats_vs_plain_to_layer"] = sm.tokens_per_s / out["plain_forward_tok_s_to_layer"]
         out["stats_vs_plain_all_layers"] = sm.tokens_per_s / out["plain_forward_tok_s_all_layers"]
 
     records, source = records_for(name, args)
+    log_path = Path(f"{args.out}_{name.replace('/', '_')}_records.jsonl")
+    if args.merge:
+        parts = [shard_path(log_path, (i, args.merge)) for i in range(args.merge)]
+        n = merge_run_logs([p for p in parts if p.exists()], log_path)
+        print(f"merged {sum(p.exists() for p in parts)} shard logs into {log_path}: {n} records", flush=True)
+    if args.merge or args.logged_only:
+        done = {json.loads(l)["key"] for l in log_path.read_text().splitlines()[1:]} if log_path.exists() else set()
+        records = [r for r in records if str(r.case_id) in done]
+    records = take_shard(records, shard)
     out["records"] = {"source": source, "n": len(records)}
+    if args.clamp_norm_factor is not None:
+        hp = dataclasses.replace(hp, clamp_norm_factor=args.clamp_norm_factor)
+        out["hparams"] = dataclasses.asdict(hp)
     t = time.perf_counter()
     ev = evaluate_counterfact(
         model, records, stats=sm, hparams=dataclasses.replace(hp, layer=layer),
         generation=args.gen_tokens > 0, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
         seed=args.seed, progress=not args.quiet,
-        log=f"{args.out}_{name.replace('/', '_')}_records.jsonl", restart=args.restart,
+        log=str(shard_path(log_path, shard)), restart=args.restart,
     )
     out["eval_s"] = time.perf_counter() - t
+    if shard is not None:
+        return out
     summ = ev.summary()
     out["summary"] = json.loads(summ.to_json(orient="index"))
     frame = ev.to_frame()
@@ -202,6 +226,8 @@ def markdown(results: list[dict], args) -> str:
         s = r["stats"]
         lines += [f"## {r['model']}", "",
                   f"Edit layer {r['layer']} ({r['layer_source']}); {r['n_contexts']} contexts for k*/v*; "
+                  f"v* norm clamp {r['hparams']['clamp_norm_factor']} x |v_init|; "
+                  + (f"GPU: {r['gpu']}; " if r.get("gpu") else "") +
                   f"records: {r['records']['source']} (n={r['records']['n']}).", "",
                   r["summary_md"], "",
                   f"- time per edit (k*, v*, update; excluding C): mean {r['edit_s_mean']:.2f} s, median {r['edit_s_median']:.2f} s",
@@ -233,12 +259,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=str(RESULTS / "editing"), help="output prefix (.json, .md)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--restart", action="store_true", help="discard the per-record log instead of resuming it")
+    ap.add_argument("--clamp-norm-factor", type=float, default=None, help="override the preset's v* norm clamp")
+    ap.add_argument("--device", default=None, help="torch device (default: the loader's, i.e. cpu)")
+    ap.add_argument("--shard", default=None, help="I/N: evaluate every N-th record from the I-th, log only")
+    ap.add_argument("--merge", type=int, default=None, metavar="N",
+                    help="join the N shard logs into the run log, then summarise the logged records")
+    ap.add_argument("--logged-only", action="store_true", help="summarise the logged records without evaluating more")
     args = ap.parse_args(argv)
     results = []
     for name in args.models:
         print(f"== {name}", flush=True)
         results.append(run_model(name, args))
+        if args.shard is not None:
+            print(f"shard {args.shard}: {results[-1]['records']['n']} records, {results[-1]['eval_s']:.0f} s", flush=True)
+            continue
         print(results[-1]["summary_md"], flush=True)
+    if args.shard is not None:
+        return results
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv, "results": results},

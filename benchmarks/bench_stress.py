@@ -133,6 +133,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--log-dir", default=None, help="JSONL run logs (default: $KVMEM_CACHE/stress_logs); rerun resumes")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--device", default=None, help="torch device (default: the loader's, i.e. cpu)")
     args = ap.parse_args(argv)
 
     import torch
@@ -142,7 +143,7 @@ def main(argv=None):
     from kvmem.stress import stress_edits
 
     t0 = time.perf_counter()
-    model = kvmem.load_model(args.model)
+    model = kvmem.load_model(args.model, device=args.device)
     for p in model.parameters():
         p.requires_grad_(False)
     n_layers = model.cfg.n_layers
@@ -211,6 +212,7 @@ def main(argv=None):
             "n_requests": len(requests), "n_neighborhood": len(neighborhood), "n_known": len(known),
             "hparams": {"layer": layer, "spread": spread, "prefixes": prefixes, "v_num_grad_steps": args.v_steps},
             "stats_tokens": n_tok, "setup_s": setup_s, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if str(model.cfg.device).startswith("cuda") else None,
             "peak_rss_mb": peak_rss_mb(), "results": results, "denominators": denominators,
             "csv": f"{out.name}.csv", "png": f"{out.name}_<variant>.png"}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -221,7 +223,7 @@ def main(argv=None):
 def markdown(meta, table) -> str:
     lines = [f"# Sequential editing stress test: {meta['model']}", "",
              f"`python benchmarks/bench_stress.py {' '.join(meta['argv'])}` ({platform.machine()}, "
-             f"{meta['threads']} torch thread(s)). Requests: {meta['n_requests']} from {meta['source']}; "
+             f"{meta['threads']} torch thread(s)" + (f", GPU {meta['gpu']}" if meta.get('gpu') else "") + f"). Requests: {meta['n_requests']} from {meta['source']}; "
              f"neighbourhood {meta['n_neighborhood']} and known {meta['n_known']} untouched facts; edit layer "
              f"{meta['hparams']['layer']}, spread over {meta['hparams']['spread']}; contexts "
              f"{meta['hparams']['prefixes']}; C from {meta['stats_tokens']} tokens.", "",

@@ -9,7 +9,12 @@ relations). Window 10 (n_layers // 2 on models with fewer than 10 layers), 10 no
 subject embeddings over the chosen facts, as ROME.
 
 The run is resumable: per-fact results go to `benchmarks/results/aie_<model>.jsonl` as they finish;
-rerunning the same command continues. Writes `aie_<model>.json`, `.md` and `aie_<model>.png`.
+rerunning the same command continues. Writes `aie_<model>.json`, `.md` and `aie_<model>.png`
+(`aie_<model>_<tag>.*` with --tag).
+
+Splitting a run over processes or machines: `--shard I/N` traces every N-th chosen fact into
+`aie_<model>.shardIofN.jsonl` (no summary); `--merge N` joins the N shard logs into the run's log
+and summarises the facts in it (as --logged-only). --device runs on a GPU, e.g. --device cuda.
 """
 
 from __future__ import annotations
@@ -67,7 +72,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--logged-only", action="store_true",
                     help="summarise the facts already in the run log (an interrupted run) without tracing more")
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--noise", type=float, default=None,
+                    help="noise std (default: 3 x std of the chosen facts' subject embeddings, as ROME)")
+    ap.add_argument("--choose-only", action="store_true",
+                    help="print how many facts are chosen and the default noise, then stop")
+    ap.add_argument("--tag", default=None, help="suffix of the output names (aie_<model>_<tag>.*)")
+    ap.add_argument("--device", default=None, help="torch device (default: the loader's, i.e. cpu)")
+    ap.add_argument("--shard", default=None, help="I/N: trace every N-th chosen fact from the I-th, log only")
+    ap.add_argument("--merge", type=int, default=None, metavar="N",
+                    help="join the N shard logs into the run log, then summarise the logged facts")
     args = ap.parse_args(argv)
+    from kvmem.runs import log_settings, merge_run_logs, parse_shard, shard_path, take_shard
+
+    shard = parse_shard(args.shard)
 
     import matplotlib
 
@@ -80,30 +97,46 @@ def main(argv: list[str] | None = None) -> dict:
     from kvmem.tracing import average_indirect_effect, noise_level
 
     out = Path(args.out_dir)
-    stem = f"aie_{args.model}"
-    model = kvmem.load_model(args.model)
+    stem = f"aie_{args.model}" + (f"_{args.tag}" if args.tag else "")
+    log_path = out / f"{stem}.jsonl"
+    if args.merge:
+        parts = [shard_path(log_path, (i, args.merge)) for i in range(args.merge)]
+        n_merged = merge_run_logs([p for p in parts if p.exists()], log_path)
+        print(f"merged {sum(p.exists() for p in parts)} shard logs into {log_path}: {n_merged} facts", flush=True)
+        args.logged_only = True
+    model = kvmem.load_model(args.model, device=args.device)
     window = args.window or (10 if model.cfg.n_layers >= 10 else max(1, model.cfg.n_layers // 2))
     facts, scanned, n_correct = choose_facts(model, args.model, args.n_facts, args.scan)
-    noise = noise_level(model, facts)  # over all chosen facts, so a resumed run keeps the same noise
+    # over all chosen facts, so a resumed run keeps the same noise
+    noise = args.noise if args.noise is not None else noise_level(model, facts)
     n_chosen = len(facts)
+    if args.choose_only:
+        print(json.dumps({"facts_chosen": n_chosen, "facts_scanned": scanned, "noise": noise}), flush=True)
+        return {"facts_chosen": n_chosen, "noise": noise}
     if args.logged_only:
         from kvmem.tracing import fact_key
 
-        log_path = out / f"{stem}.jsonl"
         done = {json.loads(l)["key"] for l in log_path.read_text().splitlines()[1:]} if log_path.exists() else set()
         facts = [f for f in facts if fact_key(f) in done]
+        if log_path.exists():
+            # the noise the log was traced with: computed on another device it may differ in the last bits
+            noise = log_settings(log_path).get("noise", noise)
     t0 = time.perf_counter()
     aie = average_indirect_effect(
-        model, facts, window=window, noise=noise, samples=args.samples, seed=args.seed,
-        log=str(out / f"{stem}.jsonl"), restart=args.restart,
+        model, take_shard(facts, shard), window=window, noise=noise, samples=args.samples, seed=args.seed,
+        log=str(shard_path(log_path, shard)), restart=args.restart,
     )
     this_run = time.perf_counter() - t0
-    records = [json.loads(l)["record"] for l in (out / f"{stem}.jsonl").read_text().splitlines()[1:]]
+    if shard is not None:
+        print(f"shard {args.shard}: {aie.n_facts} facts traced, {aie.n_skipped} skipped, {this_run:.0f} s", flush=True)
+        return {"shard": args.shard, "n_facts": aie.n_facts}
+    records = [json.loads(l)["record"] for l in log_path.read_text().splitlines()[1:]]
     fact_seconds = sum(r["seconds"] for r in records)
     summary = {
         "command": "python benchmarks/trace_known_facts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
+                   + (f", {torch.cuda.get_device_name()}" if str(model.cfg.device).startswith("cuda") else ""),
         "model": args.model, "n_layers": model.cfg.n_layers,
         "facts_scanned": scanned, "facts_correct_in_scan": n_correct, "facts_chosen": n_chosen,
         "n_facts": aie.n_facts, "n_skipped": aie.n_skipped, "window": window, "samples": args.samples,
@@ -127,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"correct ones of {scanned} scanned; noise from all {n_chosen}), "
         f"{args.samples} noise samples, noise {aie.noise:.4g}, window {window} for mlp/attn. "
         f"Mean p_clean {aie.p_clean:.3f}, p_corrupt {aie.p_corrupt:.3f}, total effect {aie.total_effect:.3f}. "
-        f"Tracing time {fact_seconds:.0f} s ({fact_seconds / max(1, len(records)):.1f} s per fact).",
+        f"Tracing time {fact_seconds:.0f} s ({fact_seconds / max(1, len(records)):.1f} s per fact"
+        + (f"; summed over facts traced in {args.merge} parallel shards" if args.merge else "") + ").",
         "",
         "Peak AIE by layer (ROME's two sites):",
         "",

@@ -312,7 +312,9 @@ def _run_chunk(model, base, source, interventions, chunk: list[_Row], read: int,
     t0 = chunk[0].start_pos
     first_layer = chunk[0].start_layer
     samples = torch.tensor([r.sample for r in chunk], device=base.resid.device)
-    src_rows = torch.tensor([src_row(r.sample) for r in chunk], device=base.resid.device)
+    # per-row lookups index with Python ints: a 0-d GPU index would sync the device once per site
+    sample_of = [r.sample for r in chunk]
+    src_row_of = [src_row(r.sample) for r in chunk]
 
     # Hook writes, per hook name: restores (from the source), then freezes (base values).
     restores: dict[str, list[tuple[int, int, Tensor]]] = defaultdict(list)
@@ -321,7 +323,7 @@ def _run_chunk(model, base, source, interventions, chunk: list[_Row], read: int,
     for k, r in enumerate(chunk):
         iv = interventions[r.intervention]
         for s in iv.restore:
-            value = source.activation(s.component, s.layer)[src_rows[k], s.position]
+            value = source.activation(s.component, s.layer)[src_row_of[k], s.position]
             if s.component in ("resid_pre", "resid_post") and _entry_index(s) == r.start_layer:
                 entry_writes[k].append((s.position - t0, value))
             else:
@@ -331,7 +333,7 @@ def _run_chunk(model, base, source, interventions, chunk: list[_Row], read: int,
                 continue  # at or below the start: already the base run's value
             if s.layer < r.start_layer or s.position < t0:
                 continue
-            value = base.activation(s.component, s.layer)[samples[k], s.position]
+            value = base.activation(s.component, s.layer)[sample_of[k], s.position]
             freezes[_hook_name(s, n_layers)].append((k, s.position - t0, value))
 
     def as_hook(items):

@@ -127,3 +127,82 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise RunLogError(f"Cannot write {path}: {e}. Choose a writable output folder.") from e
+
+
+# --- splitting one run over several processes or machines -------------------------------------
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` (0 ≤ I < N) → (I, N); None → None. Shard I of N takes items I, I+N, I+2N, ..."""
+    if spec is None:
+        return None
+    try:
+        i, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise InvalidArgumentError(f"Shard {spec!r} is not of the form I/N (e.g. 0/4 for the first of four).") from None
+    if n < 1 or not 0 <= i < n:
+        raise InvalidArgumentError(f"Shard {spec!r}: need I/N with N ≥ 1 and 0 ≤ I < N.")
+    return i, n
+
+
+def take_shard(items: list, shard: tuple[int, int] | None) -> list:
+    """The items of one shard (every N-th, starting at I), or all items when `shard` is None."""
+    return list(items) if shard is None else list(items)[shard[0]::shard[1]]
+
+
+def shard_path(path: str | os.PathLike, shard: tuple[int, int] | None) -> Path:
+    """Where shard I of N logs: ``x.jsonl`` → ``x.shard<I>of<N>.jsonl`` (unchanged without a shard)."""
+    path = Path(path)
+    if shard is None:
+        return path
+    return path.with_name(f"{path.stem}.shard{shard[0]}of{shard[1]}{path.suffix}")
+
+
+def merge_run_logs(parts: list[str | os.PathLike], dest: str | os.PathLike) -> int:
+    """Join the run logs of the shards of one run into one log at `dest`; returns its item count.
+
+    All parts must hold the same settings (else `RunLogError`: they are not one run). An item in
+    several parts must hold the same record there. `dest` may already hold items of the same run
+    (an earlier unsharded or merged part): they are kept. Written atomically.
+    """
+    logs: list[tuple[Path, dict, dict[str, dict]]] = []
+    paths = [Path(p) for p in parts]
+    if Path(dest).exists() and Path(dest).stat().st_size > 0:
+        paths = [Path(dest)] + [p for p in paths if p.resolve() != Path(dest).resolve()]
+    for p in paths:
+        if not p.exists():
+            raise RunLogError(f"Run log {p} does not exist; check the shard paths.")
+        header = _read_header(p)
+        log = RunLog(p, header["settings"])
+        logs.append((p, log.settings, log.records()))
+    if not logs:
+        raise InvalidArgumentError("merge_run_logs needs at least one run log.")
+    settings = logs[0][1]
+    merged: dict[str, dict] = {}
+    for p, s, recs in logs:
+        if s != settings:
+            changed = sorted(k for k in set(s) | set(settings) if s.get(k) != settings.get(k))
+            raise RunLogError(f"{p} holds another run (settings differ: {', '.join(changed)}); it cannot be merged with {logs[0][0]}.")
+        for k, r in recs.items():
+            if k in merged and merged[k] != r:
+                raise RunLogError(f"Item {k!r} has different records in two logs ({p}); they are not one run.")
+            merged[k] = r
+    lines = [{"format": FORMAT, "settings": settings}] + [{"key": k, "record": r} for k, r in merged.items()]
+    write_atomic(dest, "".join(json.dumps(e, default=float) + "\n" for e in lines))
+    return len(merged)
+
+
+def _read_header(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        header = json.loads(first)
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise RunLogError(f"{path} is not a kvmem run log; check the path.")
+    return header
+
+
+def log_settings(path: str | os.PathLike) -> dict:
+    """The settings a run log was started with (its header)."""
+    return _read_header(Path(path))["settings"]

@@ -495,7 +495,8 @@ def stress_edits(
                     break
                 rec = {"kind": "step", "step": n, "index": i, "subject": req.subject, "layer": layer}
                 try:
-                    e = compute_rome_edit(model, req, layer=layer, stats=Cs[layer], hparams=hp, prefixes=prefixes)
+                    e = compute_rome_edit(model, req, layer=layer, stats=Cs[layer], hparams=hp, prefixes=prefixes,
+                                          _fingerprint="")  # like replayed edits: mid-sequence models are unsaved
                 except KvmemError as err:
                     rec.update(skipped=f"{type(err).__name__}: {err}")
                 else:

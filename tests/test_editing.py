@@ -287,6 +287,15 @@ def test_bad_requests_raise_and_leave_model_unchanged(tiny_gpt2, stats_for):
     rank1 = torch.ones(64, 1, dtype=torch.float64) @ torch.ones(1, 64, dtype=torch.float64)
     with pytest.raises(SingularStatisticsError):
         edit(REQUEST, stats=rank1)
+    # a C found invertible once is not re-checked, unless it changed in place since
+    from kvmem.editing.stats import check_invertible
+
+    C = torch.eye(64, dtype=torch.float64)
+    check_invertible(C)
+    check_invertible(C)
+    C[0, 0] = 0.0
+    with pytest.raises(SingularStatisticsError):
+        check_invertible(C)
     with pytest.raises(SingularStatisticsError, match="tokens"):
         few = second_moment(tiny_gpt2, LAYER, CORPUS, n_tokens=20, use_cache=False, progress=False)
         edit(REQUEST, stats=few)

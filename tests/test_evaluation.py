@@ -153,6 +153,20 @@ def test_bench_script_end_to_end_tiny(tmp_path):
     assert "ES" in Path(f"{out}.md").read_text()
     assert res[0]["edit_s_mean"] > 0
 
+    # the same records in two shards (as parallel workers would), merged: the same table
+    common = ["--models", "tiny", "--n-records", "2", "--stats-tokens", "1500", "--throughput-tokens", "500",
+              "--layer", "1", "--gen-prompts", "1", "--gen-tokens", "3", "--cache-dir", str(tmp_path / "c"),
+              "--out", str(tmp_path / "sharded"), "--quiet"]
+    for i in range(2):
+        shard = bench_editing.main(common + ["--shard", f"{i}/2"])
+        assert shard[0]["records"]["n"] == 1 and not Path(f"{tmp_path / 'sharded'}.json").exists()
+    bench_editing.main(common + ["--merge", "2"])
+    merged = json.loads(Path(f"{tmp_path / 'sharded'}.json").read_text())["results"][0]
+    assert merged["records"]["n"] == 2
+    for cond in ("unedited", "ROME"):
+        for m in ("ES", "PS", "NS", "EM", "NM"):
+            assert merged["summary"][cond][m] == pytest.approx(r["summary"][cond][m], abs=1e-9), (cond, m)
+
 
 def test_neighbourhood_ablation_script_tiny(tmp_path, monkeypatch):
     """The NS ablation's reference condition equals a plain ROME edit measured by record_metrics;

@@ -18,6 +18,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -102,9 +103,17 @@ class SecondMoment:
         return pd.DataFrame({"tokens_seen": self.tokens_seen.tolist(), "rel_change": self.rel_change.tolist()})
 
 
+# Tensors already found invertible: (weak reference, version counter, rcond) by id. Sequential
+# edits pass the same C to every edit; its eigenvalues (~0.5 s for d_mlp 2048) need computing once.
+_INVERTIBLE: dict[int, tuple[weakref.ref, int, float]] = {}
+
+
 def check_invertible(C: Tensor, rcond: float = 1e-12, n_tokens: int | None = None) -> None:
     """Raise `SingularStatisticsError` unless C is finite, symmetric positive definite and not
     numerically singular (smallest eigenvalue > rcond × largest)."""
+    seen = _INVERTIBLE.get(id(C))
+    if seen is not None and seen[0]() is C and seen[1] == C._version and seen[2] == rcond:
+        return
     hint = (
         f" It was estimated from {n_tokens} tokens for {C.shape[0]} dimensions; use many more tokens "
         "than d_mlp (n_tokens ≥ 50 × d_mlp is a good start) or pass another corpus."
@@ -121,6 +130,10 @@ def check_invertible(C: Tensor, rcond: float = 1e-12, n_tokens: int | None = Non
             f"The statistics matrix C is singular (eigenvalues {eig[0].item():.3g} .. {eig[-1].item():.3g}), "
             "so C⁻¹k is undefined." + hint
         )
+    if len(_INVERTIBLE) > 256:  # drop entries whose tensors are gone
+        for k in [k for k, v in _INVERTIBLE.items() if v[0]() is None]:
+            del _INVERTIBLE[k]
+    _INVERTIBLE[id(C)] = (weakref.ref(C), C._version, rcond)
 
 
 # --- the corpus as token rows -------------------------------------------------------------

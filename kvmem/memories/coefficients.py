@@ -36,7 +36,7 @@ def memory_sum(
     post-MLP norm where it has one (Gemma 2/3) unless `post_norm=False`: `hook_mlp_out`."""
     layer = check_layer(model, layer)
     w = mlp_weights(model, layer)
-    out = coefficients.to(w.W_out.dtype) @ w.W_out
+    out = coefficients.to(device=w.W_out.device, dtype=w.W_out.dtype) @ w.W_out
     if bias and w.b_out is not None:
         out = out + w.b_out
     norm = mlp_post_norm(model, layer)
