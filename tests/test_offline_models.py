@@ -87,6 +87,26 @@ def test_missing_package_raises_missing_dependency(monkeypatch, key):
         loader()
 
 
+def test_tokenizer_known_answer(tmp_path):
+    """A tokenizer that tokenizes the probe text otherwise than recorded is refused: as a cache
+    (CacheError, so the cache is rebuilt) and right after a conversion (DependencyVersionError:
+    the installed transformers converted it wrongly)."""
+    from kvmem.errors import DependencyVersionError
+    from kvmem.tokenizers import gpt2_tokenizer
+
+    folder = tmp_path / "tok"
+    gpt2_tokenizer().save_pretrained(str(folder))
+    good = dataclasses.replace(om.MODELS[om.SMOLLM2_135M], start_token="<|endoftext|>",
+                               tokenizer_probe=("The twin city", (50256, 464, 15203, 1748)))
+    assert om._load_tokenizer_dir(good, folder)("The twin city")["input_ids"] == [50256, 464, 15203, 1748]
+    om._check_converted_tokenizer(good, folder)
+    bad = dataclasses.replace(good, tokenizer_probe=("The twin city", (50256, 464, 665, 15203, 1748)))
+    with pytest.raises(CacheError, match="known-answer"):
+        om._load_tokenizer_dir(bad, folder)
+    with pytest.raises(DependencyVersionError, match="transformers"):
+        om._check_converted_tokenizer(bad, folder)
+
+
 def test_cache_root_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("KVMEM_CACHE", raising=False)
     assert om.cache_root().parts[-2:] == (".cache", "kvmem")
