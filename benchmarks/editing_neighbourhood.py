@@ -216,8 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--alt-corpus", default=None, help="also C over this text (first --stats-tokens count)")
     ap.add_argument("--strengths", type=float, nargs="*", default=[0.5])
     ap.add_argument("--kl-factors", type=float, nargs="*", default=[])
+    ap.add_argument("--reference-clamp", type=float, default=None,
+                    help="ROME's norm clamp for the reference edit (default: the preset's; the runs committed "
+                    "before the Gemma preset moved to 1 used 4)")
     ap.add_argument("--clamp-factors", type=float, nargs="*", default=[],
-                    help="also re-optimise v* with ROME's norm clamp at these multiples of ||v_init|| (preset: 4)")
+                    help="also re-optimise v* with ROME's norm clamp at these multiples of ||v_init|| (ROME: 4)")
     ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="output prefix (default benchmarks/results/editing_neighbourhood_<model>)")
@@ -240,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     hp = rome_hparams(model)
+    if args.reference_clamp is not None:
+        hp = dataclasses.replace(hp, clamp_norm_factor=args.reference_clamp)
     layers = args.layers or [edit_layer(model, hp)]
     prefix = Path(args.out or RESULTS / f"editing_neighbourhood_{args.model}")
     settings = {k: getattr(args, k) for k in ("model", "stats_tokens", "alt_corpus", "strengths", "kl_factors")}
