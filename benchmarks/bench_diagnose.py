@@ -325,6 +325,8 @@ def main(argv=None):
                     help="join the N shard logs into the run log, then summarise the logged facts")
     ap.add_argument("--logged-only", action="store_true", help="summarise the logged facts without computing more")
     args = ap.parse_args(argv)
+    if args.shard and (args.merge or args.logged_only):
+        ap.error("--shard computes; it does not combine with --merge or --logged-only")
 
     import pandas as pd
     import torch
@@ -368,9 +370,16 @@ def main(argv=None):
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError:
-                    break  # a line cut off by an interruption: recomputed
+                    continue  # a line cut off by an interruption: that fact is recomputed
                 rows[r["case_id"]] = r
         return rows
+
+    def drop_torn_tail(path: Path) -> None:  # so that appended rows start on a line of their own
+        if path.exists():
+            raw = path.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(raw.rfind(b"\n") + 1)
 
     done = read_rows(log)
     if args.merge:  # rows are keyed by case_id; a fact in two logs keeps the first
@@ -380,10 +389,11 @@ def main(argv=None):
         log.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     if args.merge or args.logged_only:
         cases = [c for c in cases if c.case_id in done]
-    cases = take_shard(cases, shard)
-    if shard is not None:
+    if shard is not None:  # this shard's facts, less those the run's own log already holds
+        cases = [c for c in take_shard(cases, shard) if c.case_id not in done]
         log = shard_path(log, shard)
         done = read_rows(log)
+    drop_torn_tail(log)
     rows = []
     with log.open("a") as fh:
         for case in tqdm(cases, disable=args.quiet, desc="diagnose + edit"):

@@ -142,7 +142,7 @@ def run_model(name: str, args) -> dict:
     from kvmem.editing.rome import edit_layer
     from kvmem.evaluation import evaluate_counterfact
 
-    from kvmem.runs import merge_run_logs, parse_shard, shard_path, take_shard
+    from kvmem.runs import logged_keys, merge_run_logs, parse_shard, shard_path, take_shard
 
     out: dict = {"model": name, "threads": torch.get_num_threads()}
     t = time.perf_counter()
@@ -181,11 +181,15 @@ def run_model(name: str, args) -> dict:
         parts = [shard_path(log_path, (i, args.merge)) for i in range(args.merge)]
         n = merge_run_logs([p for p in parts if p.exists()], log_path)
         print(f"merged {sum(p.exists() for p in parts)} shard logs into {log_path}: {n} records", flush=True)
+    n_requested = len(records)
     if args.merge or args.logged_only:
-        done = {json.loads(l)["key"] for l in log_path.read_text().splitlines()[1:]} if log_path.exists() else set()
+        done = logged_keys(log_path)
         records = [r for r in records if str(r.case_id) in done]
-    records = take_shard(records, shard)
-    out["records"] = {"source": source, "n": len(records)}
+    if shard is not None:  # this shard's records, less those the run's own log already holds
+        done = logged_keys(log_path)
+        records = [r for r in take_shard(records, shard) if str(r.case_id) not in done]
+    out["records"] = {"source": source, "n": len(records), "n_requested": n_requested,
+                      "merged_shards": args.merge}
     if args.clamp_norm_factor is not None:
         hp = dataclasses.replace(hp, clamp_norm_factor=args.clamp_norm_factor)
         out["hparams"] = dataclasses.asdict(hp)
@@ -228,7 +232,9 @@ def markdown(results: list[dict], args) -> str:
                   f"Edit layer {r['layer']} ({r['layer_source']}); {r['n_contexts']} contexts for k*/v*; "
                   f"v* norm clamp {r['hparams']['clamp_norm_factor']} x |v_init|; "
                   + (f"GPU: {r['gpu']}; " if r.get("gpu") else "") +
-                  f"records: {r['records']['source']} (n={r['records']['n']}).", "",
+                  f"records: {r['records']['source']} (n={r['records']['n']} of {r['records'].get('n_requested', '?')} requested"
+                  + (f"; evaluated by {r['records']['merged_shards']} parallel processes, whose times per edit "
+                     "include their contention" if r['records'].get('merged_shards') else "") + ").", "",
                   r["summary_md"], "",
                   f"- time per edit (k*, v*, update; excluding C): mean {r['edit_s_mean']:.2f} s, median {r['edit_s_median']:.2f} s",
                   f"- C: {s['n_tokens']} tokens, " + ("loaded from cache" if s["from_cache"] else f"{s['seconds']:.1f} s") + ", "
@@ -266,6 +272,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="join the N shard logs into the run log, then summarise the logged records")
     ap.add_argument("--logged-only", action="store_true", help="summarise the logged records without evaluating more")
     args = ap.parse_args(argv)
+    if args.shard and (args.merge or args.logged_only):
+        ap.error("--shard evaluates; it does not combine with --merge or --logged-only")
+    if args.restart and (args.merge or args.logged_only):
+        ap.error("--restart would discard the log that --merge / --logged-only summarise")
     results = []
     for name in args.models:
         print(f"== {name}", flush=True)

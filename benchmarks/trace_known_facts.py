@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--merge", type=int, default=None, metavar="N",
                     help="join the N shard logs into the run log, then summarise the logged facts")
     args = ap.parse_args(argv)
-    from kvmem.runs import log_settings, merge_run_logs, parse_shard, shard_path, take_shard
+    if args.shard and (args.merge or args.logged_only or args.choose_only):
+        ap.error("--shard traces; it does not combine with --merge, --logged-only or --choose-only")
+    if args.restart and (args.merge or args.logged_only):
+        ap.error("--restart would discard the log that --merge / --logged-only summarise")
+    from kvmem.runs import log_settings, logged_keys, merge_run_logs, parse_shard, shard_path, take_shard
 
     shard = parse_shard(args.shard)
 
@@ -113,17 +117,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.choose_only:
         print(json.dumps({"facts_chosen": n_chosen, "facts_scanned": scanned, "noise": noise}), flush=True)
         return {"facts_chosen": n_chosen, "noise": noise}
-    if args.logged_only:
-        from kvmem.tracing import fact_key
+    from kvmem.tracing import fact_key
 
-        done = {json.loads(l)["key"] for l in log_path.read_text().splitlines()[1:]} if log_path.exists() else set()
+    if args.logged_only:
+        done = logged_keys(log_path)
         facts = [f for f in facts if fact_key(f) in done]
         if log_path.exists():
             # the noise the log was traced with: computed on another device it may differ in the last bits
             noise = log_settings(log_path).get("noise", noise)
+    if shard is not None:  # this shard's facts, less those the run's own log already holds
+        done = logged_keys(log_path)
+        facts = [f for f in take_shard(facts, shard) if fact_key(f) not in done]
+        if not facts:
+            print(f"shard {args.shard}: nothing left to trace", flush=True)
+            return {"shard": args.shard, "n_facts": 0}
     t0 = time.perf_counter()
     aie = average_indirect_effect(
-        model, take_shard(facts, shard), window=window, noise=noise, samples=args.samples, seed=args.seed,
+        model, facts, window=window, noise=noise, samples=args.samples, seed=args.seed,
         log=str(shard_path(log_path, shard)), restart=args.restart,
     )
     this_run = time.perf_counter() - t0
@@ -156,8 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         f"Measured by `{summary['command']}` ({summary['date']}, {summary['machine']}).",
         "",
-        f"{aie.n_facts} facts answered correctly (the first {aie.n_facts} of the {n_chosen} chosen: the first "
-        f"correct ones of {scanned} scanned; noise from all {n_chosen}), "
+        (f"{aie.n_facts} facts answered correctly (the first {aie.n_facts} of the {n_chosen} chosen: the first "
+         if not (args.merge or args.logged_only) else
+         f"{aie.n_facts} facts answered correctly (those the run's log holds, of the {n_chosen} chosen: the first ")
+        + f"correct ones of {scanned} scanned; noise from all {n_chosen}), "
         f"{args.samples} noise samples, noise {aie.noise:.4g}, window {window} for mlp/attn. "
         f"Mean p_clean {aie.p_clean:.3f}, p_corrupt {aie.p_corrupt:.3f}, total effect {aie.total_effect:.3f}. "
         f"Tracing time {fact_seconds:.0f} s ({fact_seconds / max(1, len(records)):.1f} s per fact"

@@ -782,7 +782,11 @@ def _open_cache(spec: OfflineModelSpec, folder: Path, strict: bool) -> tuple[dic
     tmp_dir = folder / f".tokenizer.{os.getpid()}.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
-    _save_tokenizer(spec, tmp_dir)
+    try:
+        _save_tokenizer(spec, tmp_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     os.replace(tmp_dir, tok_dir)
     manifest["tokenizer"] = _hash_files(tok_dir)
     _write_json_atomic(folder / "manifest.json", manifest)

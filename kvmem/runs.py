@@ -160,9 +160,10 @@ def shard_path(path: str | os.PathLike, shard: tuple[int, int] | None) -> Path:
 def merge_run_logs(parts: list[str | os.PathLike], dest: str | os.PathLike) -> int:
     """Join the run logs of the shards of one run into one log at `dest`; returns its item count.
 
-    All parts must hold the same settings (else `RunLogError`: they are not one run). An item in
-    several parts must hold the same record there. `dest` may already hold items of the same run
-    (an earlier unsharded or merged part): they are kept. Written atomically.
+    All parts must hold the same settings (else `RunLogError`: they are not one run). An item
+    computed more than once (a shard rerun after a resume, say) keeps its first record: `dest`'s
+    own items first, then the parts in order (records differ only in their timings). `dest` may
+    already hold items of the same run: they are kept. Written atomically.
     """
     logs: list[tuple[Path, dict, dict[str, dict]]] = []
     paths = [Path(p) for p in parts]
@@ -181,11 +182,10 @@ def merge_run_logs(parts: list[str | os.PathLike], dest: str | os.PathLike) -> i
     for p, s, recs in logs:
         if s != settings:
             changed = sorted(k for k in set(s) | set(settings) if s.get(k) != settings.get(k))
-            raise RunLogError(f"{p} holds another run (settings differ: {', '.join(changed)}); it cannot be merged with {logs[0][0]}.")
+            raise RunLogError(f"{p} and {logs[0][0]} hold different runs (settings differ: {', '.join(changed)}); "
+                              "they cannot be merged.")
         for k, r in recs.items():
-            if k in merged and merged[k] != r:
-                raise RunLogError(f"Item {k!r} has different records in two logs ({p}); they are not one run.")
-            merged[k] = r
+            merged.setdefault(k, r)
     lines = [{"format": FORMAT, "settings": settings}] + [{"key": k, "record": r} for k, r in merged.items()]
     write_atomic(dest, "".join(json.dumps(e, default=float) + "\n" for e in lines))
     return len(merged)
@@ -201,6 +201,21 @@ def _read_header(path: Path) -> dict:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise RunLogError(f"{path} is not a kvmem run log; check the path.")
     return header
+
+
+def logged_keys(path: str | os.PathLike) -> set[str]:
+    """The keys of the items a run log holds (none if it does not exist); reads whole lines only."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    keys = set()
+    for line in raw[: raw.rfind(b"\n") + 1].decode("utf-8").splitlines()[1:]:
+        try:
+            keys.add(json.loads(line)["key"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return keys
 
 
 def log_settings(path: str | os.PathLike) -> dict:

@@ -296,6 +296,9 @@ def test_bad_requests_raise_and_leave_model_unchanged(tiny_gpt2, stats_for):
     C[0, 0] = 0.0
     with pytest.raises(SingularStatisticsError):
         check_invertible(C)
+    with torch.inference_mode():
+        C_inf = torch.eye(64, dtype=torch.float64)
+    check_invertible(C_inf)  # no version counter: checked each time, not memoised
     with pytest.raises(SingularStatisticsError, match="tokens"):
         few = second_moment(tiny_gpt2, LAYER, CORPUS, n_tokens=20, use_cache=False, progress=False)
         edit(REQUEST, stats=few)

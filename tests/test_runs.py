@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from kvmem.errors import InvalidArgumentError
-from kvmem.runs import RunLog, RunLogError, log_settings, merge_run_logs, parse_shard, shard_path, take_shard
+from kvmem.runs import (
+    RunLog,
+    RunLogError,
+    log_settings,
+    logged_keys,
+    merge_run_logs,
+    parse_shard,
+    shard_path,
+    take_shard,
+)
 
 
 def test_parse_shard():
@@ -60,10 +69,12 @@ def test_merge_refuses_other_runs(tmp_path):
     other = _log(tmp_path / "o.jsonl", {**s, "samples": 3}, {"f2": {"x": 2}})
     with pytest.raises(RunLogError, match="samples"):
         merge_run_logs([a, other], tmp_path / "all.jsonl")
-    clash = _log(tmp_path / "c.jsonl", s, {"f1": {"x": 9}})
-    with pytest.raises(RunLogError, match="f1"):
-        merge_run_logs([a, clash], tmp_path / "all.jsonl")
     assert not (tmp_path / "all.jsonl").exists()
+    # an item computed twice (records differ in their timings): the first record is kept
+    again = _log(tmp_path / "c.jsonl", s, {"f1": {"x": 1, "seconds": 9.0}, "f5": {"x": 5}})
+    assert merge_run_logs([a, again], tmp_path / "all.jsonl") == 2
+    assert RunLog(tmp_path / "all.jsonl", s).records()["f1"] == {"x": 1}
+    assert logged_keys(tmp_path / "all.jsonl") == {"f1", "f5"} and logged_keys(tmp_path / "none.jsonl") == set()
     with pytest.raises(RunLogError, match="does not exist"):
         merge_run_logs([tmp_path / "missing.jsonl"], tmp_path / "all.jsonl")
     (tmp_path / "junk.jsonl").write_text("not a log\n")

@@ -15,7 +15,11 @@ export PYTHONPATH=/root/site:$PWD KVMEM_CACHE=/root/kvcache OMP_NUM_THREADS=1 PY
 SUM=${SUMMARY_S:-75}; DEV=${DEVICE:-cuda}
 W=${WORK_S:-$(( ${CALL_T0:-$(date +%s)} + ${BUDGET_S:-585} - $(date +%s) - SUM - 25 ))}
 echo "workers: $W s, summaries: $SUM s"
-R=/root/out; LOG=/root/out/logs; mkdir -p $LOG /root/out/stress_logs
+[ "$W" -ge 60 ] || { echo "only $W s left for the workers: rerun main.sh in a call of its own"; exit 1; }
+# every AIE worker and the merge use the noise prepare.py computed once (a CPU fallback would
+# otherwise compute it in other last bits, and its log could not be merged)
+NOISE=$(cat $R/aie_noise.txt) || exit 1
+R=/root/out; LOG=/root/out/logs; mkdir -p $LOG $R/stress_logs
 T0=$(date +%s)
 worker() {  # name, seconds, script args...
   local name=$1 limit=$2; shift 2
@@ -26,7 +30,7 @@ worker() {  # name, seconds, script args...
     timeout $left python3 "$@" --device cpu >> $LOG/$name.log 2>&1
   fi
 }
-AIE="benchmarks/trace_known_facts.py --model gemma-3-270m --n-facts 100000 --tag all --out-dir $R"
+AIE="benchmarks/trace_known_facts.py --model gemma-3-270m --n-facts 100000 --tag all --out-dir $R --noise $NOISE"
 ED="benchmarks/bench_editing.py --models gemma-3-270m --n-records 250 --stats-tokens 200000 --gen-prompts 2 --quiet"
 DG="benchmarks/bench_diagnose.py --model gemma-3-270m --n-facts 250 --quiet --out $R/diagnose_gemma-3-270m"
 ST="benchmarks/bench_stress.py --model gemma-3-270m --n-edits 200 --every 10 --log-dir $R/stress_logs --quiet"

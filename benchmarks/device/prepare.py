@@ -29,3 +29,14 @@ n_tok = max(20_000, 50 * int(model.cfg.d_mlp))
 for layer in range(10):
     second_moment(model, layer, corpus, n_tokens=n_tok, progress=False)
 print(f"C statistics ready in {time.perf_counter() - t:.0f} s", flush=True)
+
+# The AIE workers' noise (3 x std of the subject embeddings over all chosen known facts), once.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import trace_known_facts  # noqa: E402
+
+out = Path("/root/out")
+out.mkdir(parents=True, exist_ok=True)
+chosen = trace_known_facts.main(["--model", "gemma-3-270m", "--n-facts", "100000", "--choose-only",
+                                 "--device", str(model.cfg.device)])
+(out / "aie_noise.txt").write_text(repr(float(chosen["noise"])))
+print(f"AIE: {chosen['facts_chosen']} known facts chosen, noise {chosen['noise']:.6g}", flush=True)

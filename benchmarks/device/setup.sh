@@ -19,7 +19,7 @@ export CALL_T0=$(date +%s)
 SITE=/root/site; PARTS=/root/parts
 mkdir -p "$SITE" "$PARTS"
 export PYTHONPATH=$SITE:$PWD KVMEM_CACHE=/root/kvcache OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
-case "$1" in
+case "${1:-}" in
   wheels)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .dev/whl/*.whl || exit 1
@@ -29,7 +29,7 @@ case "$1" in
     if [ "${SMOKE:-1}" = 1 ]; then bash benchmarks/device/smoke.sh cuda; fi  # every batch script on the fact world, ~30 s
     ;;
   piece)
-    cp .dev/c$2/* "$PARTS"/ && ls -la "$PARTS"
+    cp .dev/c${2:?piece number}/* "$PARTS"/ && ls -la "$PARTS"
     ;;
   finish)
     cat "$PARTS"/gp.* > /root/gemma_pkgs.tar && sha256sum -c .dev/gemma_pkgs.sha256 || exit 1

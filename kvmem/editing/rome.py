@@ -127,8 +127,8 @@ PRESETS: dict[str, RomeHparams] = {
     "gemma-3-270m": RomeHparams(
         layer=4, prefixes=((5, 5), (10, 5)), clamp_norm_factor=1.0,
         layer_source="causal-tracing MLP peak at the last subject token (window-10 AIE over known facts, "
-        "benchmarks/results/aie_gemma-3-270m.md); on 20 CounterFact records ES/PS/NS 100/97.5/47.5 here vs "
-        "100/95/49.5 at layer 5 (benchmarks/results/editing_neighbourhood_gemma-3-270m*.md)",
+        "benchmarks/results/aie_gemma-3-270m.md); norm clamp 1 from the NS ablation at layer 5 "
+        "(benchmarks/results/editing_neighbourhood_gemma-3-270m_clamp.md)",
     ),
     # The fact world's facts are looked up by MLP 0 at the subject's last token (its training funnels
     # recall there); single-layer MLP tracing finds that layer (tests/test_editing_factworld.py).

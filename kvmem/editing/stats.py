@@ -105,13 +105,16 @@ class SecondMoment:
 
 # Tensors already found invertible: (weak reference, version counter, rcond) by id. Sequential
 # edits pass the same C to every edit; its eigenvalues (~0.5 s for d_mlp 2048) need computing once.
+# In-place changes bump the version counter and force a new check (writes through `.data` or a
+# NumPy view do not: do not change C that way). Inference-mode tensors have no counter: never memoised.
 _INVERTIBLE: dict[int, tuple[weakref.ref, int, float]] = {}
 
 
 def check_invertible(C: Tensor, rcond: float = 1e-12, n_tokens: int | None = None) -> None:
     """Raise `SingularStatisticsError` unless C is finite, symmetric positive definite and not
     numerically singular (smallest eigenvalue > rcond × largest)."""
-    seen = _INVERTIBLE.get(id(C))
+    memo = not C.is_inference()
+    seen = _INVERTIBLE.get(id(C)) if memo else None
     if seen is not None and seen[0]() is C and seen[1] == C._version and seen[2] == rcond:
         return
     hint = (
@@ -130,6 +133,8 @@ def check_invertible(C: Tensor, rcond: float = 1e-12, n_tokens: int | None = Non
             f"The statistics matrix C is singular (eigenvalues {eig[0].item():.3g} .. {eig[-1].item():.3g}), "
             "so C⁻¹k is undefined." + hint
         )
+    if not memo:
+        return
     if len(_INVERTIBLE) > 256:  # drop entries whose tensors are gone
         for k in [k for k, v in _INVERTIBLE.items() if v[0]() is None]:
             del _INVERTIBLE[k]
