@@ -159,3 +159,43 @@ def test_helpers():
     assert normalized_entropy(torch.tensor([1.0, 0.0, 0.0])) == 0.0
     assert normalized_entropy(torch.full((4,), 0.25)) == pytest.approx(1.0)
     assert normalized_entropy(torch.zeros(3)) == 1.0
+
+
+@pytest.mark.slow
+def test_bench_script_sharded_equals_one_run(tmp_path):
+    """benchmarks/bench_diagnose.py: two shards merged give the rows of one unsharded run."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import bench_diagnose
+    finally:
+        sys.path.pop(0)
+    common = ["--model", "factworld", "--n-facts", "3", "--n-unrelated", "4", "--samples", "2", "--ig-steps", "3",
+              "--bootstrap", "10", "--stats-tokens", "3000", "--quiet"]
+    bench_diagnose.main(common + ["--out", str(tmp_path / "one")])
+    for i in range(2):
+        bench_diagnose.main(common + ["--out", str(tmp_path / "sh"), "--shard", f"{i}/2"])
+    assert not (tmp_path / "sh.md").exists()
+    bench_diagnose.main(common + ["--out", str(tmp_path / "sh"), "--merge", "2"])
+
+    def rows(path):
+        out = {}
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            out[r["case_id"]] = {k: v for k, v in r.items() if not k.endswith("_s")}  # timings differ
+        return out
+
+    one, merged = rows(tmp_path / "one.jsonl"), rows(tmp_path / "sh.jsonl")
+    assert sorted(one) == sorted(merged) == [0, 1, 2]
+    for k in one:
+        for col, v in one[k].items():
+            w = merged[k][col]
+            if isinstance(v, float) and not math.isnan(v):
+                assert w == pytest.approx(v, rel=1e-6, abs=1e-9), (k, col)
+            elif not (isinstance(v, float) and math.isnan(v)):
+                assert w == v, (k, col)
+    assert "Mean outcomes" in (tmp_path / "sh.md").read_text()
