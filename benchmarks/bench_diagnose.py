@@ -319,14 +319,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--device", default=None, help="torch device (default: the loader's, i.e. cpu)")
-    ap.add_argument("--shard", default=None, help="I/N: diagnose every N-th fact from the I-th, log only")
-    ap.add_argument("--merge", type=int, default=None, metavar="N",
-                    help="join the N shard logs into the run log, then summarise the logged facts")
-    ap.add_argument("--logged-only", action="store_true", help="summarise the logged facts without computing more")
+    from kvmem.runs import add_shard_arguments, check_shard_arguments
+
+    add_shard_arguments(ap, "facts")
     args = ap.parse_args(argv)
-    if args.shard and (args.merge or args.logged_only):
-        ap.error("--shard computes; it does not combine with --merge or --logged-only")
+    check_shard_arguments(ap, args)
 
     import pandas as pd
     import torch

@@ -266,16 +266,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--restart", action="store_true", help="discard the per-record log instead of resuming it")
     ap.add_argument("--clamp-norm-factor", type=float, default=None, help="override the preset's v* norm clamp")
-    ap.add_argument("--device", default=None, help="torch device (default: the loader's, i.e. cpu)")
-    ap.add_argument("--shard", default=None, help="I/N: evaluate every N-th record from the I-th, log only")
-    ap.add_argument("--merge", type=int, default=None, metavar="N",
-                    help="join the N shard logs into the run log, then summarise the logged records")
-    ap.add_argument("--logged-only", action="store_true", help="summarise the logged records without evaluating more")
+    from kvmem.runs import add_shard_arguments, check_shard_arguments
+
+    add_shard_arguments(ap, "records")
     args = ap.parse_args(argv)
-    if args.shard and (args.merge or args.logged_only):
-        ap.error("--shard evaluates; it does not combine with --merge or --logged-only")
-    if args.restart and (args.merge or args.logged_only):
-        ap.error("--restart would discard the log that --merge / --logged-only summarise")
+    check_shard_arguments(ap, args)
     results = []
     for name in args.models:
         print(f"== {name}", flush=True)

@@ -133,7 +133,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--log-dir", default=None, help="JSONL run logs (default: $KVMEM_CACHE/stress_logs); rerun resumes")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--device", default=None, help="torch device (default: the loader's, i.e. cpu)")
+    ap.add_argument("--device", default=None, help="torch device (default: TransformerLens's choice, cuda when available)")
     args = ap.parse_args(argv)
 
     import torch

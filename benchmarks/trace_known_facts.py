@@ -69,24 +69,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--restart", action="store_true")
-    ap.add_argument("--logged-only", action="store_true",
-                    help="summarise the facts already in the run log (an interrupted run) without tracing more")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--noise", type=float, default=None,
                     help="noise std (default: 3 x std of the chosen facts' subject embeddings, as ROME)")
     ap.add_argument("--choose-only", action="store_true",
                     help="print how many facts are chosen and the default noise, then stop")
     ap.add_argument("--tag", default=None, help="suffix of the output names (aie_<model>_<tag>.*)")
-    ap.add_argument("--device", default=None, help="torch device (default: the loader's, i.e. cpu)")
-    ap.add_argument("--shard", default=None, help="I/N: trace every N-th chosen fact from the I-th, log only")
-    ap.add_argument("--merge", type=int, default=None, metavar="N",
-                    help="join the N shard logs into the run log, then summarise the logged facts")
+    from kvmem.runs import (
+        add_shard_arguments, check_shard_arguments, log_settings, logged_keys, merge_run_logs, parse_shard,
+        shard_path, take_shard,
+    )
+
+    add_shard_arguments(ap, "facts")
     args = ap.parse_args(argv)
-    if args.shard and (args.merge or args.logged_only or args.choose_only):
-        ap.error("--shard traces; it does not combine with --merge, --logged-only or --choose-only")
-    if args.restart and (args.merge or args.logged_only):
-        ap.error("--restart would discard the log that --merge / --logged-only summarise")
-    from kvmem.runs import log_settings, logged_keys, merge_run_logs, parse_shard, shard_path, take_shard
+    check_shard_arguments(ap, args)
+    if args.shard and args.choose_only:
+        ap.error("--shard traces; it does not combine with --choose-only")
 
     shard = parse_shard(args.shard)
 
