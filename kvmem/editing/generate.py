@@ -11,6 +11,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kvmem.errors import InvalidArgumentError
+from kvmem.mlp_layout import pretransposed_mlps
 from kvmem.readout import final_logits
 
 
@@ -43,14 +44,16 @@ def sample_tokens(
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, n)
     tokens = prompt.to(device)[None].expand(n, -1).contiguous()
     n_layers = model.cfg.n_layers
-    for i in range(max_new_tokens):
-        # an explicit all-ones mask: no token is ever treated as padding
-        resid = model(tokens, stop_at_layer=n_layers, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
-        logits = final_logits(model, resid[:, -1]).float()
-        top, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-        probs = top.softmax(-1).cpu()
-        choice = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        nxt = idx.cpu().gather(1, choice[:, None])[:, 0]
-        out[:, i] = nxt
-        tokens = nxt[:, None].to(device)
+    # one token per forward: TransformerLens's per-call weight copies would dominate (bit-identical without)
+    with pretransposed_mlps(model):
+        for i in range(max_new_tokens):
+            # an explicit all-ones mask: no token is ever treated as padding
+            resid = model(tokens, stop_at_layer=n_layers, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
+            logits = final_logits(model, resid[:, -1]).float()
+            top, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+            probs = top.softmax(-1).cpu()
+            choice = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            nxt = idx.cpu().gather(1, choice[:, None])[:, 0]
+            out[:, i] = nxt
+            tokens = nxt[:, None].to(device)
     return out
