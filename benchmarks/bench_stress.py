@@ -84,7 +84,10 @@ def counterfact_setup(model, args):
 def denominator_ratios(model, requests, stats, hp, n: int) -> dict:
     """On the UNEDITED model, for n requests: both update variants share u = C⁻¹k*/‖C⁻¹k*‖ and δ, so
     ‖Λ_rome‖ / ‖Λ_r-rome‖ = (uᵀk*) / (uᵀk_p) exactly: how much the reference code's plain-prompt key in
-    the denominator inflates (> 1) or shrinks (< 1) each update, and cos(k_p, k*)."""
+    the denominator inflates (> 1) or shrinks (< 1) each update, and cos(k_p, k*).
+
+    The ratio does not depend on δ, so v* is not optimised (one step, no gradient): each variant
+    costs one forward pass, and its Edit carries the key its update uses (k* or k_p) and u."""
     import dataclasses
 
     import torch
@@ -95,14 +98,16 @@ def denominator_ratios(model, requests, stats, hp, n: int) -> dict:
     prefixes = context_prefixes(model, hp)
     ratios, cosines = [], []
     for req in requests[:n]:
+        keys = {}
         try:
-            ea = compute_rome_edit(model, req, stats=stats[hp.layer].C, hparams=dataclasses.replace(hp, update_key="averaged"),
-                                   prefixes=prefixes)
-            ep = compute_rome_edit(model, req, stats=stats[hp.layer].C, hparams=dataclasses.replace(hp, update_key="prompt"),
-                                   prefixes=prefixes)
+            for variant in ("averaged", "prompt"):
+                keys[variant] = compute_rome_edit(
+                    model, req, stats=stats[hp.layer].C, prefixes=prefixes, _fingerprint="",
+                    hparams=dataclasses.replace(hp, update_key=variant, v_num_grad_steps=1))
         except KvmemError:
             continue
-        ratios.append(float(ep.lam.norm() / ea.lam.norm()))
+        ea, ep = keys["averaged"], keys["prompt"]
+        ratios.append(float((ea.u @ ea.k_star) / (ea.u @ ep.k_star)))
         cosines.append(float(torch.nn.functional.cosine_similarity(ea.k_star, ep.k_star, dim=0)))
     r, c = torch.tensor(ratios, dtype=torch.float64), torch.tensor(cosines, dtype=torch.float64)
     q = lambda t, x: float(t.quantile(x)) if t.numel() else float("nan")  # noqa: E731

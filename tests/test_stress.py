@@ -70,6 +70,31 @@ def test_rome_update_key_variants(tiny_gpt2, stats):
         RomeHparams(update_key="other")
 
 
+def test_bench_denominator_ratio_without_optimising_v(tiny_gpt2, stats):
+    """benchmarks/bench_stress.py reads ‖Λ_ROME‖/‖Λ_r-ROME‖ off the keys alone; equal to the ratio
+    of the full edits' Λ norms (which share δ)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_stress
+    finally:
+        sys.path.pop(0)
+    hp = RomeHparams(**{**FAST.__dict__, "layer": 1})
+    got = bench_stress.denominator_ratios(tiny_gpt2, REQUESTS[:3], stats, hp, 3)
+    prefixes = context_prefixes(tiny_gpt2, hp)
+    full = []
+    for req in REQUESTS[:3]:
+        ea = compute_rome_edit(tiny_gpt2, req, stats=stats[1], hparams=hp, prefixes=prefixes)
+        ep = compute_rome_edit(tiny_gpt2, req, stats=stats[1], prefixes=prefixes,
+                               hparams=RomeHparams(**{**hp.__dict__, "update_key": "prompt"}))
+        full.append(float(ep.lam.norm() / ea.lam.norm()))
+    assert got["n"] == 3
+    assert got["ratio_median"] == pytest.approx(sorted(full)[1], rel=1e-6)
+    assert got["ratio_max"] == pytest.approx(max(full), rel=1e-6)
+
+
 def test_stress_restores_weights_and_reports(tiny_gpt2, stats):
     before = _weights(tiny_gpt2)
     res = _run(tiny_gpt2, stats, method="rome", layers=list(LAYERS))
