@@ -310,7 +310,8 @@ def diagnose(
     p_clean, p_corrupt, single, windowed, mem_s, mem_l = [], [], [], [], [], []
     for f in use:
         for w, out in ((1, single), (window, windowed)):
-            tr = causal_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed)
+            tr = causal_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed,
+                              positions="subject_last")  # only that column is read
             out.append(tr.indirect_effect[:, tr.subject.last].double())
         p_clean.append(tr.p_clean)
         p_corrupt.append(tr.p_corrupt)

@@ -310,12 +310,12 @@ def _prepare(model, fact: Fact, require_target: bool = False) -> _Prepared:
     return _Prepared(tf, clean, answer_id, model.tokenizer.decode([answer_id]), correct, p_clean)
 
 
-def _interventions(kind: str, window: int, n_layers: int, n_pos: int, sever: str | None) -> list[Intervention]:
+def _interventions(kind: str, window: int, n_layers: int, positions: Sequence[int], sever: str | None) -> list[Intervention]:
     component = COMPONENT_OF_KIND[kind]
     out = []
     for layer in range(n_layers):
         layers = range(layer, layer + 1) if window == 1 else window_layers(layer, window, n_layers)
-        for pos in range(n_pos):
+        for pos in positions:
             restore = tuple(Site(component, l, pos) for l in layers)
             freeze = ()
             if sever is not None:
@@ -335,7 +335,9 @@ def _trace_prepared(
     max_batch: int | None,
     memory_budget: int,
     progress: bool,
+    positions: Sequence[int] | None = None,
 ) -> list[CausalTrace]:
+    """`positions`: the token positions to restore (default all); the other cells are NaN."""
     tf = prep.tf
     subject = range(tf.subject.start, tf.subject.end)
     corrupt = record_run(
@@ -343,15 +345,18 @@ def _trace_prepared(
     )
     metric = _answer_probability(prep.answer_id)
     n_layers, n_pos = model.cfg.n_layers, tf.n_tokens
+    positions = list(range(n_pos)) if positions is None else list(positions)
     cells: list[Intervention] = []
     for kind, window, sever in kinds:
-        cells += _interventions(kind, window, n_layers, n_pos, sever)
+        cells += _interventions(kind, window, n_layers, positions, sever)
     values = run_interventions(
         model, corrupt, prep.clean, cells, metric, max_batch=max_batch,
         memory_budget=memory_budget, progress=progress,
     )
     p_corrupt = float(metric(corrupt.final_logits(model)).float().mean())
-    per_kind = values.mean(dim=1).reshape(len(kinds), n_layers, n_pos)
+    traced = values.mean(dim=1).reshape(len(kinds), n_layers, len(positions))
+    per_kind = torch.full((len(kinds), n_layers, n_pos), float("nan"), dtype=traced.dtype, device=traced.device)
+    per_kind[:, :, positions] = traced
     return [
         CausalTrace(
             kind=kind, scores=per_kind[k].cpu(), p_clean=prep.p_clean, p_corrupt=p_corrupt,
@@ -379,6 +384,7 @@ def causal_trace(
     max_batch: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    positions: Sequence[int] | str | None = None,
 ) -> CausalTrace:
     """Trace one fact: restore each (layer, token) of `kind` in the noise-corrupted runs.
 
@@ -388,7 +394,9 @@ def causal_trace(
     `noise_level(model, facts)` over a data set to match ROME). `sever="mlp"` / `"attn"` (with
     kind="resid") holds that sublayer's outputs at the restored token at their corrupted values.
     The answer is `fact.target_true`'s first token if given (`correct` says whether the model's top
-    token agrees), otherwise the model's top token.
+    token agrees), otherwise the model's top token. `positions`: restore only these token
+    positions, or "subject_last" (the other cells of `scores` are NaN); the cost is proportional
+    to the number of positions, so one column costs ~1/n_tokens of the full grid.
     """
     _check_common(model, samples, noise, seed)
     _check_kind(model, kind, window)
@@ -399,12 +407,29 @@ def causal_trace(
             raise InvalidArgumentError("Severed tracing restores the residual: use kind='resid' with sever=....")
         _check_kind(model, sever, 1)
     prep = _prepare(model, fact)
+    positions = _positions(prep, positions)
     if noise is None:
         noise = noise_level(model, [fact])
     (trace,) = _trace_prepared(
-        model, prep, [(kind, window, sever)], noise, samples, seed, max_batch, memory_budget, progress
+        model, prep, [(kind, window, sever)], noise, samples, seed, max_batch, memory_budget, progress, positions
     )
     return trace
+
+
+def _positions(prep: _Prepared, positions) -> list[int] | None:
+    if positions is None:
+        return None
+    n_pos = prep.tf.n_tokens
+    if isinstance(positions, str):
+        if positions != "subject_last":
+            raise InvalidArgumentError(f"positions must be token indices or 'subject_last', got {positions!r}.")
+        return [prep.tf.subject.last]
+    out = list(positions)
+    if not out or any(isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n_pos for p in out):
+        raise InvalidArgumentError(f"positions must be distinct token indices in [0, {n_pos}) for this prompt, got {positions!r}.")
+    if len(set(out)) != len(out):
+        raise InvalidArgumentError(f"positions repeat an index: {positions!r}.")
+    return out
 
 
 def trace_all(

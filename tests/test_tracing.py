@@ -95,6 +95,23 @@ def test_trace_all_shares_runs_and_matches_single_traces(tiny_gated):
     assert both["resid"].window == 1 and both["mlp"].window == 2
 
 
+def test_positions_trace_only_those_columns(tiny_model):
+    """The subject-last column alone (diagnose's use) and any chosen columns equal the full grid's,
+    against the plain per-cell loop; the other cells are NaN."""
+    full, p_clean, p_corrupt = naive_trace(tiny_model, FACT, "mlp", 2, 0.4, 2, 3)
+    last = causal_trace(tiny_model, FACT, kind="mlp", window=2, noise=0.4, samples=2, seed=3, positions="subject_last")
+    s = last.subject.last
+    assert_probs_close(last.scores[:, s], full[:, s])
+    assert torch.isnan(last.scores[:, [t for t in range(full.shape[1]) if t != s]]).all()
+    assert_probs_close(last.p_corrupt, p_corrupt)
+    two = causal_trace(tiny_model, FACT, kind="resid", noise=0.4, samples=2, seed=3, positions=[0, 4])
+    ref, _, _ = naive_trace(tiny_model, FACT, "resid", 1, 0.4, 2, 3)
+    assert_probs_close(two.scores[:, [0, 4]], ref[:, [0, 4]])
+    for bad in ([], [99], [1, 1], "last", [True]):
+        with pytest.raises(InvalidArgumentError, match="positions"):
+            causal_trace(tiny_model, FACT, kind="mlp", noise=0.4, samples=2, positions=bad)
+
+
 def test_zero_noise_gives_clean_everywhere(tiny_model):
     tr = causal_trace(tiny_model, FACT, kind="mlp", window=2, noise=0.0, samples=2)
     assert_probs_close(tr.p_corrupt, tr.p_clean)
