@@ -2,7 +2,7 @@
 layer and at a fixed layer, each edit alone.
 
     python benchmarks/bench_diagnose.py --model factworld --n-facts 100
-    python benchmarks/bench_diagnose.py --model gemma-3-270m --n-facts 100
+    python benchmarks/bench_diagnose.py --model gemma-3-270m --n-facts 100 --source pararel
 
 Per fact: the diagnostic (causal-trace MLP effect by layer at the last subject token, memory view,
 knowledge neurons over the paraphrases; localization score S = sqrt(concentration × Jaccard)),
@@ -16,8 +16,15 @@ most 0.05. Reported: Spearman ρ of the score (and its parts) with each outcome,
 percentile bootstrap CIs (2,000 resamples of facts); for the criterion "S ≥ τ" at τ = the 25/50/75%
 score quantiles, how many facts pass and the false-safe rate P(unsafe | S ≥ τ) next to the base rate.
 
-Per-fact rows are appended to a JSONL log as they are computed (rerun resumes);
-results: benchmarks/results/diagnose_<model>.json/.md/.csv/.png.
+Facts for a model other than factworld: `--source counterfact` takes the CounterFact dev records
+(Gemma-3-270m answers only ~7% of them top-1, and diagnose skips facts the model does not know);
+`--source pararel` builds CounterFact-style records from PARAREL facts the model knows
+(kvmem.data.pararel_counterfact: the prompt and at least one paraphrase answered top-1; target_new
+another object of the relation; neighbours: other subjects with the same relation and object).
+
+Per-fact rows go to a run log (kvmem.runs.RunLog: a settings header, one line per fact) as they are
+computed; a rerun resumes, a rerun with other settings is refused (--restart starts over).
+Results: benchmarks/results/diagnose_<model>[_pararel].json/.md/.csv/.png.
 
 Splitting a run over processes or machines: `--shard I/N` diagnoses every N-th fact into
 diagnose_<model>.shardIofN.jsonl (no summary); `--merge N` joins the shard logs into the run's
@@ -72,16 +79,65 @@ def factworld_cases(args):
     return cases, unrelated, sents, 1
 
 
+def known_unrelated(model, args):
+    from kvmem.data import load_known_facts
+    from kvmem.recall import fact_recall
+
+    known = load_known_facts(args.known)[: 4 * args.n_unrelated]
+    ok = fact_recall(model, known).known.tolist()
+    return [f for f, k in zip(known, ok) if k][: args.n_unrelated]
+
+
 def counterfact_cases(model, args):
-    from kvmem.data import load_counterfact, load_known_facts
+    from kvmem.data import load_counterfact
+    from kvmem.editing import rome_hparams
+
+    cases = load_counterfact(args.counterfact)[: args.n_facts]
+    return cases, known_unrelated(model, args), args.corpus, rome_hparams(model).layer
+
+
+# many-to-many relations (borders, diplomatic relations, twin cities): "the" answer is one of many
+PARAREL_SKIP = ("P47", "P530", "P190")
+
+
+def pararel_cases(model, args):
+    """CounterFact-style records from PARAREL facts the model knows (kvmem.data.pararel_counterfact):
+    relations taken in turn, bags shuffled (seeded); a record is used when the model answers its
+    prompt and at least one paraphrase top-1 and it has ≥ 3 neighbourhood prompts."""
+    import dataclasses
+    import itertools
+
+    from kvmem.data import load_pararel, pararel_counterfact
     from kvmem.editing import rome_hparams
     from kvmem.recall import fact_recall
 
-    cases = load_counterfact(args.counterfact)[: args.n_facts]
-    known = load_known_facts(args.known)[: 4 * args.n_unrelated]
-    ok = fact_recall(model, known).known.tolist()
-    unrelated = [f for f, k in zip(known, ok) if k][: args.n_unrelated]
-    return cases, unrelated, args.corpus, rome_hparams(model).layer
+    bags = [b for b in load_pararel(args.pararel, min_prompts=3) if b.relation not in PARAREL_SKIP]
+    by_rel: dict[str, list] = {}
+    for r in pararel_counterfact(bags, seed=args.seed):
+        if len(r.neighborhood_prompts) >= 3:
+            by_rel.setdefault(r.request.relation_id, []).append(r)
+    rng = random.Random(args.seed)
+    for rs in by_rel.values():
+        rng.shuffle(rs)
+    order = [r for group in itertools.zip_longest(*by_rel.values()) for r in group if r is not None]
+    cases, scanned = [], 0
+    for i in range(0, len(order), 64):
+        if len(cases) >= args.n_facts:
+            break
+        chunk = order[i : i + 64]
+        facts = [f for r in chunk for f in [r.request] + [r.request.__class__(p, r.subject, target_true=r.request.target_true)
+                                                          for p in r.paraphrase_prompts]]
+        known = iter(fact_recall(model, facts, batch_size=32).known.tolist())
+        for r in chunk:
+            k = [next(known) for _ in range(1 + len(r.paraphrase_prompts))]
+            if k[0] and any(k[1:]) and len(cases) < args.n_facts:
+                # paraphrases the model answers first, so --max-paraphrases keeps usable ones (PS uses all)
+                order = sorted(range(len(r.paraphrase_prompts)), key=lambda j: not k[1 + j])
+                cases.append(dataclasses.replace(r, paraphrase_prompts=tuple(r.paraphrase_prompts[j] for j in order)))
+        scanned += len(chunk)
+    print(f"PARAREL: {len(cases)} known facts from {scanned} scanned records of {len(by_rel)} relations", flush=True)
+    args.pararel_scanned = scanned
+    return cases, known_unrelated(model, args), args.corpus, rome_hparams(model).layer
 
 
 # --- statistics ----------------------------------------------------------------------------
@@ -138,7 +194,8 @@ def run_case(model, case, unrelated, stats_for, hp, prefixes, fixed_layer, args)
            "target_new": req.target_new}
     t = time.perf_counter()
     try:
-        loc = kvmem.diagnose(model, fact, list(case.paraphrase_prompts), samples=args.samples, steps=args.ig_steps)
+        paraphrases = list(case.paraphrase_prompts)[: args.max_paraphrases]
+        loc = kvmem.diagnose(model, fact, paraphrases, samples=args.samples, steps=args.ig_steps)
     except UnknownFactError as e:
         row.update(unknown=True, error=str(e))
         return row
@@ -241,7 +298,9 @@ def markdown(meta, res) -> str:
          f"{res['n_unknown']} unknown to the model (diagnose raised UnknownFactError, skipped); {res['n_used']} used. "
          f"Fixed layer {meta['fixed_layer']}; diagnosed layer = causal-tracing MLP peak at the last subject token "
          f"(counts: {res['peak_layer_counts']}; equal to the fixed layer for {res['diagnosed_equals_fixed']:.0%}). "
-         f"Diagnose: {meta['samples']} noise samples, {meta['ig_steps']} IG steps; edits: contexts {meta['prefixes']}.", "",
+         f"Diagnose: {meta['samples']} noise samples, {meta['ig_steps']} IG steps"
+         + (f", at most {meta['max_paraphrases']} paraphrases per fact" if meta.get("max_paraphrases") else "")
+         + f"; edits: contexts {meta['prefixes']}.", "",
          "Score S = sqrt((1 − H(p)/log L) × mean pairwise Jaccard of the paraphrases' knowledge-neuron sets), "
          "p = positive single-layer MLP indirect effect by layer at the last subject token, normalised.", "",
          "## Mean outcomes", "", "| condition | " + " | ".join(OUTCOMES) + " | safe |", "|---" * (len(OUTCOMES) + 2) + "|"]
@@ -302,6 +361,18 @@ def verdict(res, cond: str = "diagnosed") -> str:
                f"of {best['false_safe_rate']:.1%} against a base unsafe rate of {base:.1%}."))
 
 
+def run_settings(args, fixed_layer: int) -> dict:
+    """What a logged row depends on: a log started with other settings is refused, not mixed."""
+    data = {"factworld": None, "counterfact": Path(args.counterfact).name, "pararel": Path(args.pararel).name}
+    return {"model": args.model, "source": "factworld" if args.model == "factworld" else args.source,
+            "data": data["factworld" if args.model == "factworld" else args.source],
+            "known": None if args.model == "factworld" else Path(args.known).name,
+            "corpus": None if args.model == "factworld" else Path(args.corpus).name,
+            "n_unrelated": args.n_unrelated, "fixed_layer": fixed_layer, "samples": args.samples,
+            "ig_steps": args.ig_steps, "prefixes": args.prefixes, "stats_tokens": args.stats_tokens, "seed": args.seed,
+            **({"max_paraphrases": args.max_paraphrases} if args.max_paraphrases is not None else {})}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="factworld")
@@ -310,15 +381,22 @@ def main(argv=None):
     ap.add_argument("--fixed-layer", type=int, default=None)
     ap.add_argument("--samples", type=int, default=10, help="causal-tracing noise samples")
     ap.add_argument("--ig-steps", type=int, default=20)
+    ap.add_argument("--max-paraphrases", type=int, default=None,
+                    help="paraphrases diagnose uses per fact (default all; PS is scored on all of them)")
     ap.add_argument("--prefixes", default="5x5,10x5")
     ap.add_argument("--stats-tokens", type=int, default=None)
     ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--source", choices=("counterfact", "pararel"), default="counterfact",
+                    help="facts for a model other than factworld: CounterFact records (dev 250), or CounterFact-style "
+                         "records built from PARAREL facts the model knows (more known facts, paraphrases from PARAREL)")
     ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
+    ap.add_argument("--pararel", default=str(SHARED / "pararel" / "data_all_allbags.json"))
     ap.add_argument("--known", default=str(SHARED / "known_1000.json"))
     ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--restart", action="store_true", help="discard the run log and start over")
     from kvmem.runs import add_shard_arguments, check_shard_arguments
 
     add_shard_arguments(ap, "facts")
@@ -333,7 +411,7 @@ def main(argv=None):
     from kvmem.editing import RomeHparams, context_prefixes, rome_hparams, second_moment
 
     t0 = time.perf_counter()
-    from kvmem.runs import parse_shard, shard_path, take_shard
+    from kvmem.runs import RunLog, logged_keys, merge_run_logs, parse_shard, shard_path, take_shard
 
     shard = parse_shard(args.shard)
     model = kvmem.load_model(args.model, device=args.device)
@@ -342,6 +420,12 @@ def main(argv=None):
     if args.model == "factworld":
         cases, unrelated, corpus, fixed = factworld_cases(args)
         source, base_hp = "factworld (paraphrases: held-out templates; neighbours: same relation and object)", RomeHparams()
+    elif args.source == "pararel":
+        cases, unrelated, corpus, fixed = pararel_cases(model, args)
+        source = (f"{Path(args.pararel).name} (CounterFact-style: known facts, relations taken in turn, "
+                  f"{args.pararel_scanned} records scanned; paraphrases: the bag's other prompts; neighbours: "
+                  "same relation and object; skipped many-to-many " + ", ".join(PARAREL_SKIP) + ")")
+        base_hp = rome_hparams(model)
     else:
         cases, unrelated, corpus, fixed = counterfact_cases(model, args)
         source, base_hp = Path(args.counterfact).name, rome_hparams(model)
@@ -357,51 +441,29 @@ def main(argv=None):
             memo[layer] = second_moment(model, layer, corpus, n_tokens=n_tok, progress=False)
         return memo[layer]
 
-    out = Path(args.out or RESULTS / f"diagnose_{args.model.replace('/', '_')}")
-    log = Path(f"{out}.jsonl")
-
-    def read_rows(path: Path) -> dict:
-        rows = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut off by an interruption: that fact is recomputed
-                rows[r["case_id"]] = r
-        return rows
-
-    def drop_torn_tail(path: Path) -> None:  # so that appended rows start on a line of their own
-        if path.exists():
-            raw = path.read_bytes()
-            if raw and not raw.endswith(b"\n"):
-                with open(path, "r+b") as f:
-                    f.truncate(raw.rfind(b"\n") + 1)
-
-    done = read_rows(log)
-    if args.merge:  # rows are keyed by case_id; a fact in two logs keeps the first
-        for i in range(args.merge):
-            for k, r in read_rows(shard_path(log, (i, args.merge))).items():
-                done.setdefault(k, r)
-        log.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    suffix = "_pararel" if args.source == "pararel" and args.model != "factworld" else ""
+    out = Path(args.out or RESULTS / f"diagnose_{args.model.replace('/', '_')}{suffix}")
+    log_path = Path(f"{out}.jsonl")
+    settings = run_settings(args, fixed)
+    if args.merge:  # a fact in two logs keeps its first row
+        parts = [shard_path(log_path, (i, args.merge)) for i in range(args.merge)]
+        n = merge_run_logs([p for p in parts if p.exists()], log_path)
+        print(f"merged {sum(p.exists() for p in parts)} shard logs into {log_path}: {n} facts", flush=True)
+    done = logged_keys(log_path)
     if args.merge or args.logged_only:
-        cases = [c for c in cases if c.case_id in done]
+        cases = [c for c in cases if str(c.case_id) in done]
     if shard is not None:  # this shard's facts, less those the run's own log already holds
-        cases = [c for c in take_shard(cases, shard) if c.case_id not in done]
-        log = shard_path(log, shard)
-        done = read_rows(log)
-    drop_torn_tail(log)
-    rows = []
-    with log.open("a") as fh:
-        for case in tqdm(cases, disable=args.quiet, desc="diagnose + edit"):
-            if case.case_id in done:
-                rows.append(done[case.case_id])
-                continue
+        cases = [c for c in take_shard(cases, shard) if str(c.case_id) not in done]
+        log_path = shard_path(log_path, shard)
+    log = RunLog(log_path, settings, restart=args.restart)
+    resumed = sum(str(c.case_id) in log for c in cases)
+    for case in tqdm(cases, disable=args.quiet, desc="diagnose + edit"):
+        if str(case.case_id) not in log:
             r = run_case(model, case, unrelated, stats_for, hp, prefixes, fixed, args)
             r["fixed_layer"] = fixed
-            fh.write(json.dumps(r) + "\n")
-            fh.flush()
-            rows.append(r)
+            log.add(str(case.case_id), r)
+    logged = log.records()
+    rows = [logged[str(c.case_id)] for c in cases]
     if shard is not None:
         print(f"shard {args.shard}: {len(rows)} facts in {log}", flush=True)
         return
@@ -410,9 +472,10 @@ def main(argv=None):
     res["fixed_layer"] = fixed
     meta = {"argv": sys.argv[1:] if argv is None else argv, "model": args.model, "source": source,
             "fixed_layer": fixed, "samples": args.samples, "ig_steps": args.ig_steps, "prefixes": prefixes_spec,
+            "max_paraphrases": args.max_paraphrases,
             "gpu": f", GPU {torch.cuda.get_device_name()}" if str(model.cfg.device).startswith("cuda") else "",
             "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-            "csv": f"{out.name}.csv", "png": f"{out.name}.png", "resumed": len(done),
+            "csv": f"{out.name}.csv", "png": f"{out.name}.png", "resumed": resumed,
             "compute_s": float(df["total_s"].fillna(0).sum()) if "total_s" in df else float("nan")}
     meta["verdict"] = verdict(res, "diagnosed") + "\n\n" + verdict(res, "fixed")
     df.drop(columns=["layer_share"], errors="ignore").to_csv(f"{out}.csv", index=False)

@@ -112,6 +112,8 @@ class ParaRelBag:
     relation_name: str
     target: str
     prompts: tuple[str, ...]
+    subject: str | None = None  # inferred from the relation's templates; None where it cannot be
+    index: int = -1  # position of the bag in its relation's list in the file
 
 
 MASK = "[MASK]"
@@ -131,6 +133,47 @@ def cloze_to_prefix(prompt: str) -> str | None:
     return head or None
 
 
+def _word_bounded_affixes(p: str, q: str) -> tuple[str, str] | None:
+    """The longest common prefix and suffix of two prompts, each ending / starting at a space."""
+    n = min(len(p), len(q))
+    pre = next((i for i in range(n) if p[i] != q[i]), n)
+    suf = next((i for i in range(n) if p[-1 - i] != q[-1 - i]), n)
+    while pre > 0 and p[pre - 1] != " ":
+        pre -= 1
+    while suf > 0 and p[len(p) - suf] != " ":
+        suf -= 1
+    if pre + suf >= len(p) or MASK not in p[len(p) - suf:] + p[:pre]:
+        return None
+    return p[:pre], p[len(p) - suf:]
+
+
+def relation_template(first_prompts: list[str]) -> tuple[str, str] | None:
+    """The text before and after the subject in a relation's first cloze template.
+
+    PARAREL fills the same templates with every subject of a relation, in the same order, so the
+    first prompts of two bags differ only in the subject. Neighbouring bags are compared and the
+    most common (prefix, suffix) wins: a pair whose subjects share a word ("Steve Jobs", "Steve
+    Wozniak") gives a longer prefix, but only once.
+    """
+    votes: dict[tuple[str, str], int] = {}
+    for p, q in zip(first_prompts, first_prompts[1:]):
+        t = _word_bounded_affixes(p, q)
+        if t is not None:
+            votes[t] = votes.get(t, 0) + 1
+    if not votes:
+        return None
+    return max(votes, key=votes.get)
+
+
+def _subject(first_prompt: str, template: tuple[str, str] | None) -> str | None:
+    if template is None:
+        return None
+    pre, suf = template
+    if not (first_prompt.startswith(pre) and first_prompt.endswith(suf)) or len(pre) + len(suf) >= len(first_prompt):
+        return None
+    return first_prompt[len(pre): len(first_prompt) - len(suf)].strip() or None
+
+
 def load_pararel(
     path: str | Path,
     relations: Iterable[str] | None = None,
@@ -140,7 +183,8 @@ def load_pararel(
     """PARAREL fact bags (as Knowledge Neurons uses them), keeping prompts usable left to right.
 
     Prompts whose `[MASK]` is not at the end are dropped; bags with fewer than `min_prompts`
-    usable prompts are dropped.
+    usable prompts are dropped. `subject` is read off the relation's first template (see
+    `relation_template`) and kept only when every usable prompt contains it.
     """
     if min_prompts < 1:
         raise InvalidArgumentError("min_prompts must be at least 1.")
@@ -155,22 +199,78 @@ def load_pararel(
         if wanted is not None and rel not in wanted:
             continue
         kept = 0
-        for bag in rel_bags:
+        try:
+            template = relation_template([bag[0][0] for bag in rel_bags])
+        except (IndexError, TypeError):
+            raise DataFormatError(f"{path}: relation {rel} has a bag not shaped [[prompt, object, relation]].") from None
+        for index, bag in enumerate(rel_bags):
             if limit_per_relation is not None and kept >= limit_per_relation:
                 break
             try:
                 target, name = bag[0][1], bag[0][2]
             except (IndexError, TypeError):
                 raise DataFormatError(f"{path}: relation {rel} has a bag not shaped [[prompt, object, relation]].") from None
+            subject = _subject(bag[0][0], template)
             prefixes = []
             for entry in bag:
                 p = cloze_to_prefix(entry[0])
                 if p is not None and p not in prefixes:
                     prefixes.append(p)
+            if subject is not None and not all(subject in p for p in prefixes):
+                subject = None  # the inferred subject is not in every wording: not a usable subject
             if len(prefixes) >= min_prompts:
-                bags.append(ParaRelBag(rel, name, target, tuple(prefixes)))
+                bags.append(ParaRelBag(rel, name, target, tuple(prefixes), subject, index))
                 kept += 1
     return bags
+
+
+def pararel_counterfact(
+    bags: list[ParaRelBag], seed: int = 0, n_neighbours: int = 10
+) -> list[CounterFactRecord]:
+    """CounterFact-style rewrite records from PARAREL bags that have a subject.
+
+    Per bag: the request asks its first prompt, `target_true` is the bag's object and `target_new`
+    another object of the same relation (seeded choice); `paraphrase_prompts` are the bag's other
+    prompts; `neighborhood_prompts` the first prompts of up to `n_neighbours` other bags of the
+    relation with the same object (CounterFact's neighbourhood: other subjects that share the
+    relation and the true object, and not the new one). `target_new` is never one of the subject's
+    objects in the file (PARAREL lists some subjects once per object). No attribute or generation prompts. `case_id` is
+    relation number × 100000 + the bag's index in the file, so it is stable across subsets.
+    """
+    import random
+
+    if n_neighbours < 0:
+        raise InvalidArgumentError("n_neighbours must be ≥ 0.")
+    usable = [b for b in bags if b.subject is not None]
+    if not usable:
+        raise InvalidArgumentError("None of these PARAREL bags has an inferred subject; load them with load_pararel.")
+    rng = random.Random(seed)
+    by_rel: dict[str, list[ParaRelBag]] = {}
+    for b in usable:
+        by_rel.setdefault(b.relation, []).append(b)
+    out = []
+    for rel, rel_bags in by_rel.items():
+        objects = sorted({b.target for b in rel_bags})
+        # PARAREL lists some subjects once per object (Isaac Newton: physics, astronomy, ...)
+        true_objects: dict[str, set[str]] = {}
+        for b in rel_bags:
+            true_objects.setdefault(b.subject, set()).add(b.target)
+        for b in rel_bags:
+            choices = [o for o in objects if o not in true_objects[b.subject]]
+            if not choices:
+                continue  # nothing false to rewrite to
+            new = rng.choice(choices)
+            neighbours = [o.prompts[0] for o in rel_bags if o.target == b.target and o.subject != b.subject
+                          and new not in true_objects[o.subject]]
+            neighbours = list(dict.fromkeys(neighbours))
+            request = Fact(b.prompts[0], b.subject, target_true=b.target, target_new=new,
+                           relation_id=rel)
+            case_id = int(rel.lstrip("P")) * 100_000 + b.index if rel.lstrip("P").isdigit() else len(out)
+            out.append(CounterFactRecord(case_id=case_id, request=request, template=b.prompts[0].replace(b.subject, "{}", 1),
+                                         paraphrase_prompts=b.prompts[1:],
+                                         neighborhood_prompts=tuple(neighbours[:n_neighbours]),
+                                         attribute_prompts=(), generation_prompts=()))
+    return out
 
 
 # --- plain-text corpora ---------------------------------------------------------------------

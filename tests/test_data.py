@@ -14,7 +14,9 @@ from kvmem.data import (
     load_counterfact,
     load_known_facts,
     load_pararel,
+    pararel_counterfact,
     read_corpus,
+    relation_template,
 )
 from kvmem.errors import DataFormatError, InvalidArgumentError, KvmemError
 from kvmem.prompts import Fact
@@ -48,6 +50,49 @@ def test_pararel_left_to_right():
         assert all("[MASK]" not in p and p == p.rstrip() for p in b.prompts)
     with pytest.raises(InvalidArgumentError):
         load_pararel(shared_data("pararel", "data_all_allbags.json"), relations=["nope"])
+
+
+def test_relation_template_majority_survives_shared_words():
+    firsts = [f"{s} works for [MASK] ." for s in ("Steve Jobs", "Steve Wozniak", "Paul Allen", "Bill Gates", "Bill Joy")]
+    # neighbours "Steve Jobs"/"Steve Wozniak" and "Bill Gates"/"Bill Joy" share a first word; the majority does not
+    assert relation_template(firsts) == ("", " works for [MASK] .")
+    firsts = [f"The capital of {s} is [MASK] ." for s in ("Azerbaijan", "Brody Raion", "Cook County")]
+    assert relation_template(firsts) == ("The capital of ", " is [MASK] .")
+    assert relation_template(["only one [MASK]."]) is None
+
+
+def test_pararel_subjects_and_counterfact_style_records():
+    bags = load_pararel(shared_data("pararel", "data_all_allbags.json"), relations=["P101", "P36", "P108"], min_prompts=3)
+    by_rel = {b.relation: b for b in reversed(bags)}  # the first bag of each relation
+    assert by_rel["P101"].subject == "Alan Turing"
+    assert by_rel["P36"].subject == "Azerbaijan"
+    assert by_rel["P108"].subject == "Steve Jobs"
+    with_subject = [b for b in bags if b.subject is not None]
+    assert len(with_subject) > 0.95 * len(bags)
+    assert all(b.subject in p for b in with_subject for p in b.prompts)
+
+    recs = pararel_counterfact(bags, seed=3)
+    assert recs == pararel_counterfact(bags, seed=3)  # seeded
+    assert len({r.case_id for r in recs}) == len(recs) > 0.95 * len(with_subject)
+    objects = {}
+    for b in with_subject:
+        objects.setdefault(b.relation, set()).add(b.target)
+    truths, subject_of = {}, {}
+    for b in with_subject:
+        truths.setdefault((b.relation, b.subject), set()).add(b.target)
+        subject_of[b.prompts[0]] = (b.subject, b.relation)
+    for r in recs[::25]:
+        q = r.request
+        assert q.subject in q.prompt and r.subject == q.subject
+        assert q.target_new in objects[q.relation_id] and q.target_new not in truths[(q.relation_id, q.subject)]
+        assert r.paraphrase_prompts and all(q.subject in p for p in r.paraphrase_prompts)
+        for n in r.neighborhood_prompts:  # other subjects, same relation, same true object
+            s, rel = subject_of[n]
+            assert s != q.subject and rel == q.relation_id
+            assert q.target_true in truths[(rel, s)] and q.target_new not in truths[(rel, s)]
+    assert pararel_counterfact(bags, seed=4) != recs
+    with pytest.raises(InvalidArgumentError):
+        pararel_counterfact([], seed=0)
 
 
 def test_cloze_to_prefix():

@@ -183,9 +183,11 @@ def test_bench_script_sharded_equals_one_run(tmp_path):
     bench_diagnose.main(common + ["--out", str(tmp_path / "sh"), "--merge", "2"])
 
     def rows(path):
+        lines = path.read_text().splitlines()
+        assert json.loads(lines[0])["settings"]["model"] == "factworld"  # the run log's settings header
         out = {}
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
+        for line in lines[1:]:
+            r = json.loads(line)["record"]
             out[r["case_id"]] = {k: v for k, v in r.items() if not k.endswith("_s")}  # timings differ
         return out
 
@@ -199,3 +201,8 @@ def test_bench_script_sharded_equals_one_run(tmp_path):
             elif not (isinstance(v, float) and math.isnan(v)):
                 assert w == v, (k, col)
     assert "Mean outcomes" in (tmp_path / "sh.md").read_text()
+    # a rerun with other settings is refused, not mixed into the same log
+    from kvmem.runs import RunLogError
+
+    with pytest.raises(RunLogError, match="samples"):
+        bench_diagnose.main([x if x != "2" else "3" for x in common] + ["--out", str(tmp_path / "one")])

@@ -2,7 +2,7 @@
 # The Gemma-3-270m batch runs of issues 3, 5 and 8 as parallel workers on one GPU machine
 # (16 cores, one GPU; set up by setup.sh): AIE over every known fact (5 shards), the ROME
 # CounterFact table over 250 records with the preset's norm clamp (1) and ROME's (4) (3 shards
-# each), diagnose on 250 records (3 shards), 200 sequential edits per stress variant (one worker
+# each), diagnose on 150 known PARAREL facts (3 shards), 200 sequential edits per stress variant (one worker
 # each, own results file). Workers stop after WORK_S seconds (their logs keep what finished; the
 # stress workers get SUMMARY_S more); a worker that fails on the GPU is rerun on the CPU for the
 # time left. Then each sharded run's logs are merged and summarised by the same scripts
@@ -18,8 +18,8 @@ echo "workers: $W s, summaries: $SUM s"
 [ "$W" -ge 60 ] || { echo "only $W s left for the workers: rerun main.sh in a call of its own"; exit 1; }
 # every AIE worker and the merge use the noise prepare.py computed once (a CPU fallback would
 # otherwise compute it in other last bits, and its log could not be merged)
-NOISE=$(cat $R/aie_noise.txt) || exit 1
 R=/root/out; LOG=/root/out/logs; mkdir -p $LOG $R/stress_logs
+NOISE=$(cat $R/aie_noise.txt) || exit 1
 T0=$(date +%s)
 worker() {  # name, seconds, script args...
   local name=$1 limit=$2; shift 2
@@ -32,7 +32,7 @@ worker() {  # name, seconds, script args...
 }
 AIE="benchmarks/trace_known_facts.py --model gemma-3-270m --n-facts 100000 --tag all --out-dir $R --noise $NOISE"
 ED="benchmarks/bench_editing.py --models gemma-3-270m --n-records 250 --stats-tokens 200000 --gen-prompts 2 --quiet"
-DG="benchmarks/bench_diagnose.py --model gemma-3-270m --n-facts 250 --quiet --out $R/diagnose_gemma-3-270m"
+DG="benchmarks/bench_diagnose.py --model gemma-3-270m --source pararel --n-facts 150 --stats-tokens 200000 --quiet --out $R/diagnose_gemma-3-270m_pararel"
 ST="benchmarks/bench_stress.py --model gemma-3-270m --n-edits 200 --every 10 --log-dir $R/stress_logs --quiet"
 STRESS=()
 for v in rome r-rome r-rome-spread; do
