@@ -121,10 +121,10 @@ def pararel_cases(model, args):
         rng.shuffle(rs)
     order = [r for group in itertools.zip_longest(*by_rel.values()) for r in group if r is not None]
     cases, scanned = [], 0
-    for i in range(0, len(order), 64):
+    for i in range(0, min(len(order), args.max_scan), 64):
         if len(cases) >= args.n_facts:
             break
-        chunk = order[i : i + 64]
+        chunk = order[i : min(i + 64, args.max_scan)]
         facts = [f for r in chunk for f in [r.request] + [r.request.__class__(p, r.subject, target_true=r.request.target_true)
                                                           for p in r.paraphrase_prompts]]
         known = iter(fact_recall(model, facts, batch_size=32).known.tolist())
@@ -391,6 +391,7 @@ def main(argv=None):
                          "records built from PARAREL facts the model knows (more known facts, paraphrases from PARAREL)")
     ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
     ap.add_argument("--pararel", default=str(SHARED / "pararel" / "data_all_allbags.json"))
+    ap.add_argument("--max-scan", type=int, default=6000, help="--source pararel: records checked for known facts at most")
     ap.add_argument("--known", default=str(SHARED / "known_1000.json"))
     ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
     ap.add_argument("--seed", type=int, default=0)
@@ -429,6 +430,9 @@ def main(argv=None):
     else:
         cases, unrelated, corpus, fixed = counterfact_cases(model, args)
         source, base_hp = Path(args.counterfact).name, rome_hparams(model)
+    if not cases:
+        raise SystemExit(f"bench_diagnose: no facts to diagnose from {source} (with --source pararel: the model "
+                         "answers none of the scanned PARAREL facts top-1); nothing written.")
     fixed = args.fixed_layer if args.fixed_layer is not None else fixed
     prefixes_spec = tuple(tuple(int(x) for x in p.split("x")) for p in args.prefixes.split(","))
     hp = RomeHparams(**{**base_hp.__dict__, "layer": fixed, "prefixes": prefixes_spec})

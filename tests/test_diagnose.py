@@ -206,3 +206,41 @@ def test_bench_script_sharded_equals_one_run(tmp_path):
 
     with pytest.raises(RunLogError, match="samples"):
         bench_diagnose.main([x if x != "2" else "3" for x in common] + ["--out", str(tmp_path / "one")])
+
+
+def test_bench_pararel_cases_are_known_facts_with_known_paraphrases_first(tiny_gpt2, monkeypatch):
+    """bench_diagnose --source pararel keeps only records the model answers (prompt and one
+    paraphrase, top-1), putting the answered paraphrases first; a model that knows none gives none."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    import kvmem.recall as recall
+    from conftest import shared_data
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_diagnose
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(pararel=str(shared_data("pararel", "data_all_allbags.json")), seed=0, n_facts=5,
+                              max_scan=128, known=str(shared_data("known_1000.json")), n_unrelated=2, corpus="c")
+    cases, _, _, _ = bench_diagnose.pararel_cases(tiny_gpt2, args)
+    assert cases == [] and args.pararel_scanned == 128  # a random model knows no PARAREL fact
+
+    # the selection rule itself, with recall faked: the model "knows" prompts ending in " in" or naming Turing
+    def knows(prompt):
+        return prompt.endswith(" in") or "Turing" in prompt
+
+    class Recall:
+        def __init__(self, facts):
+            self.known = torch.tensor([knows(f.prompt) for f in facts])
+
+    monkeypatch.setattr(recall, "fact_recall", lambda model, facts, **kw: Recall(facts))
+    cases, _, _, _ = bench_diagnose.pararel_cases(tiny_gpt2, args)
+    assert 0 < len(cases) <= 5
+    for c in cases:
+        known = [knows(p) for p in c.paraphrase_prompts]
+        assert knows(c.request.prompt) and any(known)
+        assert known == sorted(known, reverse=True)  # answered paraphrases first
+    assert len({c.request.relation_id for c in cases}) == len(cases)  # relations taken in turn
