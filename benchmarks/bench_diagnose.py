@@ -121,6 +121,7 @@ def pararel_cases(model, args):
         rng.shuffle(rs)
     order = [r for group in itertools.zip_longest(*by_rel.values()) for r in group if r is not None]
     cases, scanned = [], 0
+    args.scan_index = {}  # case_id -> position in the scan order, logged with the fact
     for i in range(0, min(len(order), args.max_scan), 64):
         if len(cases) >= args.n_facts:
             break
@@ -132,8 +133,9 @@ def pararel_cases(model, args):
             k = [next(known) for _ in range(1 + len(r.paraphrase_prompts))]
             if k[0] and any(k[1:]) and len(cases) < args.n_facts:
                 # paraphrases the model answers first, so --max-paraphrases keeps usable ones (PS uses all)
-                order = sorted(range(len(r.paraphrase_prompts)), key=lambda j: not k[1 + j])
-                cases.append(dataclasses.replace(r, paraphrase_prompts=tuple(r.paraphrase_prompts[j] for j in order)))
+                perm = sorted(range(len(r.paraphrase_prompts)), key=lambda j: not k[1 + j])
+                cases.append(dataclasses.replace(r, paraphrase_prompts=tuple(r.paraphrase_prompts[j] for j in perm)))
+                args.scan_index[r.case_id] = i + chunk.index(r)
         scanned += len(chunk)
     print(f"PARAREL: {len(cases)} known facts from {scanned} scanned records of {len(by_rel)} relations", flush=True)
     args.pararel_scanned = scanned
@@ -403,6 +405,10 @@ def main(argv=None):
     add_shard_arguments(ap, "facts")
     args = ap.parse_args(argv)
     check_shard_arguments(ap, args)
+    if args.max_paraphrases is not None and args.max_paraphrases < 1:
+        ap.error("--max-paraphrases must be at least 1")
+    if args.max_scan < 1:
+        ap.error("--max-scan must be at least 1")
 
     import pandas as pd
     import torch
@@ -422,15 +428,18 @@ def main(argv=None):
         cases, unrelated, corpus, fixed = factworld_cases(args)
         source, base_hp = "factworld (paraphrases: held-out templates; neighbours: same relation and object)", RomeHparams()
     elif args.source == "pararel":
-        cases, unrelated, corpus, fixed = pararel_cases(model, args)
+        if args.merge or args.logged_only:  # summarise what the computing runs selected and logged
+            cases, unrelated, corpus, fixed = None, [], args.corpus, rome_hparams(model).layer
+        else:
+            cases, unrelated, corpus, fixed = pararel_cases(model, args)
         source = (f"{Path(args.pararel).name} (CounterFact-style: known facts, relations taken in turn, "
-                  f"{args.pararel_scanned} records scanned; paraphrases: the bag's other prompts; neighbours: "
+                  "{scanned} records scanned; paraphrases: the bag's other prompts; neighbours: "
                   "same relation and object; skipped many-to-many " + ", ".join(PARAREL_SKIP) + ")")
         base_hp = rome_hparams(model)
     else:
         cases, unrelated, corpus, fixed = counterfact_cases(model, args)
         source, base_hp = Path(args.counterfact).name, rome_hparams(model)
-    if not cases:
+    if cases is not None and not cases:
         raise SystemExit(f"bench_diagnose: no facts to diagnose from {source} (with --source pararel: the model "
                          "answers none of the scanned PARAREL facts top-1); nothing written.")
     fixed = args.fixed_layer if args.fixed_layer is not None else fixed
@@ -454,8 +463,8 @@ def main(argv=None):
         n = merge_run_logs([p for p in parts if p.exists()], log_path)
         print(f"merged {sum(p.exists() for p in parts)} shard logs into {log_path}: {n} facts", flush=True)
     done = logged_keys(log_path)
-    if args.merge or args.logged_only:
-        cases = [c for c in cases if str(c.case_id) in done]
+    if args.merge or args.logged_only:  # every logged fact, whatever the case list would be now
+        cases = []
     if shard is not None:  # this shard's facts, less those the run's own log already holds
         cases = [c for c in take_shard(cases, shard) if str(c.case_id) not in done]
         log_path = shard_path(log_path, shard)
@@ -465,11 +474,17 @@ def main(argv=None):
         if str(case.case_id) not in log:
             r = run_case(model, case, unrelated, stats_for, hp, prefixes, fixed, args)
             r["fixed_layer"] = fixed
+            if args.source == "pararel" and args.model != "factworld":
+                r["scan_index"] = args.scan_index[case.case_id]
             log.add(str(case.case_id), r)
     logged = log.records()
-    rows = [logged[str(c.case_id)] for c in cases]
+    rows = list(logged.values()) if args.merge or args.logged_only else [logged[str(c.case_id)] for c in cases]
+    if args.merge or args.logged_only:
+        resumed = len(rows)
+    if "{scanned}" in source:  # the PARAREL records looked at, up to the last fact logged
+        source = source.format(scanned=1 + max((r.get("scan_index", -1) for r in rows), default=-1))
     if shard is not None:
-        print(f"shard {args.shard}: {len(rows)} facts in {log}", flush=True)
+        print(f"shard {args.shard}: {len(rows)} facts in {log_path}", flush=True)
         return
     df = pd.DataFrame(rows)
     res = analyse(df, args)

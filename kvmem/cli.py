@@ -562,7 +562,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     summary = {"model": args.model, "prompt": fact.prompt, "subject": fact.subject, "answer": traces.traces[0].answer,
                "p_clean": traces.p_clean, "p_corrupt": traces.p_corrupt, "seconds": round(time.perf_counter() - t0, 2)}
     for t in traces:
-        ie = t.indirect_effect
+        ie = t.indirect_effect.nan_to_num(nan=float("-inf"))
         layer, pos = divmod(int(ie.argmax()), ie.shape[1])
         summary[f"{t.kind}_peak"] = {"layer": layer, "token": t.str_tokens[pos], "pos": pos, "indirect_effect": float(ie.max())}
     _write_json(out / "summary.json", summary)

@@ -171,7 +171,8 @@ def _subject(first_prompt: str, template: tuple[str, str] | None) -> str | None:
     pre, suf = template
     if not (first_prompt.startswith(pre) and first_prompt.endswith(suf)) or len(pre) + len(suf) >= len(first_prompt):
         return None
-    return first_prompt[len(pre): len(first_prompt) - len(suf)].strip() or None
+    # a template boundary at "[X], ..." leaves the comma on the subject
+    return first_prompt[len(pre): len(first_prompt) - len(suf)].strip().rstrip(",;:").strip() or None
 
 
 def load_pararel(
@@ -233,9 +234,12 @@ def pararel_counterfact(
     another object of the same relation (seeded choice); `paraphrase_prompts` are the bag's other
     prompts; `neighborhood_prompts` the first prompts of up to `n_neighbours` other bags of the
     relation with the same object (CounterFact's neighbourhood: other subjects that share the
-    relation and the true object, and not the new one). `target_new` is never one of the subject's
-    objects in the file (PARAREL lists some subjects once per object). No attribute or generation prompts. `case_id` is
-    relation number × 100000 + the bag's index in the file, so it is stable across subsets.
+    relation and the true object, and not the new one; a seeded sample). `target_new` is never one of
+    the subject's objects among the bags given (PARAREL lists some subjects once per object), nor
+    an object starting with the same word as the true one ("New York" / "New Delhi"), so the first
+    target token tells them apart. No attribute or generation prompts. `case_id` is relation number
+    × 100000 + the bag's index in the file; each record's random choices are seeded by (seed,
+    relation, index), not by its place in the list, so other relations' bags do not change it.
     """
     import random
 
@@ -244,7 +248,8 @@ def pararel_counterfact(
     usable = [b for b in bags if b.subject is not None]
     if not usable:
         raise InvalidArgumentError("None of these PARAREL bags has an inferred subject; load them with load_pararel.")
-    rng = random.Random(seed)
+    if any(b.index < 0 for b in usable):
+        raise InvalidArgumentError("pararel_counterfact needs each bag's index in its relation (load them with load_pararel).")
     by_rel: dict[str, list[ParaRelBag]] = {}
     for b in usable:
         by_rel.setdefault(b.relation, []).append(b)
@@ -255,20 +260,25 @@ def pararel_counterfact(
         true_objects: dict[str, set[str]] = {}
         for b in rel_bags:
             true_objects.setdefault(b.subject, set()).add(b.target)
+        number = int(rel.lstrip("P")) if rel.lstrip("P").isdigit() else None
         for b in rel_bags:
-            choices = [o for o in objects if o not in true_objects[b.subject]]
+            first_word = b.target.split()[0] if b.target.split() else b.target
+            choices = [o for o in objects if o not in true_objects[b.subject] and not o.startswith(first_word)]
             if not choices:
                 continue  # nothing false to rewrite to
+            case_id = number * 100_000 + b.index if number is not None else len(out)
+            rng = random.Random(f"{seed}/{rel}/{b.index}")
             new = rng.choice(choices)
             neighbours = [o.prompts[0] for o in rel_bags if o.target == b.target and o.subject != b.subject
                           and new not in true_objects[o.subject]]
             neighbours = list(dict.fromkeys(neighbours))
+            if len(neighbours) > n_neighbours:
+                neighbours = rng.sample(neighbours, n_neighbours)
             request = Fact(b.prompts[0], b.subject, target_true=b.target, target_new=new,
                            relation_id=rel)
-            case_id = int(rel.lstrip("P")) * 100_000 + b.index if rel.lstrip("P").isdigit() else len(out)
             out.append(CounterFactRecord(case_id=case_id, request=request, template=b.prompts[0].replace(b.subject, "{}", 1),
                                          paraphrase_prompts=b.prompts[1:],
-                                         neighborhood_prompts=tuple(neighbours[:n_neighbours]),
+                                         neighborhood_prompts=tuple(neighbours),
                                          attribute_prompts=(), generation_prompts=()))
     return out
 

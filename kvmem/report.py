@@ -233,7 +233,7 @@ def _fmt(value: Any, floatfmt: str) -> str:
 
 
 def _peak(trace) -> tuple[int, int, float]:
-    ie = trace.indirect_effect
+    ie = trace.indirect_effect.nan_to_num(nan=float("-inf"))  # untraced cells (positions=...) are NaN
     layer, pos = divmod(int(ie.argmax()), int(ie.shape[1]))
     return layer, pos, float(ie.max())
 

@@ -76,7 +76,10 @@ def plot_trace(trace, ax=None, title: str | None = None):
         fig = ax.figure
     scores = trace.scores.detach().float().T.numpy()  # [pos, layer]
     vmin = trace.p_corrupt
-    vmax = max(float(scores.max()), vmin + 1e-6)
+    import numpy as np
+
+    traced = scores[~np.isnan(scores)]  # a trace of chosen positions (positions=...) is NaN elsewhere
+    vmax = max(float(traced.max()) if traced.size else vmin, vmin + 1e-6)
     img = ax.pcolor(scores, cmap=_CMAPS.get(trace.kind, "Purples"), vmin=vmin, vmax=vmax)
     ax.invert_yaxis()
     ax.set_yticks([0.5 + i for i in range(len(trace.str_tokens))])

@@ -91,8 +91,16 @@ def test_pararel_subjects_and_counterfact_style_records():
             assert s != q.subject and rel == q.relation_id
             assert q.target_true in truths[(rel, s)] and q.target_new not in truths[(rel, s)]
     assert pararel_counterfact(bags, seed=4) != recs
+    for r in recs:  # the first target token tells old and new apart
+        assert r.request.target_new.split()[0] != r.request.target_true.split()[0]
+    only_p36 = [b for b in bags if b.relation == "P36"]
+    assert pararel_counterfact(only_p36, seed=3) == [r for r in recs if r.request.relation_id == "P36"]
     with pytest.raises(InvalidArgumentError):
         pararel_counterfact([], seed=0)
+    import dataclasses
+
+    with pytest.raises(InvalidArgumentError, match="index"):
+        pararel_counterfact([dataclasses.replace(b, index=-1) for b in only_p36[:3]])
 
 
 def test_cloze_to_prefix():

@@ -238,9 +238,17 @@ def test_bench_pararel_cases_are_known_facts_with_known_paraphrases_first(tiny_g
 
     monkeypatch.setattr(recall, "fact_recall", lambda model, facts, **kw: Recall(facts))
     cases, _, _, _ = bench_diagnose.pararel_cases(tiny_gpt2, args)
-    assert 0 < len(cases) <= 5
+    assert len(cases) == 5
+    first = args.pararel_scanned
+    args.n_facts = 10_000  # more than the scan can find: it goes on to --max-scan, chunk after chunk
+    everything, _, _, _ = bench_diagnose.pararel_cases(tiny_gpt2, args)
+    assert args.pararel_scanned == 128 and first <= 128 and len(everything) > len(cases)
+    assert everything[:5] == cases
+    assert sorted(args.scan_index.values()) == sorted(set(args.scan_index.values()))
+    assert all(0 <= i < 128 for i in args.scan_index.values())
     for c in cases:
         known = [knows(p) for p in c.paraphrase_prompts]
         assert knows(c.request.prompt) and any(known)
         assert known == sorted(known, reverse=True)  # answered paraphrases first
     assert len({c.request.relation_id for c in cases}) == len(cases)  # relations taken in turn
+    assert len({c.request.relation_id for c in everything}) > 5

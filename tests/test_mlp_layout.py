@@ -15,6 +15,23 @@ from kvmem.mlp_layout import pretransposed_mlps
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def test_fast_path_runs_without_transformer_lens_forward(tiny_gated, monkeypatch):
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    calls = []
+    real = GatedMLP.forward
+    monkeypatch.setattr(GatedMLP, "forward", lambda self, x: calls.append(1) or real(self, x))
+    x = torch.randn(1, 4, tiny_gated.cfg.d_model)
+    with torch.no_grad():
+        want = tiny_gated.blocks[0].mlp(x)
+        assert len(calls) == 1
+        with pretransposed_mlps(tiny_gated):
+            got = tiny_gated.blocks[0].mlp(x)
+            tiny_gated(torch.tensor([[1, 2, 3]]))
+        assert len(calls) == 1  # TransformerLens's forward (and its weight copies) never ran inside
+    assert torch.equal(got, want)
+
+
 def test_identical_outputs_and_hooks(tiny_gated):
     x = torch.randn(2, 5, tiny_gated.cfg.d_model)
     mlp = tiny_gated.blocks[1].mlp

@@ -104,6 +104,9 @@ def test_positions_trace_only_those_columns(tiny_model):
     assert_probs_close(last.scores[:, s], full[:, s])
     assert torch.isnan(last.scores[:, [t for t in range(full.shape[1]) if t != s]]).all()
     assert_probs_close(last.p_corrupt, p_corrupt)
+    fig = last.plot()  # the untraced (NaN) cells do not blank the colour scale
+    vmax = fig.axes[0].collections[0].norm.vmax
+    assert vmax == pytest.approx(max(float(last.scores[:, s].max()), last.p_corrupt + 1e-6))
     two = causal_trace(tiny_model, FACT, kind="resid", noise=0.4, samples=2, seed=3, positions=[0, 4])
     ref, _, _ = naive_trace(tiny_model, FACT, "resid", 1, 0.4, 2, 3)
     assert_probs_close(two.scores[:, [0, 4]], ref[:, [0, 4]])
