@@ -86,8 +86,9 @@ def denominator_ratios(model, requests, stats, hp, n: int) -> dict:
     ‖Λ_rome‖ / ‖Λ_r-rome‖ = (uᵀk*) / (uᵀk_p) exactly: how much the reference code's plain-prompt key in
     the denominator inflates (> 1) or shrinks (< 1) each update, and cos(k_p, k*).
 
-    The ratio does not depend on δ, so v* is not optimised (one step, no gradient): each variant
-    costs one forward pass, and its Edit carries the key its update uses (k* or k_p) and u."""
+    The ratio does not depend on δ, so v* is not optimised (v_num_grad_steps=1: the keys' forward
+    and one loss forward, no backward step); each variant's Edit carries the key its update uses
+    (k* or k_p) and u."""
     import dataclasses
 
     import torch
