@@ -7,8 +7,10 @@ On factworld the requests are distinct (subject, relation) facts asked with thei
 template, each given another object of its relation (seeded); `neighborhood` = untouched facts
 (never edited) under the same training templates, `known` = other untouched facts under the
 held-out paraphrase templates. On a CounterFact file (Gemma) the requests are its records
-(duplicates of a subject+relation skipped), `neighborhood` = their neighbourhood prompts with the
-true object, `known` = `known_1000` facts the model answers top-1.
+(duplicates of a subject+relation skipped); the tracked facts are `known_1000` facts the model
+answers top-1 about subjects never edited: `neighborhood` = those sharing the relation and the true
+object of an edited request (CounterFact's notion of a neighbour: the facts an edit's key is most
+likely to also fire on), `known` = the others.
 
 Every run logs to $KVMEM_CACHE/stress_logs/ (JSONL, ~7 kB per factworld edit; --log-dir) and resumes from it when rerun with
 the same arguments; results go to benchmarks/results/stress_<model>.json/.md/.csv/.png.
@@ -59,26 +61,26 @@ def factworld_setup(args):
 
 def counterfact_setup(model, args):
     from kvmem.data import load_counterfact, load_known_facts
-    from kvmem.prompts import Fact
     from kvmem.recall import fact_recall
 
     records = load_counterfact(args.counterfact)
-    seen, requests, rest = set(), [], []
+    seen, requests = set(), []
     for r in records:
         key = (r.request.subject, r.request.relation_id or r.request.prompt)
-        if key in seen:
+        if key in seen or len(requests) >= args.n_edits:
             continue
         seen.add(key)
-        (requests if len(requests) < args.n_edits else rest).append(r)
-    # untouched CounterFact subjects (records left over after the requests), scored on their true object
-    neighborhood = [Fact(r.request.prompt, r.request.subject, target_true=r.request.target_true,
-                         relation_id=r.request.relation_id) for r in rest][: args.n_eval]
-    known_all = load_known_facts(args.known)[: 4 * args.n_eval]
-    rec = fact_recall(model, known_all)
-    known = [f for f, ok in zip(known_all, rec.known.tolist()) if ok][: args.n_eval]
+        requests.append(r)
+    edited = {r.request.subject for r in requests}
+    at_risk = {(r.request.relation_id, r.request.target_true.strip()) for r in requests}
+    known_all = [f for f in load_known_facts(args.known) if f.subject not in edited]
+    answered = [f for f, ok in zip(known_all, fact_recall(model, known_all).known.tolist()) if ok]
+    neighborhood = [f for f in answered if (f.relation_id, f.target_true.strip()) in at_risk][: args.n_eval]
+    known = [f for f in answered if (f.relation_id, f.target_true.strip()) not in at_risk][: args.n_eval]
     gen = [r.generation_prompts[0] for r in records[:4] if r.generation_prompts]
     return ([r.request for r in requests], neighborhood, known, gen, args.corpus,
-            f"{Path(args.counterfact).name} (neighbourhood = records not edited) + known_1000 answered top-1")
+            f"{Path(args.counterfact).name}; tracked: known_1000 facts answered top-1 about unedited subjects "
+            "(neighbourhood: same relation and true object as an edited request; known: the others)")
 
 
 def denominator_ratios(model, requests, stats, hp, n: int) -> dict:

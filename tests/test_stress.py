@@ -95,6 +95,38 @@ def test_bench_denominator_ratio_without_optimising_v(tiny_gpt2, stats):
     assert got["ratio_max"] == pytest.approx(max(full), rel=1e-6)
 
 
+def test_bench_counterfact_tracked_facts(tiny_gpt2, monkeypatch):
+    """bench_stress on CounterFact: tracked facts are answered known_1000 facts about unedited
+    subjects; neighbours share an edited request's relation and true object, known facts do not."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    import kvmem.recall as recall
+    from conftest import shared_data
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_stress
+    finally:
+        sys.path.pop(0)
+
+    class Recall:  # the model "answers" every other fact
+        def __init__(self, facts):
+            self.known = torch.tensor([i % 2 == 0 for i in range(len(facts))])
+
+    monkeypatch.setattr(recall, "fact_recall", lambda model, facts, **kw: Recall(facts))
+    args = argparse.Namespace(counterfact=str(shared_data("counterfact", "counterfact_dev_250.json")),
+                              known=str(shared_data("known_1000.json")), n_edits=150, n_eval=100, corpus="c")
+    requests, neighborhood, known, gen, _, _ = bench_stress.counterfact_setup(tiny_gpt2, args)
+    assert len(requests) == 150 and len({(r.subject, r.relation_id) for r in requests}) == 150
+    at_risk = {(r.relation_id, r.target_true) for r in requests}
+    edited = {r.subject for r in requests}
+    assert len(neighborhood) == 100 and len(known) == 100 and gen
+    assert all((f.relation_id, f.target_true) in at_risk and f.subject not in edited for f in neighborhood)
+    assert all((f.relation_id, f.target_true) not in at_risk and f.subject not in edited for f in known)
+
+
 def test_stress_restores_weights_and_reports(tiny_gpt2, stats):
     before = _weights(tiny_gpt2)
     res = _run(tiny_gpt2, stats, method="rome", layers=list(LAYERS))
