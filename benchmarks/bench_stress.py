@@ -140,9 +140,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--log-dir", default=None, help="JSONL run logs (default: $KVMEM_CACHE/stress_logs); rerun resumes")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="apply at most this many new edits per variant, then summarise what the log holds "
+                         "(0: summarise a run cut off earlier without adding edits; rerun without it to continue)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--device", default=None, help="torch device (default: TransformerLens's choice, cuda when available)")
     args = ap.parse_args(argv)
+    if args.stop_after is not None and args.stop_after < 0:
+        ap.error("--stop-after must be 0 or more")
 
     import torch
 
@@ -190,7 +195,8 @@ def main(argv=None):
         print(f"== {v}: layers {layers}, {len(requests)} edits, log {log}", flush=True)
         res = stress_edits(model, requests, method=method, layers=layers, stats=stats, hparams=hp, every=args.every,
                            neighborhood=neighborhood, known=known, gen_prompts=gen, gen_tokens=args.gen_tokens,
-                           on_conflict="skip", log=log, seed=args.seed, progress=not args.quiet)
+                           on_conflict="skip", log=log, seed=args.seed, progress=not args.quiet,
+                           stop_after=args.stop_after)
         df = res.to_frame()
         df.insert(0, "variant", v)
         frames.append(df)
@@ -198,6 +204,7 @@ def main(argv=None):
         norms = st["update_norm"].dropna() if "update_norm" in st else st.iloc[:0]
         results[v] = {
             "layers": list(res.layers), "n_applied": res.n_applied, "n_skipped": res.n_skipped,
+            "n_done": len(res.steps),  # < n_requests: a run cut off (--stop-after), summarised from its log
             "collapse_step": res.collapse_step, "collapse_reason": res.collapse_reason,
             "seconds": res.seconds, "resumed_from": res.resumed_from, "baseline": res.baseline,
             "final": res.checkpoints[-1],
@@ -228,6 +235,10 @@ def main(argv=None):
     print(Path(f"{out}.md").read_text())
 
 
+def _g(x, fmt: str = ".3g") -> str:
+    return "–" if x is None or x != x else format(x, fmt)
+
+
 def markdown(meta, table) -> str:
     lines = [f"# Sequential editing stress test: {meta['model']}", "",
              f"`python benchmarks/bench_stress.py {' '.join(meta['argv'])}` ({platform.machine()}, "
@@ -238,14 +249,20 @@ def markdown(meta, table) -> str:
              "| variant | edits applied | skipped | collapse at | retention | neighbourhood acc | known acc | gen. entropy | "
              "‖ΔW‖ median | ‖ΔW‖ max | max ‖W−W⁰‖/‖W⁰‖ | s/edit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cut = {v: r["n_done"] for v, r in meta["results"].items() if r.get("n_done", meta["n_requests"]) < meta["n_requests"]}
     for v, r in meta["results"].items():
         b, f = r["baseline"], r["final"]
         dmax = max(f["w_delta_rel"].values()) if f["w_delta_rel"] else 0.0
         lines.append(
-            f"| {v} (layers {r['layers']}) | {r['n_applied']} | {r['n_skipped']} | {r['collapse_step']} | "
+            f"| {v} (layers {r['layers']}){' **partial**' if v in cut else ''} | {r['n_applied']} | {r['n_skipped']} | {r['collapse_step']} | "
             f"{f['retention']:.3f} | {b['neighborhood_acc']:.3f} → {f['neighborhood_acc']:.3f} | "
             f"{b['known_acc']:.3f} → {f['known_acc']:.3f} | {b['gen_entropy']:.2f} → {f['gen_entropy']:.2f} | "
-            f"{r['update_norm_median']:.3g} | {r['update_norm_max']:.3g} | {dmax:.3g} | {r['edit_s_mean']:.2f} |")
+            f"{_g(r['update_norm_median'])} | {_g(r['update_norm_max'])} | {dmax:.3g} | {_g(r['edit_s_mean'], '.2f')} |")
+    if cut:
+        lines += ["", "**Partial runs**: " + "; ".join(f"{v} stopped after {n} of {meta['n_requests']} requests, its figures "
+                                                   f"from the checkpoint at step {meta['results'][v]['final']['step']}"
+                                                   for v, n in cut.items())
+                  + " (cut off; its log resumes: rerun the same command without --stop-after)."]
     d = meta.get("denominators") or {}
     if d:
         lines += ["", f"Update size, ROME vs r-ROME, on the unedited model ({d['n']} requests at layer "

@@ -218,3 +218,33 @@ def test_bad_input(tiny_gpt2, stats):
         stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=7, hparams=FAST)
     with pytest.raises(InvalidArgumentError, match="every"):
         stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=1, every=0)
+
+
+def test_bench_stop_after_summarises_a_cut_off_run(tmp_path, capsys):
+    """bench_stress --stop-after N applies N edits and reports the run as partial; --stop-after 0
+    summarises the log without adding edits; a plain rerun finishes it from the log."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_stress
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "st"
+    base = ["--model", "factworld", "--n-edits", "4", "--every", "2", "--n-eval", "8", "--gen-tokens", "4",
+            "--stats-tokens", "3000", "--denominator-sample", "0", "--variants", "rome", "--out", str(out),
+            "--log-dir", str(tmp_path / "logs"), "--quiet", "--device", "cpu"]
+
+    def run(*extra):
+        bench_stress.main(base + list(extra))
+        return json.loads(Path(f"{out}.json").read_text())["results"]["rome"], Path(f"{out}.md").read_text()
+
+    r, md = run("--stop-after", "3")
+    assert r["n_done"] == 3 and r["final"]["step"] == 2 and "**partial**" in md and "rome stopped after 3 of 4" in md
+    r0, md0 = run("--stop-after", "0")
+    assert r0["n_done"] == 3 and r0["n_applied"] == r["n_applied"] and "**partial**" in md0
+    assert r0["final"] == r["final"]  # read back from the log, not recomputed differently
+    r1, md1 = run()
+    assert r1["n_done"] == 4 and r1["resumed_from"] == 3 and r1["final"]["step"] == 4 and "partial" not in md1.lower()
