@@ -47,5 +47,7 @@ done
 wait
 echo "summaries done after $(( $(date +%s) - T0 )) s"
 for f in $LOG/*.log; do echo "=== $f"; grep -v "it/s\]\|s/it\]" $f | tail -n 4; done
-tar -czf $OUT/results.tgz -C $R --exclude=./kvcache .
+# files come back at most 16 MiB each: the stress logs (~30 kB per Gemma edit) one file per variant
+tar -czf $OUT/results.tgz -C $R --exclude=./stress_logs .
+for f in $R/stress_logs/*.jsonl; do [ -e "$f" ] && gzip -c "$f" > $OUT/$(basename "$f").gz; done
 ls -la $OUT
