@@ -81,11 +81,9 @@ def factworld_cases(args):
 
 def known_unrelated(model, args):
     from kvmem.data import load_known_facts
-    from kvmem.recall import fact_recall
+    from kvmem.recall import answered_facts
 
-    known = load_known_facts(args.known)[: 4 * args.n_unrelated]
-    ok = fact_recall(model, known).known.tolist()
-    return [f for f, k in zip(known, ok) if k][: args.n_unrelated]
+    return answered_facts(model, load_known_facts(args.known)[: 4 * args.n_unrelated])[: args.n_unrelated]
 
 
 def counterfact_cases(model, args):
@@ -109,6 +107,7 @@ def pararel_cases(model, args):
 
     from kvmem.data import load_pararel, pararel_counterfact
     from kvmem.editing import rome_hparams
+    from kvmem.prompts import Fact
     from kvmem.recall import fact_recall
 
     bags = [b for b in load_pararel(args.pararel, min_prompts=3) if b.relation not in PARAREL_SKIP]
@@ -126,7 +125,7 @@ def pararel_cases(model, args):
         if len(cases) >= args.n_facts:
             break
         chunk = order[i : min(i + 64, args.max_scan)]
-        facts = [f for r in chunk for f in [r.request] + [r.request.__class__(p, r.subject, target_true=r.request.target_true)
+        facts = [f for r in chunk for f in [r.request] + [Fact(p, r.subject, target_true=r.request.target_true)
                                                           for p in r.paraphrase_prompts]]
         known = iter(fact_recall(model, facts, batch_size=32).known.tolist())
         for r in chunk:

@@ -61,7 +61,7 @@ def factworld_setup(args):
 
 def counterfact_setup(model, args):
     from kvmem.data import load_counterfact, load_known_facts
-    from kvmem.recall import fact_recall
+    from kvmem.recall import answered_facts
 
     records = load_counterfact(args.counterfact)
     seen, requests = set(), []
@@ -74,7 +74,7 @@ def counterfact_setup(model, args):
     edited = {r.request.subject for r in requests}
     at_risk = {(r.request.relation_id, r.request.target_true.strip()) for r in requests}
     known_all = [f for f in load_known_facts(args.known) if f.subject not in edited]
-    answered = [f for f, ok in zip(known_all, fact_recall(model, known_all).known.tolist()) if ok]
+    answered = answered_facts(model, known_all)
     neighborhood = [f for f in answered if (f.relation_id, f.target_true.strip()) in at_risk][: args.n_eval]
     known = [f for f in answered if (f.relation_id, f.target_true.strip()) not in at_risk][: args.n_eval]
     gen = [r.generation_prompts[0] for r in records[:4] if r.generation_prompts]

@@ -81,3 +81,10 @@ def fact_recall(
         torch.cat(probs) if probs else empty,
         tuple(preds),
     )
+
+
+def answered_facts(model, facts: Sequence[Fact], batch_size: int = 16) -> list[Fact]:
+    """The facts the model answers top-1 (`fact_recall(...).known`), in their given order: the
+    untouched facts whose accuracy an edit can only lower, tracked by the diagnose and stress runs."""
+    facts = list(facts)
+    return [f for f, ok in zip(facts, fact_recall(model, facts, batch_size=batch_size).known.tolist()) if ok]

@@ -36,3 +36,26 @@ def test_shape_annotations_are_checked_at_run_time(tiny_gpt2):
 
     with pytest.raises(Exception, match="(?i)type|shape|dim"):
         final_logits(tiny_gpt2, torch.zeros(3))  # wants [batch, d_model]
+
+
+def test_answered_facts_keeps_exactly_the_top1_answers_in_order():
+    """On the fact-world model (which knows its training facts): a true fact it answers is kept, the
+    same prompt with another object of the relation is dropped, and the order is the given one."""
+    import kvmem.factworld as fw
+    from kvmem.prompts import Fact
+    from kvmem.recall import answered_facts
+
+    model, world = fw.factworld_hooked_transformer(), fw.shipped_world()
+    true = [Fact(f.prompt, f.subject, target_true=f.target) for f in world.facts("train")[:12]]
+    wrong = [Fact(f.prompt, f.subject, target_true=next(o for o in world.relation(f.relation).objects if o != f.target))
+             for f in world.facts("train")[:12]]
+    mixed = [f for pair in zip(wrong, true) for f in pair]
+    got = answered_facts(model, mixed, batch_size=5)
+    expect = []
+    for f in mixed:  # one plain forward per fact
+        t = tokenize_fact(model, f)
+        logits = model(t.tokens[None])[0, -1]
+        if int(logits.argmax()) == t.target_ids[0]:
+            expect.append(f)
+    assert got == expect
+    assert not set(got) & set(wrong) and len(got) >= 10
