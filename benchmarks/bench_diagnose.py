@@ -295,7 +295,9 @@ def markdown(meta, res) -> str:
          f"`python benchmarks/bench_diagnose.py {' '.join(meta['argv'])}` ({platform.machine()}, "
          f"{meta['threads']} torch thread(s){meta.get('gpu', '')}; {meta['compute_s']:.0f} s of diagnose + edits + evaluation, "
          f"{meta['compute_s'] / max(res['n_facts'], 1):.1f} s per fact; this invocation {meta['wall_s']:.0f} s, "
-         f"{meta['resumed']} facts read back from the log). {res['n_facts']} facts from {meta['source']}; "
+         f"{meta['resumed']} facts read back from the log"
+         + (f"; rows computed on: {', '.join(f'{k} {v}' for k, v in meta['devices'].items())}" if meta.get("devices") else "")
+         + f"). {res['n_facts']} facts from {meta['source']}; "
          f"{res['n_unknown']} unknown to the model (diagnose raised UnknownFactError, skipped); {res['n_used']} used. "
          f"Fixed layer {meta['fixed_layer']}; diagnosed layer = causal-tracing MLP peak at the last subject token "
          f"(counts: {res['peak_layer_counts']}; equal to the fixed layer for {res['diagnosed_equals_fixed']:.0%}). "
@@ -473,6 +475,8 @@ def main(argv=None):
         if str(case.case_id) not in log:
             r = run_case(model, case, unrelated, stats_for, hp, prefixes, fixed, args)
             r["fixed_layer"] = fixed
+            r["device"] = (torch.cuda.get_device_name(model.cfg.device) if str(model.cfg.device).startswith("cuda")
+                           else f"cpu ({platform.machine()})")  # a merged log can hold rows from several machines
             if args.source == "pararel" and args.model != "factworld":
                 r["scan_index"] = args.scan_index[case.case_id]
             log.add(str(case.case_id), r)
@@ -494,6 +498,8 @@ def main(argv=None):
             "gpu": f", GPU {torch.cuda.get_device_name()}" if str(model.cfg.device).startswith("cuda") else "",
             "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
             "csv": f"{out.name}.csv", "png": f"{out.name}.png", "resumed": resumed,
+            "devices": (df["device"] if "device" in df else pd.Series(index=df.index, dtype=object))
+            .fillna("not recorded").value_counts().to_dict(),
             "compute_s": float(df["total_s"].fillna(0).sum()) if "total_s" in df else float("nan")}
     meta["verdict"] = verdict(res, "diagnosed") + "\n\n" + verdict(res, "fixed")
     df.drop(columns=["layer_share"], errors="ignore").to_csv(f"{out}.csv", index=False)

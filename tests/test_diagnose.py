@@ -200,7 +200,8 @@ def test_bench_script_sharded_equals_one_run(tmp_path):
                 assert w == pytest.approx(v, rel=1e-6, abs=1e-9), (k, col)
             elif not (isinstance(v, float) and math.isnan(v)):
                 assert w == v, (k, col)
-    assert "Mean outcomes" in (tmp_path / "sh.md").read_text()
+    md = (tmp_path / "sh.md").read_text()
+    assert "Mean outcomes" in md and "rows computed on: cpu" in md and " 3)" in md  # where each row came from
     # a rerun with other settings is refused, not mixed into the same log
     from kvmem.runs import RunLogError
 
