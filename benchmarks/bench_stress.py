@@ -223,16 +223,45 @@ def main(argv=None):
 
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(f"{out}.csv", index=False)
+    compare_figure(table, results, f"{out}.png", title=f"{args.model}: {len(requests)} sequential edits")
     meta = {"argv": sys.argv[1:] if argv is None else argv, "model": args.model, "source": source,
             "n_requests": len(requests), "n_neighborhood": len(neighborhood), "n_known": len(known),
             "hparams": {"layer": layer, "spread": spread, "prefixes": prefixes, "v_num_grad_steps": args.v_steps},
             "stats_tokens": n_tok, "setup_s": setup_s, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if str(model.cfg.device).startswith("cuda") else None,
             "peak_rss_mb": peak_rss_mb(), "results": results, "denominators": denominators,
-            "csv": f"{out.name}.csv", "png": f"{out.name}_<variant>.png"}
+            "csv": f"{out.name}.csv", "png": f"{out.name}.png (variants side by side), {out.name}_<variant>.png"}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1, default=str))
     Path(f"{out}.md").write_text(markdown(meta, table))
     print(Path(f"{out}.md").read_text())
+
+
+def compare_figure(table, results: dict, path: str, title: str) -> None:
+    """The variants on shared axes: retention, neighbourhood and known-fact accuracy, generation
+    entropy against the number of edits (each variant's collapse dotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = (("retention", "retention of earlier edits"), ("neighborhood_acc", "neighbourhood acc."),
+            ("known_acc", "known-fact acc."), ("gen_entropy", "generation entropy"))
+    fig, axes = plt.subplots(1, len(cols), figsize=(16, 3.4))
+    for j, v in enumerate(results):
+        sub = table[table["variant"] == v]
+        for ax, (col, name) in zip(axes, cols):
+            ax.plot(sub["step"], sub[col], color=f"C{j}", label=v, marker=".", markersize=3)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("edits applied")
+            if results[v]["collapse_step"] is not None:
+                ax.axvline(results[v]["collapse_step"], color=f"C{j}", linestyle=":", linewidth=1)
+    for ax in axes[:3]:
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _g(x, fmt: str = ".3g") -> str:

@@ -248,3 +248,4 @@ def test_bench_stop_after_summarises_a_cut_off_run(tmp_path, capsys):
     assert r0["final"] == r["final"]  # read back from the log, not recomputed differently
     r1, md1 = run()
     assert r1["n_done"] == 4 and r1["resumed_from"] == 3 and r1["final"]["step"] == 4 and "partial" not in md1.lower()
+    assert Path(f"{out}.png").stat().st_size > 0 and Path(f"{out}_rome.png").exists()  # side by side, and per variant
