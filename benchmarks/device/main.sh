@@ -35,11 +35,14 @@ ST="benchmarks/bench_stress.py --model gemma-3-270m --n-edits 200 --every 10 --s
 VARIANTS="rome r-rome r-rome-spread"
 den() { [ $1 = rome ] && echo 10 || echo 0; }
 PIDS=()
+for v in $VARIANTS; do rm -f $R/stress_gemma-3-270m_$v.json; done  # an earlier call's summary of a cut-off run
 for v in $VARIANTS; do worker stress_$v $W $ST --variants $v --denominator-sample $(den $v) --out $R/stress_gemma-3-270m_$v & PIDS+=($!); done
 for i in $(seq 0 $((ND - 1))); do worker diag$i $W $DG --shard $i/$ND & PIDS+=($!); done
-python3 benchmarks/device/prepare.py 7 8 9 10 11 12 13 1 0 14 15 16 17 > $LOG/prepare_rest.log 2>&1 &
+timeout $W python3 benchmarks/device/prepare.py 7 8 9 10 11 12 13 1 0 14 15 16 17 > $LOG/prepare_rest.log 2>&1 &
+PREP=$!
 sleep 60; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv > $LOG/gpu_busy.txt 2>&1
 wait "${PIDS[@]}"
+kill $PREP 2>/dev/null
 echo "workers done after $(( $(date +%s) - T0 )) s"
 timeout $SUM python3 $DG --merge $ND --device $DEV > $LOG/sum_diag.log 2>&1 &
 for v in $VARIANTS; do

