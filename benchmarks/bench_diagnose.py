@@ -253,6 +253,7 @@ def analyse(df, args) -> dict:
         means[cond]["safe"] = float(ok[f"{cond}_safe"].astype(float).mean())
     means["unedited"] = {k: float(ok[f"unedited_{k}"].mean()) for k in ("ES", "EM", "PS", "PM", "NS", "NM")}
     out["means"] = means
+    out["paired"] = paired_differences(ok, args.bootstrap, args.seed)
     if len(ok) < 3:  # too few facts the model knows: nothing to correlate
         out.update(spearman=[], criterion=[])
         return out
@@ -285,6 +286,28 @@ def analyse(df, args) -> dict:
     return out
 
 
+def paired_differences(ok, n_boot: int, seed: int) -> list[dict]:
+    """Editing at the diagnosed layer minus at the fixed layer, fact by fact: the mean difference of
+    each outcome with a 95% bootstrap CI over facts (facts whose diagnosed layer is the fixed one
+    count as 0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for o in OUTCOMES + ("safe",):
+        a, b = f"diagnosed_{o}", f"fixed_{o}"
+        if a not in ok or b not in ok:
+            continue
+        d = (ok[a].astype(float) - ok[b].astype(float)).dropna().to_numpy()
+        if not len(d):
+            continue
+        boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1) if n_boot and len(d) > 1 else np.array([np.nan])
+        lo, hi = np.quantile(boots, [0.025, 0.975]) if np.isfinite(boots).all() else (np.nan, np.nan)
+        out.append({"outcome": o, "mean_diff": float(d.mean()), "ci_lo": float(lo), "ci_hi": float(hi), "n": int(len(d)),
+                    "n_better": int((d > 0).sum()), "n_worse": int((d < 0).sum())})
+    return out
+
+
 def _cell(c) -> str:
     flag = "†" if c["boot_defined"] < 0.95 or c["n_off_mode"] < 5 else ""
     return f"{c['rho']:+.2f} [{c['ci_lo']:+.2f}, {c['ci_hi']:+.2f}]{flag}"
@@ -310,8 +333,14 @@ def markdown(meta, res) -> str:
     for cond, m in res["means"].items():
         L.append(f"| {cond} | " + " | ".join(f"{m[k]:.3f}" if k in m else "" for k in OUTCOMES)
                  + f" | {m.get('safe', float('nan')):.3f} |")
-    L += ["", "SAFE = ES = 1, PS ≥ 0.5, NS drop ≤ 0.1, unrelated-accuracy drop ≤ 0.05.", "",
-          "## Spearman ρ of the localization score with each outcome (95% bootstrap CI)", "",
+    L += ["", "SAFE = ES = 1, PS ≥ 0.5, NS drop ≤ 0.1, unrelated-accuracy drop ≤ 0.05.", ""]
+    if res.get("paired"):
+        L += ["Paired, fact by fact: edit at the diagnosed layer minus at the fixed layer (mean, 95% bootstrap CI; "
+              "facts where it is higher / lower):", "", "| outcome | diagnosed − fixed | higher | lower |", "|---|---|---|---|"]
+        L += [f"| {c['outcome']} | {c['mean_diff']:+.3f} [{c['ci_lo']:+.3f}, {c['ci_hi']:+.3f}] | {c['n_better']} | {c['n_worse']} |"
+              for c in res["paired"]]
+        L += [""]
+    L += ["## Spearman ρ of the localization score with each outcome (95% bootstrap CI)", "",
           "| outcome | at diagnosed layer | at fixed layer |", "|---|---|---|"]
     sc = [c for c in res["spearman"] if c["predictor"] == "score"]
     for o in OUTCOMES + ("safe",):
