@@ -1,4 +1,4 @@
-"""Does localization predict safe editing? `kvmem.diagnose` per fact, then ROME at the diagnosed
+"""Does localization predict safe editing? `kvmem.pipelines.diagnose` per fact, then ROME at the diagnosed
 layer and at a fixed layer, each edit alone.
 
     python benchmarks/bench_diagnose.py --model factworld --n-facts 100
@@ -56,7 +56,7 @@ PREDICTORS = ("score", "concentration", "jaccard", "peak_share", "agreement")
 def factworld_cases(args):
     from kvmem.data import CounterFactRecord
     from kvmem.factworld import shipped_world
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
 
     world = shipped_world()
     facts = world.facts("train")
@@ -107,7 +107,7 @@ def pararel_cases(model, args):
 
     from kvmem.data import load_pararel, pararel_counterfact
     from kvmem.editing import rome_hparams
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
     from kvmem.recall import fact_recall
 
     bags = [b for b in load_pararel(args.pararel, min_prompts=3) if b.relation not in PARAREL_SKIP]
@@ -183,7 +183,7 @@ def run_case(model, case, unrelated, stats_for, hp, prefixes, fixed_layer, args)
     import torch
 
     import kvmem
-    from kvmem.diagnose import UnknownFactError
+    from kvmem.pipelines.diagnose import UnknownFactError
     from kvmem.editing import compute_rome_edit, edited
     from kvmem.errors import KvmemError
     from kvmem.evaluation import record_metrics
@@ -196,7 +196,7 @@ def run_case(model, case, unrelated, stats_for, hp, prefixes, fixed_layer, args)
     t = time.perf_counter()
     try:
         paraphrases = list(case.paraphrase_prompts)[: args.max_paraphrases]
-        loc = kvmem.diagnose(model, fact, paraphrases, samples=args.samples, steps=args.ig_steps)
+        loc = kvmem.pipelines.diagnose(model, fact, paraphrases, samples=args.samples, steps=args.ig_steps)
     except UnknownFactError as e:
         row.update(unknown=True, error=str(e))
         return row

@@ -44,7 +44,7 @@ def load(name: str, device: str | None = None):
         import torch
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        from kvmem.tokenizers import gpt2_tokenizer
+        from kvmem.models.tokenizers import gpt2_tokenizer
 
         cfg = HookedTransformerConfig(
             n_layers=3, d_model=32, n_ctx=128, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257,
@@ -70,7 +70,7 @@ def factworld_records(n: int, seed: int = 0):
     another object of the relation (seeded)."""
     from kvmem.data import CounterFactRecord
     from kvmem.factworld import shipped_world
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
 
     world = shipped_world()
     facts = world.facts("train")
@@ -121,7 +121,7 @@ def plain_forward_tok_s(model, corpus, n_tokens: int, layer: int | None) -> floa
     import torch
 
     from kvmem.editing.stats import _batches, _token_rows
-    from kvmem.prompts import pad_batch, spec_for
+    from kvmem.core.tokenize import pad_batch, spec_for
 
     rows, total, has_bos = _token_rows(model, corpus, n_tokens, min(256, int(model.cfg.n_ctx)))
     spec = spec_for(model)

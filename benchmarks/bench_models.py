@@ -64,7 +64,7 @@ def measure(name: str, cache: str, known_limit: int | None, batch_sizes: list[in
 
     if name == "factworld":
         from kvmem.factworld import shipped_world
-        from kvmem.prompts import Fact
+        from kvmem.core.facts import Fact
 
         world = shipped_world()
         for split in ("train", "paraphrase"):

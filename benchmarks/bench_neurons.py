@@ -100,7 +100,7 @@ def load(name: str):
     if name == "tiny-random":
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        from kvmem.tokenizers import gpt2_tokenizer
+        from kvmem.models.tokenizers import gpt2_tokenizer
 
         cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64,
                                       d_vocab=50257, act_fn="gelu_new", normalization_type="LN",
@@ -118,7 +118,7 @@ def random_gpt2_folder(folder: Path, seed: int = 0) -> Path:
     """A small random GPT-2 saved in Hugging Face form (for runs before factworld's weights exist)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=4, n_embd=64, n_head=4, n_inner=256, n_positions=64, vocab_size=50257,
@@ -141,7 +141,7 @@ def hf_pair(name: str, tmp: Path):
     from transformers import GPT2LMHeadModel
 
     from kvmem.factworld import hooked_config_from_hf
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     folder = random_gpt2_folder(tmp / "random-gpt2")
     hf = GPT2LMHeadModel.from_pretrained(str(folder))
@@ -287,7 +287,7 @@ def path_profile(model, prompt: str, target: str) -> dict:
     """g(a) = p(target) with one layer's last-position neurons scaled by a, on a log-ish grid: where
     along IG's straight path the probability actually changes."""
     from kvmem.neurons import _prepare
-    from kvmem.weights import hook_post_name
+    from kvmem.core.weights import hook_post_name
 
     prep = _prepare(model, prompt, target)
     tokens = prep.tokens[None].expand(len(PATH_GRID), -1)
@@ -520,7 +520,7 @@ def _layer_shares(layers: list[int], n_layers: int) -> dict[str, float]:
 def known_bags(model, args):
     """PARAREL bags with the blank at the end whose answer the model ranks first on >= half its prompts."""
     from kvmem.data import load_pararel
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
     from kvmem.recall import fact_recall
 
     bags = load_pararel(args.pararel, relations=args.only, min_prompts=args.min_prompts,

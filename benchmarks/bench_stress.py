@@ -36,7 +36,7 @@ from kvmem.resources import peak_rss_mb  # noqa: E402
 
 def factworld_setup(args):
     from kvmem.factworld import shipped_world
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
 
     world = shipped_world()
     facts = world.facts("train")
@@ -153,7 +153,7 @@ def main(argv=None):
 
     import kvmem
     from kvmem.editing import RomeHparams, rome_hparams, second_moment
-    from kvmem.stress import stress_edits
+    from kvmem.pipelines.stress import stress_edits
 
     t0 = time.perf_counter()
     model = kvmem.load_model(args.model, device=args.device)

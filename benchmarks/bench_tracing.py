@@ -41,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def tiny_model():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     cfg = HookedTransformerConfig(
         n_layers=6, d_model=128, n_ctx=64, d_head=32, n_heads=4, d_mlp=512, d_vocab=50257,
@@ -108,11 +108,11 @@ def main() -> None:
 
     from transformer_lens import patching as tl_patching
 
-    from kvmem.hooks import add_noise, restore
-    from kvmem.patching import record_run, run_interventions
-    from kvmem.readout import final_logits
+    from kvmem.core.hooks import add_noise, restore
+    from kvmem.core.engine import record_run, run_interventions
+    from kvmem.core.readout import final_logits
     from kvmem.tracing import _interventions, _prepare, noise_level, trace_all
-    from kvmem.prompts import tokenize_fact
+    from kvmem.core.facts import tokenize_fact
 
     t_load, model = timed(lambda: load(args.model))
     for p in model.parameters():

@@ -44,8 +44,8 @@ def child(model_name: str, budget_mb: float, samples: int, window: int, threads:
     torch.set_num_threads(threads)
     from bench_tracing import load, pick_fact
 
-    from kvmem.patching import rows_for_budget
-    from kvmem.prompts import tokenize_fact
+    from kvmem.core.engine import rows_for_budget
+    from kvmem.core.facts import tokenize_fact
     from kvmem.resources import peak_rss_mb, rss_mb
     from kvmem.tracing import noise_level, trace_all
 

@@ -23,7 +23,7 @@ Measured:
   * identical noise: the peer's noise is `scale * np.random.RandomState(patch_seed).randn(samples,
     n_subject_tokens, d_model)[k]` for sample k, added to the token-embedding module's output of
     the subject tokens. kvmem's engine is run here with exactly that noise (a plain hook on
-    `hook_embed` instead of `kvmem.hooks.add_noise`), so the grids must agree up to the float
+    `hook_embed` instead of `kvmem.core.hooks.add_noise`), so the grids must agree up to the float
     differences between the Hugging Face model and the HookedTransformer;
   * each with its own noise (kvmem: torch generator, seed 0; peer: numpy, seed 1): the grids are
     two estimates of the same expectation and differ by sampling error; reported as the fraction
@@ -89,7 +89,7 @@ def hf_folder(name: str) -> Path:
         from kvmem.factworld import factworld_hf_folder
 
         return Path(factworld_hf_folder())
-    from kvmem.offline_models import load_gguf_hf_model, model_cache_dir
+    from kvmem.models.offline import load_gguf_hf_model, model_cache_dir
 
     folder = model_cache_dir(name) / "hf"
     if not (folder / "config.json").is_file():
@@ -117,8 +117,8 @@ def numpy_noise_hook(subject: range, scale: float, noise64: torch.Tensor):
 def kvmem_grids(model, prep, spec, noise_hook, samples: int):
     """kvmem's engine (as in `kvmem.tracing._trace_prepared`) with any noise hook; returns the
     per-sample scores `[kind, layer, pos, sample]` and the per-sample corrupted probability."""
-    from kvmem.hooks import EMBED_HOOK
-    from kvmem.patching import record_run, run_interventions
+    from kvmem.core.hooks import EMBED_HOOK
+    from kvmem.core.engine import record_run, run_interventions
     from kvmem.tracing import _answer_probability, _interventions
 
     tf = prep.tf
@@ -212,7 +212,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from bench_tracing import load, pick_fact
 
-    from kvmem.hooks import add_noise
+    from kvmem.core.hooks import add_noise
     from kvmem.tracing import _prepare, noise_level, trace_all
 
     hf = hf_folder(args.model)

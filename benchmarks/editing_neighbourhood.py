@@ -61,8 +61,8 @@ def stats_variants(model, layer: int, args) -> dict:
 
 def neighbour_keys(model, layer: int, prompts) -> list[torch.Tensor]:
     """The layer's MLP keys at every non-start position of each prompt (one run each: no padding)."""
-    from kvmem.prompts import encode, spec_for
-    from kvmem.weights import hook_post_name
+    from kvmem.core.tokenize import encode, spec_for
+    from kvmem.core.weights import hook_post_name
 
     spec, name, out = spec_for(model), hook_post_name(model, layer), []
     with torch.no_grad():
@@ -103,7 +103,7 @@ def measure(model, record, edit, keys, k_star) -> dict:
 def run_record(model, record, layers, stats_by_layer, prefixes, args) -> dict:
     from kvmem.editing import compute_rome_edit, reinsert, rome_hparams
     from kvmem.evaluation import record_metrics
-    from kvmem.weights import mlp_weights
+    from kvmem.core.weights import mlp_weights
 
     out = {"case_id": record.case_id, "subject": record.subject, "conditions": {}}
     base = record_metrics(model, record, generation=False)

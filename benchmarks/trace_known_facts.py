@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 
 def choose_facts(model, name: str, n: int, scan: int):
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
 
     if name == "factworld":
         from kvmem.factworld import shipped_world

@@ -7,7 +7,7 @@
 """
 
 from kvmem.errors import KvmemError
-from kvmem.prompts import Fact, tokenize_fact
+from kvmem.core.facts import Fact, tokenize_fact
 from kvmem.models import load_model
 from kvmem.recall import fact_recall
 from kvmem.tracing import average_indirect_effect, causal_trace, noise_level, trace_all
@@ -22,8 +22,8 @@ from kvmem.memories import (
 )
 from kvmem.editing import Edit, RomeHparams, apply_edit, compute_rome_edit, edited, second_moment
 from kvmem.evaluation import evaluate_counterfact
-from kvmem.diagnose import Localization, UnknownFactError, diagnose
-from kvmem.stress import StressResult, stress_edits
+from kvmem.pipelines.diagnose import Localization, UnknownFactError, diagnose
+from kvmem.pipelines.stress import StressResult, stress_edits
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from kvmem.errors import DataFormatError, InvalidArgumentError, MissingDependencyError
-from kvmem.prompts import Fact
+from kvmem.core.facts import Fact
 
 
 def _read_json(path: str | Path):

@@ -25,6 +25,10 @@ class SubjectNotFoundError(KvmemError, ValueError):
     """The subject does not occur in the prompt (or occurs ambiguously)."""
 
 
+class AmbiguousSubjectError(SubjectNotFoundError):
+    """The subject occurs more than once and no occurrence was chosen."""
+
+
 class EmptyTargetError(KvmemError, ValueError):
     """A target string is empty or tokenizes to nothing."""
 

@@ -38,8 +38,8 @@ from kvmem.editing.apply import edited
 from kvmem.editing.generate import sample_tokens
 from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
 from kvmem.errors import InvalidArgumentError, KvmemError, PromptTooLongError
-from kvmem.prompts import encode, pad_batch, spec_for, target_token_ids
-from kvmem.readout import final_logits
+from kvmem.core.tokenize import encode, pad_batch, spec_for, target_token_ids
+from kvmem.core.readout import final_logits
 
 METRICS = ("S", "ES", "EM", "PS", "PM", "NS", "NM", "GE")
 

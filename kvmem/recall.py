@@ -11,8 +11,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvmem.errors import InvalidArgumentError
-from kvmem.prompts import Fact, pad_batch, spec_for, tokenize_fact
-from kvmem.readout import last_token_logits
+from kvmem.core.facts import Fact, tokenize_fact
+from kvmem.core.tokenize import pad_batch, spec_for
+from kvmem.core.readout import last_token_logits
 
 
 @dataclass(frozen=True)

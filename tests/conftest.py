@@ -14,7 +14,7 @@ install_import_hook("kvmem", "beartype.beartype")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kvmem.tokenizers import gpt2_tokenizer  # noqa: E402
+from kvmem.models.tokenizers import gpt2_tokenizer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -83,7 +83,7 @@ def _tiny_postnorm():
     """Gemma-2/3-like: RMSNorm before *and after* attention and MLP (ln2_post, with a random gain)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     cfg = HookedTransformerConfig(
         n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257,

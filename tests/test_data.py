@@ -19,7 +19,7 @@ from kvmem.data import (
     relation_template,
 )
 from kvmem.errors import DataFormatError, InvalidArgumentError, KvmemError
-from kvmem.prompts import Fact
+from kvmem.core.facts import Fact
 
 
 def test_known_facts():

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kvmem.diagnose import (
+from kvmem.pipelines.diagnose import (
     Localization,
     UnknownFactError,
     diagnose,
@@ -21,7 +21,7 @@ from kvmem.diagnose import (
 from kvmem.errors import EmptyTargetError, InvalidArgumentError, SubjectNotFoundError
 from kvmem.memories import fact_memories
 from kvmem.neurons import knowledge_neurons
-from kvmem.prompts import Fact
+from kvmem.core.facts import Fact
 from kvmem.tracing import causal_trace, noise_level
 
 FAST = dict(samples=3, steps=4)

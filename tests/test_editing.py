@@ -30,7 +30,8 @@ from kvmem.errors import (
     LayerOutOfRangeError,
     SubjectNotFoundError,
 )
-from kvmem.prompts import Fact, encode
+from kvmem.core.facts import Fact
+from kvmem.core.tokenize import encode
 
 LAYER = 1
 FAST = RomeHparams(prefixes=((4, 2),), v_num_grad_steps=4, seed=0)

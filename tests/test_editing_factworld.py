@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvmem.editing import RomeHparams, compute_rome_edit, edited, rome_hparams, second_moment
-from kvmem.prompts import Fact, encode, target_token_ids
+from kvmem.core.facts import Fact
+from kvmem.core.tokenize import encode, target_token_ids
 
 N_EDITS = 4
 

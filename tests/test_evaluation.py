@@ -21,7 +21,8 @@ from kvmem.evaluation import (
     record_metrics,
     target_logprobs,
 )
-from kvmem.prompts import Fact, encode, target_token_ids
+from kvmem.core.facts import Fact
+from kvmem.core.tokenize import encode, target_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 

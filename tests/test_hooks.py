@@ -1,4 +1,4 @@
-"""kvmem.hooks: each factory is a plain TransformerLens hook usable in run_with_hooks."""
+"""kvmem.core.hooks: each factory is a plain TransformerLens hook usable in run_with_hooks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvmem.errors import InvalidArgumentError, KvmemError
-from kvmem.hooks import add_noise, freeze, gaussian_noise, restore, restore_at, scale_neurons
+from kvmem.core.hooks import add_noise, freeze, gaussian_noise, restore, restore_at, scale_neurons
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

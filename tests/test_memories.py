@@ -29,7 +29,7 @@ from kvmem.memories import (  # noqa: E402
 from kvmem.memories._common import readout_logits  # noqa: E402
 from kvmem.memories.contexts import TopContexts  # noqa: E402
 from kvmem.memories.values import ValueTokens  # noqa: E402
-from kvmem.prompts import encode  # noqa: E402
+from kvmem.core.tokenize import encode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,7 +263,7 @@ def test_fact_view_sums_to_direct_logit_attribution(any_model):
     model = any_model
     fact = builtin_facts()[3]  # "The capital of France is" -> Paris
     fm = fact_memories(model, fact, k=5)
-    from kvmem.prompts import tokenize_fact
+    from kvmem.core.facts import tokenize_fact
 
     tf = tokenize_fact(model, fact)
     _, cache = model.run_with_cache(tf.tokens[None])
@@ -345,7 +345,7 @@ def factworld():
 
 
 def _world_facts(world, n):
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
 
     facts = world.facts()
     step = max(1, len(facts) // n)  # spread over relations

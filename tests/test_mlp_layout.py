@@ -10,7 +10,7 @@ import torch
 
 import kvmem.editing.generate as generate
 from kvmem.editing.generate import sample_tokens
-from kvmem.mlp_layout import pretransposed_mlps
+from kvmem.core.mlp_layout import pretransposed_mlps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

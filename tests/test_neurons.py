@@ -24,7 +24,7 @@ from kvmem.neurons import (
     riemann_nodes,
     scaling_hooks,
 )
-from kvmem.prompts import Fact
+from kvmem.core.facts import Fact
 
 PROMPT = "The capital of France is"
 
@@ -106,7 +106,7 @@ def test_fact_input_and_multi_token_objective(tiny_gpt2):
 def tiny64():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_mlp=48, d_vocab=8192, act_fn="gelu_new",

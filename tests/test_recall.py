@@ -3,8 +3,8 @@
 import torch
 
 from kvmem.data import builtin_facts
-from kvmem.prompts import tokenize_fact
-from kvmem.readout import last_token_logits
+from kvmem.core.facts import tokenize_fact
+from kvmem.core.readout import last_token_logits
 from kvmem.recall import fact_recall
 
 
@@ -32,7 +32,7 @@ def test_last_token_logits_equals_full_unembed(tiny_model):
 def test_shape_annotations_are_checked_at_run_time(tiny_gpt2):
     """conftest installs jaxtyping+beartype on kvmem: a wrongly shaped argument must be rejected."""
     import pytest
-    from kvmem.readout import final_logits
+    from kvmem.core.readout import final_logits
 
     with pytest.raises(Exception, match="(?i)type|shape|dim"):
         final_logits(tiny_gpt2, torch.zeros(3))  # wants [batch, d_model]
@@ -42,7 +42,7 @@ def test_answered_facts_keeps_exactly_the_top1_answers_in_order():
     """On the fact-world model (which knows its training facts): a true fact it answers is kept, the
     same prompt with another object of the relation is dropped, and the order is the given one."""
     import kvmem.factworld as fw
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
     from kvmem.recall import answered_facts
 
     model, world = fw.factworld_hooked_transformer(), fw.shipped_world()

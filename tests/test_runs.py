@@ -84,7 +84,7 @@ def test_merge_refuses_other_runs(tmp_path):
 
 def test_sharded_average_indirect_effect_equals_one_run(tiny_gpt2, tmp_path):
     """AIE traced in three shards, logs merged, then summarised from the log alone == one run."""
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
     from kvmem.tracing import average_indirect_effect
     from tests.test_tracing import _known_facts
 

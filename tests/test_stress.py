@@ -10,9 +10,9 @@ import torch
 
 from kvmem.editing import RomeHparams, compute_rome_edit, context_prefixes, second_moment
 from kvmem.errors import EmptyTargetError, InvalidArgumentError, KvmemError
-from kvmem.prompts import Fact
-from kvmem.stress import DuplicateRequestError, StressLogMismatchError, check_requests, stress_edits
-from kvmem.weights import mlp_weights
+from kvmem.core.facts import Fact
+from kvmem.pipelines.stress import DuplicateRequestError, StressLogMismatchError, check_requests, stress_edits
+from kvmem.core.weights import mlp_weights
 
 LAYERS = (0, 1)
 FAST = RomeHparams(prefixes=((3, 2),), v_num_grad_steps=3, seed=0)

@@ -9,8 +9,9 @@ import torch
 
 from kvmem import Fact
 from kvmem.errors import InvalidArgumentError, KvmemError, SubjectNotFoundError
-from kvmem.hooks import add_noise, freeze, restore
-from kvmem.prompts import AmbiguousSubjectError, tokenize_fact
+from kvmem.core.hooks import add_noise, freeze, restore
+from kvmem.core.facts import tokenize_fact
+from kvmem.errors import AmbiguousSubjectError
 from kvmem.tracing import (
     BUCKETS,
     AverageEffect,
@@ -256,7 +257,7 @@ def _knows(model, fact):
 
 
 def test_token_buckets():
-    from kvmem.prompts import SubjectSpan
+    from kvmem.core.facts import SubjectSpan
 
     # BOS The E iff el Tower is located in -> subject 2..5, last 8
     assert token_buckets(SubjectSpan(2, 6, True), 9) == ((2,), (3, 4), (5,), (6,), (7,), (8,))

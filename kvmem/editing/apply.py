@@ -15,7 +15,7 @@ import torch
 from kvmem.editing.fingerprint import ModelMismatchError, model_fingerprint
 from kvmem.editing.rome import Edit
 from kvmem.errors import InvalidArgumentError
-from kvmem.weights import check_layer, mlp_weights
+from kvmem.core.weights import check_layer, mlp_weights
 
 # On the model object: [(fingerprint before, fingerprint after)] of each edit applied by kvmem.
 _STACK_ATTR = "_kvmem_edit_stack"

@@ -11,8 +11,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from kvmem.errors import InvalidArgumentError
-from kvmem.mlp_layout import pretransposed_mlps
-from kvmem.readout import final_logits
+from kvmem.core.mlp_layout import pretransposed_mlps
+from kvmem.core.readout import final_logits
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from kvmem.errors import InvalidArgumentError
-from kvmem.prompts import Fact
+from kvmem.core.facts import Fact
 
 
 def tracing_peak_layer(effect, kind: str = "mlp", bucket: str = "last subject token") -> int:

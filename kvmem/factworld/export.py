@@ -235,7 +235,7 @@ def _write_tokenizer(folder: Path, n_positions: int) -> None:
     BOS is added by the tokenizer (prepend `<|endoftext|>` yourself, as in training)."""
     from importlib import resources
 
-    from kvmem.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import gpt2_tokenizer
 
     gpt2_tokenizer().save_pretrained(str(folder))
     cpath = folder / "tokenizer_config.json"

@@ -63,7 +63,7 @@ class WorldFact:
     """A fact asked with one template (ROME style: `template` holds one `{}` for the subject).
 
     `target` is the object with its leading space (`" Paris"`): the prompt ends right before it.
-    Converting to `kvmem.prompts.Fact`: `Fact(f.prompt, f.subject, target_true=f.target,
+    Converting to `kvmem.core.tokenize.Fact`: `Fact(f.prompt, f.subject, target_true=f.target,
     relation_id=f.relation)`.
     """
 
@@ -441,7 +441,7 @@ def build_world(seed: int = 0, n_subjects: int = 320, tokenizer=None) -> FactWor
     if n_subjects < 1:
         raise InvalidArgumentError(f"n_subjects must be >= 1, got {n_subjects}.")
     if tokenizer is None:
-        from kvmem.tokenizers import gpt2_tokenizer
+        from kvmem.models.tokenizers import gpt2_tokenizer
 
         tokenizer = gpt2_tokenizer()
     rng = random.Random(f"kvmem-factworld-{seed}")

@@ -33,8 +33,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
-from kvmem.weights import check_layer, check_neurons
-from kvmem.weights import mlp_post_norm  # noqa: F401  (re-exported for the memory views)
+from kvmem.core.weights import check_layer, check_neurons
+from kvmem.core.weights import mlp_post_norm  # noqa: F401  (re-exported for the memory views)
 
 FinalNorm = Literal["linear", "none"]
 
@@ -94,7 +94,7 @@ def value_directions(
     """What each value writes into the residual per unit of coefficient, up to the post-MLP
     norm's positive per-position 1/scale: `W_out` rows (all, or `rows`) times the post-norm's
     gain (centred first for LayerNorm). Unchanged (a view) for blocks without a post-MLP norm."""
-    from kvmem.weights import mlp_weights
+    from kvmem.core.weights import mlp_weights
 
     v = mlp_weights(model, layer).W_out if rows is None else rows
     norm = mlp_post_norm(model, layer)

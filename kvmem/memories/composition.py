@@ -32,8 +32,8 @@ from kvmem.errors import InvalidArgumentError
 from kvmem.memories._common import check_final_norm, check_k, readout_directions, readout_logits, resolve_layers, value_directions
 from kvmem.memories.contexts import Corpus, corpus_windows
 from kvmem.memories.values import ValueTokens, value_tokens
-from kvmem.readout import final_logits
-from kvmem.weights import hook_post_name
+from kvmem.core.readout import final_logits
+from kvmem.core.weights import hook_post_name
 
 
 @dataclass(frozen=True)

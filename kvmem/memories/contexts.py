@@ -1,6 +1,6 @@
 """Keys -> top contexts: stream a corpus and keep, for every neuron, the k prefixes it fires on most.
 
-Streaming. Documents are tokenized through `kvmem.prompts` (no start token), joined with a
+Streaming. Documents are tokenized through `kvmem.core.tokenize` (no start token), joined with a
 separator (the tokenizer's EOS, then the model's BOS when it uses one) and cut into fixed-length
 windows; each window starts with the model's start token, so every window is a well-formed
 input and no compute is spent on padding (only the corpus's final window is padded).
@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from kvmem.data import ensure_nonempty, read_corpus
 from kvmem.errors import InvalidArgumentError
 from kvmem.memories._common import check_k, decode_tokens, resolve_layers, resolve_neurons
-from kvmem.prompts import encode, spec_for
-from kvmem.weights import check_layer, hook_post_name
+from kvmem.core.tokenize import encode, spec_for
+from kvmem.core.weights import check_layer, hook_post_name
 
 Corpus = str | Path | Iterable[str]
 

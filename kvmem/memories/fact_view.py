@@ -34,8 +34,8 @@ from kvmem.memories._common import (
     unembed_column,
     value_directions,
 )
-from kvmem.prompts import Fact, tokenize_fact
-from kvmem.weights import hook_post_name
+from kvmem.core.facts import Fact, tokenize_fact
+from kvmem.core.weights import hook_post_name
 
 POSITION_LABELS = ("subject_last", "last")
 

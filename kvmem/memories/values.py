@@ -24,7 +24,7 @@ from kvmem.memories._common import (
     resolve_neurons,
     value_directions,
 )
-from kvmem.weights import check_layer, mlp_weights
+from kvmem.core.weights import check_layer, mlp_weights
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from kvmem.memories._common import decode_tokens
-from kvmem.weights import hook_post_name
+from kvmem.core.weights import hook_post_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvmem.memories.agreement import Agreement

@@ -73,10 +73,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kvmem.errors import EmptyTargetError, InvalidArgumentError, LayerOutOfRangeError, PromptTooLongError
-from kvmem.hooks import scale_neurons
-from kvmem.prompts import Fact, encode, pad_batch, spec_for, target_token_ids
-from kvmem.readout import final_logits
-from kvmem.weights import check_layer, mlp_post_norm
+from kvmem.core.hooks import scale_neurons
+from kvmem.core.facts import Fact
+from kvmem.core.tokenize import encode, pad_batch, spec_for, target_token_ids
+from kvmem.core.readout import final_logits
+from kvmem.core.weights import check_layer, mlp_post_norm
 
 RULES: tuple[str, ...] = ("midpoint", "left", "right", "trapezoid", "linspace", "geometric")  # + "auto"
 GEOMETRIC_MIN = 1e-6  # the geometric rule's smallest log-spaced node

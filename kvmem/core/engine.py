@@ -36,8 +36,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
-from kvmem.hooks import restore_at
-from kvmem.readout import final_logits
+from kvmem.core.hooks import restore_at
+from kvmem.core.readout import final_logits
 
 Component = Literal["resid_pre", "resid_post", "mlp_out", "attn_out"]
 COMPONENTS: tuple[str, ...] = ("resid_pre", "resid_post", "mlp_out", "attn_out")
@@ -228,7 +228,7 @@ def _validate(model, base: RecordedRun, source: RecordedRun, interventions) -> N
         )
     for iv in interventions:
         if not isinstance(iv, Intervention):
-            raise InvalidArgumentError("interventions must be kvmem.patching.Intervention objects.")
+            raise InvalidArgumentError("interventions must be kvmem.core.engine.Intervention objects.")
         if not iv.restore:
             raise InvalidArgumentError("An Intervention needs at least one site to restore.")
         for s in iv.restore + iv.freeze:
@@ -380,7 +380,7 @@ def _run_chunk(model, base, source, interventions, chunk: list[_Row], read: int,
 
 
 def _prompt_tokens(model, prompt) -> Tensor:
-    from kvmem.prompts import encode
+    from kvmem.core.tokenize import encode
 
     if isinstance(prompt, str):
         return torch.tensor(encode(model, prompt), dtype=torch.long)
@@ -410,7 +410,7 @@ def patch_prompts(
     p replaced by its clean value: the same numbers as `transformer_lens.patching`'s
     `get_act_patch_resid_pre` / `get_act_patch_mlp_out` / `get_act_patch_attn_out`, except that
     `metric` receives only the read position's logits `[rows, d_vocab]` (TransformerLens passes
-    every position's). Strings are tokenized with `kvmem.prompts` (start token included).
+    every position's). Strings are tokenized with `kvmem.core.tokenize` (start token included).
     """
     if component not in COMPONENTS:
         raise InvalidArgumentError(f"Unknown component {component!r}; use one of {', '.join(COMPONENTS)}.")

@@ -78,7 +78,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_figure(path: Path, fig) -> None:
-    from kvmem.report import figure_png
+    from kvmem.viz.report import figure_png
 
     _write(path, figure_png(fig))
 
@@ -224,7 +224,7 @@ def _target_str(value: Any, name: str) -> str | None:
 
 def parse_record(record: Any, index: int) -> FactItem:
     """A fact-file record (CounterFact, known_1000 or the simple format) as a `FactItem`."""
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
 
     if not isinstance(record, dict):
         raise DataFormatError(f"expected a JSON object, got {type(record).__name__}")
@@ -313,7 +313,7 @@ def check_against_model(
     args: argparse.Namespace, model, items: list[FactItem], skipped: list[dict], need_new: bool = False
 ) -> list[FactItem]:
     """Drop (or stop at) facts this model cannot take: ambiguous subject, prompt too long, ..."""
-    from kvmem.prompts import tokenize_fact
+    from kvmem.core.facts import tokenize_fact
 
     ok = []
     for item in items:
@@ -355,7 +355,7 @@ def _factworld_new_object(world, wfact) -> str:
 def factworld_item(world, wfact, index: int, n_neighbors: int = 5) -> FactItem:
     """A fact-world fact as a CounterFact-style item: held-out templates as paraphrases, other
     subjects with the same object as neighbours."""
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
 
     fact = Fact(wfact.prompt, wfact.subject, target_true=wfact.target, target_new=_factworld_new_object(world, wfact),
                 relation_id=wfact.relation)
@@ -421,7 +421,7 @@ def _rome_hparams(model, layer: int | None, model_name: str, facts: list | None 
         hp = RomeHparams(layer=max(0, round(0.3 * (model.cfg.n_layers - 1))), prefixes=((5, 5), (10, 5)),
                          layer_source="kvmem CLI: ~30% depth")
     if layer is not None:
-        from kvmem.weights import check_layer
+        from kvmem.core.weights import check_layer
 
         hp = replace(hp, layer=check_layer(model, layer), layer_source="--layer")
     return hp
@@ -505,7 +505,7 @@ def cmd_facts(args: argparse.Namespace) -> int:
 
 
 def _single_fact(args: argparse.Namespace, model_name: str):
-    from kvmem.prompts import Fact
+    from kvmem.core.facts import Fact
 
     if args.prompt:
         if not args.subject:
@@ -890,7 +890,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     corpus, corpus_name = _corpus(args, "kvmem stats")
     model = _load_model(args.model, args.quiet)
-    from kvmem.weights import check_layer
+    from kvmem.core.weights import check_layer
 
     layers = [check_layer(model, l) for l in (args.layers or [_rome_hparams(model, None, args.model).layer])]
     settings = {"analysis": "second_moment", "model": _fingerprint(model), "corpus": corpus_name,
@@ -958,7 +958,7 @@ def run_demo(
     from kvmem.evaluation import evaluate_counterfact
     from kvmem.memories import fact_memories
     from kvmem.neurons import knowledge_neurons, neuron_effect
-    from kvmem.prompts import encode
+    from kvmem.core.tokenize import encode
     from kvmem.tracing import trace_all
 
     fact = item.fact
@@ -1004,7 +1004,7 @@ def run_demo(
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _agg()
-    from kvmem.report import fact_report
+    from kvmem.viz.report import fact_report
 
     t0 = time.perf_counter()
     out = _check_out(args.out)
@@ -1209,5 +1209,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

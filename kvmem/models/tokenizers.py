@@ -46,6 +46,6 @@ def gpt2_tokenizer():
     wrapped.save_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(str(folder))
     # TransformerLens asks for a BOS-adding tokenizer; kvmem adds start tokens itself
-    # (kvmem.prompts), so mark it as such to stop TransformerLens from reloading it.
+    # (kvmem.core.tokenize), so mark it as such to stop TransformerLens from reloading it.
     tok.init_kwargs["add_bos_token"] = True
     return tok

@@ -28,8 +28,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kvmem.errors import EmptyTargetError, InvalidArgumentError
-from kvmem.hooks import EMBED_HOOK, add_noise, check_has_embed_hook
-from kvmem.patching import (
+from kvmem.core.hooks import EMBED_HOOK, add_noise, check_has_embed_hook
+from kvmem.core.engine import (
     DEFAULT_MEMORY_BUDGET,
     Intervention,
     RecordedRun,
@@ -37,7 +37,7 @@ from kvmem.patching import (
     record_run,
     run_interventions,
 )
-from kvmem.prompts import Fact, SubjectSpan, TokenizedFact, tokenize_fact
+from kvmem.core.facts import Fact, SubjectSpan, TokenizedFact, tokenize_fact
 
 Kind = Literal["resid", "mlp", "attn"]
 KINDS: tuple[str, ...] = ("resid", "mlp", "attn")

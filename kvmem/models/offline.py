@@ -1003,7 +1003,7 @@ def load_hf_folder(path: str | os.PathLike, device: str | torch.device | None = 
     if tokenizer is not None and tokenizer.bos_token is not None and not tokenizer.init_kwargs.get("add_bos_token"):
         # TransformerLens would otherwise re-create the tokenizer from name_or_path with
         # add_bos_token=True; that works offline for a local folder, but keep the one given.
-        # kvmem.prompts and model.to_tokens add the start token themselves when asked to.
+        # kvmem.core.tokenize and model.to_tokens add the start token themselves when asked to.
         tokenizer.init_kwargs["add_bos_token"] = True
     cfg_json, params = _convert(hf_model, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                 center_unembed=center_unembed, fold_value_biases=fold_value_biases)

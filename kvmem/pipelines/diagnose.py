@@ -1,6 +1,6 @@
 """Where is a fact stored? One report joining layer-level and neuron-level evidence.
 
-    loc = kvmem.diagnose(model, fact, paraphrases=["Where does X live? In the city of", ...])
+    loc = kvmem.pipelines.diagnose(model, fact, paraphrases=["Where does X live? In the city of", ...])
     loc.peak_layer, loc.score, loc.neurons
     loc.to_frame(); loc.plot(); loc.show()
 
@@ -52,7 +52,7 @@ from torch import Tensor
 from kvmem.errors import InvalidArgumentError, KvmemError
 from kvmem.memories.fact_view import fact_memories
 from kvmem.neurons import knowledge_neurons
-from kvmem.prompts import Fact
+from kvmem.core.facts import Fact
 from kvmem.recall import fact_recall
 from kvmem.tracing import causal_trace, noise_level
 

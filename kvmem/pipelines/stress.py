@@ -60,9 +60,9 @@ from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_pre
 from kvmem.editing.stats import SecondMoment
 from kvmem.errors import InvalidArgumentError, KvmemError
 from kvmem.evaluation import generate_texts, ngram_entropy
-from kvmem.prompts import Fact
+from kvmem.core.facts import Fact
 from kvmem.recall import fact_recall
-from kvmem.weights import check_layer, mlp_weights
+from kvmem.core.weights import check_layer, mlp_weights
 
 METHODS = {"rome": "prompt", "r-rome": "averaged"}
 LOG_VERSION = 1

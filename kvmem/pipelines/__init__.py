@@ -1,0 +1,1 @@
+"""Jobs built from several analyses: the localization diagnostic and sequential-edit stress tests."""
