@@ -3,6 +3,7 @@
 Each factory returns a function `hook(activation, hook) -> activation` that works by itself in
 `model.run_with_hooks(tokens, fwd_hooks=[(name, fn)])` or `with model.hooks(fwd_hooks=...)`:
 
+- `capture`        keep a hook point's activation in a dict (keyed by hook name or a given key)
 - `add_noise`      seeded Gaussian noise on chosen positions of `hook_embed` (ROME's corruption)
 - `restore`        write recorded (clean) values back at chosen rows x positions of a hook point
 - `restore_at`     the same for an explicit list of (row, position) pairs, one value each
@@ -50,6 +51,38 @@ def _check_bounds(idx: Tensor | None, size: int, what: str) -> None:
             f"{what} {idx.tolist()} out of range for an activation with {size} {what}; "
             f"pass indices in [0, {size - 1}]."
         )
+
+
+def capture(
+    store: dict,
+    key: object | None = None,
+    *,
+    clone: bool = False,
+    append: bool = False,
+) -> Hook:
+    """Hook keeping the activation it sees in `store` and passing it on unchanged.
+
+    Stored under `key`, or under the hook point's name when `key` is None (one factory serves a
+    list of hook points: `[(name, capture(store)) for name in names]`). `append=True` keeps every
+    call's activation in a list at that key (a hook point that fires once per batch). The
+    activation is detached; `clone=True` also copies it, for callers that keep it while the model
+    writes the same storage again (in-place ops downstream).
+    """
+
+    def hook(activation: Tensor, hook=None) -> Tensor:
+        k = key if key is not None else getattr(hook, "name", None)
+        if k is None:
+            raise InvalidArgumentError("capture(store) without a key needs the hook point's name; pass key=...")
+        value = activation.detach()
+        if clone:
+            value = value.clone()
+        if append:
+            store.setdefault(k, []).append(value)
+        else:
+            store[k] = value
+        return activation
+
+    return hook
 
 
 def gaussian_noise(
