@@ -1,0 +1,136 @@
+"""Golden-value regression tests: recompute numbers saved by `tests/golden/make_golden.py` and
+require them unchanged. They guard refactors that must change no number (e.g. moving modules).
+
+What is computed lives in ONE place, `tests/golden/cases.py`, shared with the generator, and uses
+kvmem's public API only. Every comparison is bit for bit (`torch.equal` on the raw bits, so NaN
+cells compare equal and -0.0 differs from 0.0; Python floats by `float.hex`): on the CPU, with
+one thread, every case is deterministic (the noise, ROME's prefixes and the generation sample come
+from seeded CPU generators; forward and backward passes are fixed sequences of float operations),
+so no tolerance is needed anywhere. Repeated runs, in one process and in fresh ones, give
+identical bits (checked when the files were made). The thread count is part of that: this module
+runs on one thread, as make_golden.py does.
+
+Bit-exact golden values are tied to the CPU kernels that made them: another torch version or
+another CPU (other SIMD paths) may move the last bits. If a failure shows only tiny differences
+(the message prints the largest) on another machine, regenerate with make_golden.py from the
+code before your change and compare again; never regenerate to hide a change your code made.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from golden import cases  # tests/golden/cases.py (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Every golden value was made on one thread, and the bits depend on it: with two threads the
+    integrated-gradients scores move by up to ~2e-7 and ROME's u by ~3e-14 (different reduction
+    splits), while the causal traces happen not to. One thread for the whole module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- comparison -------------------------------------------------------------------------------
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    int_of = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    t = t.detach().cpu().contiguous()
+    return t.view(int_of[t.element_size()]) if t.is_floating_point() else t
+
+
+def assert_identical(actual, expected, where: str = "value") -> None:
+    """Bit-identical tensors (same dtype and shape), floats (NaN == NaN), and equal everything else,
+    recursively through dicts, tuples and lists."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: got {type(actual).__name__}, expected a tensor"
+        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{where}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        if not torch.equal(_bits(actual), _bits(expected)):
+            a, e = actual.detach().cpu().double(), expected.double()
+            both = ~(a.isnan() | e.isnan())
+            diff = (a - e).abs()[both] if both.any() else torch.zeros(1, dtype=torch.float64)
+            nan_mismatch = int((a.isnan() != e.isnan()).sum())
+            raise AssertionError(
+                f"{where}: not bit-identical: {int((_bits(actual) != _bits(expected)).sum())} of {e.numel()} "
+                f"elements differ, max |diff| {float(diff.max()):.3g} (NaN mismatches: {nan_mismatch})"
+            )
+    elif isinstance(expected, float):
+        assert isinstance(actual, float), f"{where}: got {type(actual).__name__}, expected a float"
+        same = (math.isnan(actual) and math.isnan(expected)) or actual.hex() == expected.hex()
+        assert same, f"{where}: {actual!r} != {expected!r} (diff {actual - expected:.3g})"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), (
+            f"{where}: keys {sorted(actual) if isinstance(actual, dict) else actual!r} != {sorted(expected)}"
+        )
+        for k in expected:
+            assert_identical(actual[k], expected[k], f"{where}[{k!r}]")
+    elif isinstance(expected, (tuple, list)):
+        assert isinstance(actual, (tuple, list)) and len(actual) == len(expected), f"{where}: {actual!r} != {expected!r}"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_identical(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def check_case(name: str, computed: tuple[dict, dict]) -> None:
+    golden = cases.load(name)
+    inputs, values = computed
+    # the inputs in cases.py must still be the ones the golden file was made with
+    assert_identical(inputs, golden["inputs"], f"{name} inputs (cases.py changed? regenerate deliberately)")
+    assert_identical(values, golden["values"], name)
+
+
+# --- fixtures: a factworld model that does not load is a failure here, never a skip --------------
+
+@pytest.fixture(scope="module")
+def factworld(_one_thread):
+    return cases.load_factworld(), cases.world()
+
+
+@pytest.fixture(scope="module")
+def factworld_stats(factworld):
+    assert torch.get_num_threads() == 1
+    model, world = factworld
+    return cases.factworld_stats(model, world)
+
+
+# --- the cases --------------------------------------------------------------------------------
+
+def test_golden_factworld_causal_trace(factworld):
+    check_case("trace_factworld", cases.trace_factworld(*factworld))
+
+
+def test_golden_factworld_integrated_gradients(factworld):
+    check_case("ig_factworld", cases.ig_factworld(*factworld))
+
+
+def test_golden_factworld_rome_edit(factworld, factworld_stats):
+    model, world = factworld
+    check_case("rome_factworld", cases.rome_factworld(model, world, factworld_stats))
+    # ΔW_out = u Λᵀ in float64, bit for bit from the golden u and Λ
+    golden = cases.load("rome_factworld")["values"]
+    delta = torch.outer(golden["u"].double(), golden["lam"].double())
+    assert cases.sha256(delta) == golden["delta.sha256"]
+
+
+def test_golden_factworld_counterfact(factworld, factworld_stats):
+    model, world = factworld
+    check_case("counterfact_factworld", cases.counterfact_factworld(model, world, factworld_stats))
+
+
+@pytest.mark.real
+def test_golden_gemma_trace_column(_one_thread):
+    try:
+        model = cases.load_gemma()
+    except Exception as e:  # the convention of tests/test_offline_models.py: skip without the [real] extra
+        if any(c.__name__ == "MissingDependencyError" for c in type(e).__mro__):
+            pytest.skip(f"real model not installed: {e}")
+        raise
+    check_case("trace_gemma", cases.trace_gemma(model))
