@@ -16,6 +16,11 @@ most 0.05. Reported: Spearman ρ of the score (and its parts) with each outcome,
 percentile bootstrap CIs (2,000 resamples of facts); for the criterion "S ≥ τ" at τ = the 25/50/75%
 score quantiles, how many facts pass and the false-safe rate P(unsafe | S ≥ τ) next to the base rate.
 
+Facts on factworld: `kvmem.factworld.counterfact_records(n_neighbours=10, seed=--seed)` (the facts
+sampled and each new object drawn with the seed; paraphrases the held-out templates): the first
+`--n-facts` are diagnosed, the last `--n-unrelated` are the unrelated facts; C from
+`kvmem.factworld.corpus()`.
+
 Facts for a model other than factworld: `--source counterfact` takes the CounterFact dev records
 (Gemma-3-270m answers only ~7% of them top-1, and diagnose skips facts the model does not know);
 `--source pararel` builds CounterFact-style records from PARAREL facts the model knows
@@ -24,7 +29,8 @@ another object of the relation; neighbours: other subjects with the same relatio
 
 Per-fact rows go to a run log (kvmem.runs.RunLog: a settings header, one line per fact) as they are
 computed; a rerun resumes, a rerun with other settings is refused (--restart starts over).
-Results: benchmarks/results/diagnose_<model>[_pararel].json/.md/.csv/.png.
+Results: benchmarks/results/diagnose/diagnose_<model>[_pararel].json/.md/.csv/.png. The evaluation
+data is read from --data (else $KVMEM_DATA, else ../shared/data beside the repository).
 
 Splitting a run over processes or machines: `--shard I/N` diagnoses every N-th fact into
 diagnose_<model>.shardIofN.jsonl (no summary); `--merge N` joins the shard logs into the run's
@@ -35,63 +41,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import random
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
-
-from kvmem.resources import peak_rss_mb  # noqa: E402
+from common import (RunPlan, add_data_arguments, add_run_arguments, bootstrap_ci, check_run_arguments, data_file, data_name, peak_rss_mb,
+                    provenance, provenance_line, results_dir)
 
 OUTCOMES = ("ES", "EM", "PS", "PM", "NS", "NM", "ns_drop", "unrelated_drop")
 PREDICTORS = ("score", "concentration", "jaccard", "peak_share", "agreement")
 
 
-def factworld_cases(args):
-    from kvmem.data import CounterFactRecord
-    from kvmem.factworld import shipped_world
-    from kvmem.core.facts import Fact
+# factworld's records, one definition (kvmem.factworld.counterfact_records), with this many neighbours
+FACTWORLD_NEIGHBOURS = 10
 
-    world = shipped_world()
-    facts = world.facts("train")
-    rng = random.Random(args.seed)
-    rng.shuffle(facts)
-    cases = []
-    for f in facts[: args.n_facts]:
-        new = rng.choice([o for o in world.relation(f.relation).objects if o != f.target])
-        req = Fact(f.prompt, f.subject, target_true=f.target, target_new=new, relation_id=f.relation)
-        paras = tuple(p.prompt for p in world.prompts_for(f, "paraphrase"))
-        neigh = tuple(x.prompt for x in world.neighbours(f, k=10, same_object=True))
-        cases.append(CounterFactRecord(case_id=len(cases), request=req, template=f.template,
-                                       paraphrase_prompts=paras, neighborhood_prompts=neigh,
-                                       attribute_prompts=(), generation_prompts=()))
-    unrelated = []
-    for f in facts[-args.n_unrelated:]:
-        unrelated.append(Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation))
-    sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
-    random.Random(args.seed).shuffle(sents)
-    return cases, unrelated, sents, 1
+
+def factworld_cases(args):
+    """The world's CounterFact records shuffled (seeded): the first n_facts to diagnose and edit, the
+    last n_unrelated as unrelated facts; C over the world's own text; fixed layer 1."""
+    from kvmem.core.facts import Fact
+    from kvmem.factworld import corpus, counterfact_records
+
+    records = counterfact_records(n_neighbours=FACTWORLD_NEIGHBOURS, seed=args.seed)
+    unrelated = [Fact(r.request.prompt, r.subject, target_true=r.request.target_true, relation_id=r.request.relation_id)
+                 for r in records[-args.n_unrelated:]]
+    return records[: args.n_facts], unrelated, corpus(), 1
 
 
 def known_unrelated(model, args):
     from kvmem.data import load_known_facts
     from kvmem.recall import answered_facts
 
-    return answered_facts(model, load_known_facts(args.known)[: 4 * args.n_unrelated])[: args.n_unrelated]
+    return answered_facts(model, load_known_facts(data_file(args, "known"))[: 4 * args.n_unrelated])[: args.n_unrelated]
 
 
 def counterfact_cases(model, args):
     from kvmem.data import load_counterfact
     from kvmem.editing import rome_hparams
 
-    cases = load_counterfact(args.counterfact)[: args.n_facts]
-    return cases, known_unrelated(model, args), args.corpus, rome_hparams(model).layer
+    cases = load_counterfact(data_file(args, "counterfact"))[: args.n_facts]
+    return cases, known_unrelated(model, args), data_file(args, "corpus"), rome_hparams(model).layer
 
 
 # many-to-many relations (borders, diplomatic relations, twin cities): "the" answer is one of many
@@ -110,7 +101,7 @@ def pararel_cases(model, args):
     from kvmem.core.facts import Fact
     from kvmem.recall import fact_recall
 
-    bags = [b for b in load_pararel(args.pararel, min_prompts=3) if b.relation not in PARAREL_SKIP]
+    bags = [b for b in load_pararel(data_file(args, "pararel"), min_prompts=3) if b.relation not in PARAREL_SKIP]
     by_rel: dict[str, list] = {}
     for r in pararel_counterfact(bags, seed=args.seed):
         if len(r.neighborhood_prompts) >= 3:
@@ -138,7 +129,7 @@ def pararel_cases(model, args):
         scanned += len(chunk)
     print(f"PARAREL: {len(cases)} known facts from {scanned} scanned records of {len(by_rel)} relations", flush=True)
     args.pararel_scanned = scanned
-    return cases, known_unrelated(model, args), args.corpus, rome_hparams(model).layer
+    return cases, known_unrelated(model, args), data_file(args, "corpus"), rome_hparams(model).layer
 
 
 # --- statistics ----------------------------------------------------------------------------
@@ -158,35 +149,24 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def bootstrap_ci(x, y, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """95% percentile CI of Spearman's ρ over `n` resamples, and the share of resamples where ρ is
-    defined (a resample of a nearly constant outcome can be constant; those are left out, which
-    makes the CI unreliable when the share is low)."""
+def spearman_ci(x, y, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """95% percentile CI of Spearman's ρ over `n` resamples of the (x, y) pairs, and the share of
+    resamples where ρ is defined (a resample of a nearly constant outcome can be constant; those are
+    left out, which makes the CI unreliable when the share is low)."""
     import numpy as np
 
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        i = rng.integers(0, len(x), len(x))
-        v = spearman(x[i], y[i])
-        if v == v:
-            vals.append(v)
-    if not vals:
-        return float("nan"), float("nan"), 0.0
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5)), len(vals) / n
+    ci = bootstrap_ci(spearman, np.asarray(x, float), np.asarray(y, float), n=n, seed=seed)
+    return ci.lo, ci.hi, ci.defined
 
 
 # --- one fact ------------------------------------------------------------------------------
 
 def run_case(model, case, unrelated, stats_for, hp, prefixes, fixed_layer, args) -> dict:
-    import torch
-
     import kvmem
-    from kvmem.pipelines.diagnose import UnknownFactError
     from kvmem.editing import compute_rome_edit, edited
-    from kvmem.errors import KvmemError
+    from kvmem.errors import KvmemError, UnknownFactError
     from kvmem.evaluation import record_metrics
+    from kvmem.pipelines.diagnose import diagnose
     from kvmem.recall import fact_recall
 
     req = case.request
@@ -196,7 +176,7 @@ def run_case(model, case, unrelated, stats_for, hp, prefixes, fixed_layer, args)
     t = time.perf_counter()
     try:
         paraphrases = list(case.paraphrase_prompts)[: args.max_paraphrases]
-        loc = kvmem.pipelines.diagnose(model, fact, paraphrases, samples=args.samples, steps=args.ig_steps)
+        loc = diagnose(model, fact, paraphrases, samples=args.samples, steps=args.ig_steps, progress=False)
     except UnknownFactError as e:
         row.update(unknown=True, error=str(e))
         return row
@@ -266,7 +246,7 @@ def analyse(df, args) -> dict:
                     continue
                 x, y = ok[pred].to_numpy(float), ok[col].astype(float).to_numpy()
                 rho = spearman(x, y)
-                lo, hi, frac = bootstrap_ci(x, y, args.bootstrap, args.seed) if rho == rho else (float("nan"),) * 3
+                lo, hi, frac = spearman_ci(x, y, args.bootstrap, args.seed) if rho == rho else (float("nan"),) * 3
                 counts = pd.Series(y).value_counts()  # NaN outcomes (e.g. no unrelated facts) are not counted
                 n_minority = int(len(y) - counts.iloc[0]) if len(counts) else 0
                 corr.append({"predictor": pred, "condition": cond, "outcome": o, "rho": rho, "ci_lo": lo, "ci_hi": hi,
@@ -292,7 +272,7 @@ def paired_differences(ok, n_boot: int, seed: int) -> list[dict]:
     count as 0)."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # one stream, drawn from outcome after outcome
     out = []
     for o in OUTCOMES + ("safe",):
         a, b = f"diagnosed_{o}", f"fixed_{o}"
@@ -301,8 +281,8 @@ def paired_differences(ok, n_boot: int, seed: int) -> list[dict]:
         d = (ok[a].astype(float) - ok[b].astype(float)).dropna().to_numpy()
         if not len(d):
             continue
-        boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1) if n_boot and len(d) > 1 else np.array([np.nan])
-        lo, hi = np.quantile(boots, [0.025, 0.975]) if np.isfinite(boots).all() else (np.nan, np.nan)
+        ci = bootstrap_ci(np.mean, d, n=n_boot, rng=rng) if n_boot and len(d) > 1 else None
+        lo, hi = (ci.lo, ci.hi) if ci is not None else (np.nan, np.nan)
         out.append({"outcome": o, "mean_diff": float(d.mean()), "ci_lo": float(lo), "ci_hi": float(hi), "n": int(len(d)),
                     "n_better": int((d > 0).sum()), "n_worse": int((d < 0).sum())})
     return out
@@ -315,12 +295,11 @@ def _cell(c) -> str:
 
 def markdown(meta, res) -> str:
     L = [f"# Does localization predict safe editing? ({meta['model']})", "",
-         f"`python benchmarks/bench_diagnose.py {' '.join(meta['argv'])}` ({platform.machine()}, "
-         f"{meta['threads']} torch thread(s){meta.get('gpu', '')}; {meta['compute_s']:.0f} s of diagnose + edits + evaluation, "
+         f"{provenance_line(meta)} {meta['compute_s']:.0f} s of diagnose + edits + evaluation, "
          f"{meta['compute_s'] / max(res['n_facts'], 1):.1f} s per fact; this invocation {meta['wall_s']:.0f} s, "
          f"{meta['resumed']} facts read back from the log"
          + (f"; rows computed on: {', '.join(f'{k} {v}' for k, v in meta['devices'].items())}" if meta.get("devices") else "")
-         + f"). {res['n_facts']} facts from {meta['source']}; "
+         + f". {res['n_facts']} facts from {meta['source']}; "
          f"{res['n_unknown']} unknown to the model (diagnose raised UnknownFactError, skipped); {res['n_used']} used. "
          f"Fixed layer {meta['fixed_layer']}; diagnosed layer = causal-tracing MLP peak at the last subject token "
          f"(counts: {res['peak_layer_counts']}; equal to the fixed layer for {res['diagnosed_equals_fixed']:.0%}). "
@@ -395,11 +374,11 @@ def verdict(res, cond: str = "diagnosed") -> str:
 
 def run_settings(args, fixed_layer: int) -> dict:
     """What a logged row depends on: a log started with other settings is refused, not mixed."""
-    data = {"factworld": None, "counterfact": Path(args.counterfact).name, "pararel": Path(args.pararel).name}
-    return {"model": args.model, "source": "factworld" if args.model == "factworld" else args.source,
-            "data": data["factworld" if args.model == "factworld" else args.source],
-            "known": None if args.model == "factworld" else Path(args.known).name,
-            "corpus": None if args.model == "factworld" else Path(args.corpus).name,
+    factworld = args.model == "factworld"
+    return {"model": args.model, "source": "factworld" if factworld else args.source,
+            "data": None if factworld else data_name(args, args.source),
+            "known": None if factworld else data_name(args, "known"),
+            "corpus": None if factworld else data_name(args, "corpus"),
             "n_unrelated": args.n_unrelated, "fixed_layer": fixed_layer, "samples": args.samples,
             "ig_steps": args.ig_steps, "prefixes": args.prefixes, "stats_tokens": args.stats_tokens, "seed": args.seed,
             **({"max_paraphrases": args.max_paraphrases} if args.max_paraphrases is not None else {})}
@@ -421,20 +400,17 @@ def main(argv=None):
     ap.add_argument("--source", choices=("counterfact", "pararel"), default="counterfact",
                     help="facts for a model other than factworld: CounterFact records (dev 250), or CounterFact-style "
                          "records built from PARAREL facts the model knows (more known facts, paraphrases from PARAREL)")
-    ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
-    ap.add_argument("--pararel", default=str(SHARED / "pararel" / "data_all_allbags.json"))
     ap.add_argument("--max-scan", type=int, default=6000, help="--source pararel: records checked for known facts at most")
-    ap.add_argument("--known", default=str(SHARED / "known_1000.json"))
-    ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
+    add_data_arguments(ap, "counterfact", "pararel", "known", "corpus")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="output prefix (default benchmarks/results/diagnose/diagnose_<model>[_pararel])")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--restart", action="store_true", help="discard the run log and start over")
-    from kvmem.runs import add_shard_arguments, check_shard_arguments
-
-    add_shard_arguments(ap, "facts")
+    add_run_arguments(ap, "facts")
     args = ap.parse_args(argv)
-    check_shard_arguments(ap, args)
+    suffix = "_pararel" if args.source == "pararel" and args.model != "factworld" else ""
+    out = Path(args.out or results_dir("diagnose") / f"diagnose_{args.model.replace('/', '_')}{suffix}")
+    check_run_arguments(ap, args)
+    plan = RunPlan.from_args(args, f"{out}.jsonl")
     if args.max_paraphrases is not None and args.max_paraphrases < 1:
         ap.error("--max-paraphrases must be at least 1")
     if args.max_scan < 1:
@@ -447,10 +423,9 @@ def main(argv=None):
     import kvmem
     from kvmem.editing import RomeHparams, context_prefixes, rome_hparams, second_moment
 
-    t0 = time.perf_counter()
-    from kvmem.runs import RunLog, logged_keys, merge_run_logs, parse_shard, shard_path, take_shard
+    from kvmem.runs import RunLog
 
-    shard = parse_shard(args.shard)
+    t0 = time.perf_counter()
     model = kvmem.load_model(args.model, device=args.device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -458,17 +433,17 @@ def main(argv=None):
         cases, unrelated, corpus, fixed = factworld_cases(args)
         source, base_hp = "factworld (paraphrases: held-out templates; neighbours: same relation and object)", RomeHparams()
     elif args.source == "pararel":
-        if args.merge or args.logged_only:  # summarise what the computing runs selected and logged
-            cases, unrelated, corpus, fixed = None, [], args.corpus, rome_hparams(model).layer
+        if plan.summarising:  # summarise what the computing runs selected and logged
+            cases, unrelated, corpus, fixed = None, [], None, rome_hparams(model).layer
         else:
             cases, unrelated, corpus, fixed = pararel_cases(model, args)
-        source = (f"{Path(args.pararel).name} (CounterFact-style: known facts, relations taken in turn, "
+        source = (f"{data_name(args, 'pararel')} (CounterFact-style: known facts, relations taken in turn, "
                   "{scanned} records scanned; paraphrases: the bag's other prompts; neighbours: "
                   "same relation and object; skipped many-to-many " + ", ".join(PARAREL_SKIP) + ")")
         base_hp = rome_hparams(model)
     else:
         cases, unrelated, corpus, fixed = counterfact_cases(model, args)
-        source, base_hp = Path(args.counterfact).name, rome_hparams(model)
+        source, base_hp = data_name(args, "counterfact"), rome_hparams(model)
     if cases is not None and not cases:
         raise SystemExit(f"bench_diagnose: no facts to diagnose from {source} (with --source pararel: the model "
                          "answers none of the scanned PARAREL facts top-1); nothing written.")
@@ -484,21 +459,11 @@ def main(argv=None):
             memo[layer] = second_moment(model, layer, corpus, n_tokens=n_tok, progress=False)
         return memo[layer]
 
-    suffix = "_pararel" if args.source == "pararel" and args.model != "factworld" else ""
-    out = Path(args.out or RESULTS / f"diagnose_{args.model.replace('/', '_')}{suffix}")
-    log_path = Path(f"{out}.jsonl")
     settings = run_settings(args, fixed)
-    if args.merge:  # a fact in two logs keeps its first row
-        parts = [shard_path(log_path, (i, args.merge)) for i in range(args.merge)]
-        n = merge_run_logs([p for p in parts if p.exists()], log_path)
-        print(f"merged {sum(p.exists() for p in parts)} shard logs into {log_path}: {n} facts", flush=True)
-    done = logged_keys(log_path)
-    if args.merge or args.logged_only:  # every logged fact, whatever the case list would be now
-        cases = []
-    if shard is not None:  # this shard's facts, less those the run's own log already holds
-        cases = [c for c in take_shard(cases, shard) if str(c.case_id) not in done]
-        log_path = shard_path(log_path, shard)
-    log = RunLog(log_path, settings, restart=args.restart)
+    plan.merge_shards("facts")  # a fact in two logs keeps its first row
+    # summarising: every logged fact, whatever the case list would be now
+    cases = [] if plan.summarising else plan.select(cases, lambda c: str(c.case_id))
+    log = RunLog(plan.write_log, settings, restart=args.restart)
     resumed = sum(str(c.case_id) in log for c in cases)
     for case in tqdm(cases, disable=args.quiet, desc="diagnose + edit"):
         if str(case.case_id) not in log:
@@ -510,18 +475,19 @@ def main(argv=None):
                 r["scan_index"] = args.scan_index[case.case_id]
             log.add(str(case.case_id), r)
     logged = log.records()
-    rows = list(logged.values()) if args.merge or args.logged_only else [logged[str(c.case_id)] for c in cases]
-    if args.merge or args.logged_only:
+    rows = list(logged.values()) if plan.summarising else [logged[str(c.case_id)] for c in cases]
+    if plan.summarising:
         resumed = len(rows)
     if "{scanned}" in source:  # the PARAREL records looked at, up to the last fact logged
         source = source.format(scanned=1 + max((r.get("scan_index", -1) for r in rows), default=-1))
-    if shard is not None:
-        print(f"shard {args.shard}: {len(rows)} facts in {log_path}", flush=True)
+    if plan.shard is not None:
+        print(f"shard {args.shard}: {len(rows)} facts in {plan.write_log}", flush=True)
         return
     df = pd.DataFrame(rows)
     res = analyse(df, args)
     res["fixed_layer"] = fixed
-    meta = {"argv": sys.argv[1:] if argv is None else argv, "model": args.model, "source": source,
+    meta = {**provenance(__file__, argv, model.cfg.device), "argv": sys.argv[1:] if argv is None else argv,
+            "model": args.model, "source": source,
             "fixed_layer": fixed, "samples": args.samples, "ig_steps": args.ig_steps, "prefixes": prefixes_spec,
             "max_paraphrases": args.max_paraphrases,
             "gpu": f", GPU {torch.cuda.get_device_name()}" if str(model.cfg.device).startswith("cuda") else "",

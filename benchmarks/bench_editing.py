@@ -7,13 +7,18 @@ Per model: C (second moment of the edit layer's keys) over ordinary text with it
 throughput next to a plain forward over the same token rows; then, per record, the unedited
 model's metrics and the metrics with that record's ROME edit applied alone (then restored);
 ROME's summary table next to ROME's published GPT-2 XL numbers. Results go to
-benchmarks/results/editing.json and .md (or --out PREFIX). Per-record results are logged to
+benchmarks/results/editing/editing.json and .md (or --out PREFIX). Per-record results are logged to
 PREFIX_<model>_records.jsonl as they finish: rerunning the same command resumes (eval_s then
 counts this invocation only); --restart starts over.
 
 Splitting a run over processes or machines: `--shard I/N` evaluates every N-th record into
 PREFIX_<model>_records.shardIofN.jsonl (no summary); `--merge N` joins the N shard logs into the
 run's log and summarises the records in it (as --logged-only). --device cuda runs on a GPU.
+
+Records on factworld: `kvmem.factworld.counterfact_records(n_neighbours=10, seed=--seed)`,
+those with neighbours and a new object, each with its own prompt as the generation prompt; C over
+`kvmem.factworld.corpus()`. Elsewhere: the CounterFact file (--counterfact, else from the data
+folder: --data, $KVMEM_DATA, or ../shared/data beside the repository) and the corpus (--corpus).
 """
 
 from __future__ import annotations
@@ -22,19 +27,13 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
-
-
-from kvmem.resources import peak_rss_mb  # noqa: E402
+from common import (RunPlan, add_data_arguments, add_run_arguments, check_run_arguments, data_file, data_name,
+                    peak_rss_mb, provenance, provenance_line, results_dir)
 
 
 # --- models and records -------------------------------------------------------------------
@@ -64,45 +63,14 @@ def load(name: str, device: str | None = None):
 
 
 def factworld_records(n: int, seed: int = 0):
-    """CounterFact-style records from the fact world: the request is a fact under its first
-    training template, paraphrases are its held-out templates, neighbours are other subjects
-    with the same relation, template and true object (`world.neighbours`); target_new is
-    another object of the relation (seeded)."""
-    from kvmem.data import CounterFactRecord
-    from kvmem.factworld import shipped_world
-    from kvmem.core.facts import Fact
+    """`n` of the world's CounterFact records (`kvmem.factworld.counterfact_records`, 10
+    neighbours, sampled with `seed`), skipping those without neighbours or without another object;
+    GE is measured on each record's own prompt (the world has no generation prompts)."""
+    from kvmem.factworld import counterfact_records
 
-    world = shipped_world()
-    facts = world.facts("train")
-    rng = random.Random(seed)
-    rng.shuffle(facts)
-    out = []
-    for f in facts:
-        neigh = world.neighbours(f, k=10, same_object=True)
-        others = [o for o in world.relation(f.relation).objects if o != f.target]
-        if not neigh or not others:
-            continue
-        request = Fact(f.prompt, f.subject, target_true=f.target, target_new=rng.choice(others), relation_id=f.relation)
-        out.append(CounterFactRecord(
-            case_id=len(out), request=request, template=f.template,
-            paraphrase_prompts=tuple(p.prompt for p in world.prompts_for(f, "paraphrase")),
-            neighborhood_prompts=tuple(x.prompt for x in neigh),
-            attribute_prompts=(), generation_prompts=(f.prompt,),
-        ))
-        if len(out) >= n:
-            break
-    return out
-
-
-def factworld_corpus(seed: int = 0) -> list[str]:
-    """The fact world's own training sentences (every fact under every training template),
-    shuffled: its ordinary text."""
-    from kvmem.factworld import shipped_world
-
-    world = shipped_world()
-    sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
-    random.Random(seed).shuffle(sents)
-    return sents
+    records = counterfact_records(n_neighbours=10, seed=seed)
+    usable = [r for r in records if r.neighborhood_prompts and r.request.target_new != r.request.target_true]
+    return [dataclasses.replace(r, generation_prompts=(r.request.prompt,)) for r in usable[:n]]
 
 
 def records_for(name: str, args):
@@ -110,7 +78,7 @@ def records_for(name: str, args):
         return factworld_records(args.n_records, args.seed), "factworld (own facts)"
     from kvmem.data import load_counterfact
 
-    return load_counterfact(args.counterfact, limit=args.n_records), Path(args.counterfact).name
+    return load_counterfact(data_file(args, "counterfact"), limit=args.n_records), data_name(args, "counterfact")
 
 
 # --- throughput --------------------------------------------------------------------------
@@ -120,15 +88,16 @@ def plain_forward_tok_s(model, corpus, n_tokens: int, layer: int | None) -> floa
     that `second_moment` uses; stops after `layer` if given, else runs all layers."""
     import torch
 
-    from kvmem.editing.stats import _batches, _token_rows
+    # second_moment's own token rows and batching, so that both sides of the ratio see the same tokens.
+    from kvmem.editing.stats import length_batches, corpus_token_rows
     from kvmem.core.tokenize import pad_batch, spec_for
 
-    rows, total, has_bos = _token_rows(model, corpus, n_tokens, min(256, int(model.cfg.n_ctx)))
+    rows, total, has_bos = corpus_token_rows(model, corpus, n_tokens, min(256, int(model.cfg.n_ctx)))
     spec = spec_for(model)
     stop = model.cfg.n_layers if layer is None else layer + 1
     t = time.perf_counter()
     with torch.no_grad():
-        for b in _batches(rows, 4096):
+        for b in length_batches(rows, 4096):
             model(pad_batch(b, spec.pad_id).tokens, stop_at_layer=stop)
     return total / (time.perf_counter() - t)
 
@@ -142,8 +111,6 @@ def run_model(name: str, args) -> dict:
     from kvmem.editing.rome import edit_layer
     from kvmem.evaluation import evaluate_counterfact
 
-    from kvmem.runs import logged_keys, merge_run_logs, parse_shard, shard_path, take_shard
-
     out: dict = {"model": name, "threads": torch.get_num_threads()}
     t = time.perf_counter()
     model = load(name, args.device)
@@ -156,7 +123,11 @@ def run_model(name: str, args) -> dict:
     layer = edit_layer(model, hp, args.layer)
     out.update(layer=layer, layer_source=hp.layer_source if args.layer is None else "--layer",
                n_contexts=hp.n_contexts, hparams=dataclasses.asdict(hp))
-    corpus = factworld_corpus(args.seed) if name == "factworld" else args.corpus
+    if name == "factworld":
+        from kvmem.factworld import corpus
+        corpus = corpus()
+    else:
+        corpus = data_file(args, "corpus")
     out["corpus"] = "fact-world training sentences" if name == "factworld" else str(corpus)
 
     sm = second_moment(model, layer, corpus, n_tokens=args.stats_tokens, cache_dir=args.cache_dir,
@@ -167,7 +138,8 @@ def run_model(name: str, args) -> dict:
         "convergence": sm.convergence().to_dict(orient="list"), "path": sm.path,
     }
     n_tp = min(args.stats_tokens, args.throughput_tokens)
-    shard = parse_shard(args.shard)
+    plan = RunPlan.from_args(args, f"{args.out}_{name.replace('/', '_')}_records.jsonl")
+    shard = plan.shard
     if shard is None:
         out["plain_forward_tok_s_to_layer"] = plain_forward_tok_s(model, corpus, n_tp, layer)
         out["plain_forward_tok_s_all_layers"] = plain_forward_tok_s(model, corpus, n_tp, None)
@@ -176,18 +148,9 @@ def run_model(name: str, args) -> dict:
         out["stats_vs_plain_all_layers"] = sm.tokens_per_s / out["plain_forward_tok_s_all_layers"]
 
     records, source = records_for(name, args)
-    log_path = Path(f"{args.out}_{name.replace('/', '_')}_records.jsonl")
-    if args.merge:
-        parts = [shard_path(log_path, (i, args.merge)) for i in range(args.merge)]
-        n = merge_run_logs([p for p in parts if p.exists()], log_path)
-        print(f"merged {sum(p.exists() for p in parts)} shard logs into {log_path}: {n} records", flush=True)
+    plan.merge_shards("records")
     n_requested = len(records)
-    if args.merge or args.logged_only:
-        done = logged_keys(log_path)
-        records = [r for r in records if str(r.case_id) in done]
-    if shard is not None:  # this shard's records, less those the run's own log already holds
-        done = logged_keys(log_path)
-        records = [r for r in take_shard(records, shard) if str(r.case_id) not in done]
+    records = plan.select(records, lambda r: str(r.case_id))
     out["records"] = {"source": source, "n": len(records), "n_requested": n_requested,
                       "merged_shards": args.merge}
     if args.clamp_norm_factor is not None:
@@ -198,7 +161,7 @@ def run_model(name: str, args) -> dict:
         model, records, stats=sm, hparams=dataclasses.replace(hp, layer=layer),
         generation=args.gen_tokens > 0, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
         seed=args.seed, progress=not args.quiet,
-        log=str(shard_path(log_path, shard)), restart=args.restart,
+        log=str(plan.write_log), restart=args.restart,
     )
     out["eval_s"] = time.perf_counter() - t
     if shard is not None:
@@ -218,14 +181,12 @@ def run_model(name: str, args) -> dict:
     return out
 
 
-def markdown(results: list[dict], args) -> str:
-    from kvmem.evaluation import _markdown, published_table
+def markdown(results: list[dict], prov: dict) -> str:
+    from kvmem.evaluation import markdown_table, published_table
 
-    lines = ["# ROME editing benchmark", "",
-             f"`python benchmarks/bench_editing.py {' '.join(sys.argv[1:])}` on {platform.machine()} "
-             f"({results[0]['threads'] if results else '?'} torch threads).", ""]
-    lines += ["ROME's published GPT-2 XL numbers (CounterFact; the cells given in issue 5):", "",
-              _markdown(published_table()), ""]
+    lines = ["# ROME editing benchmark", "", provenance_line(prov), ""]
+    lines += ["ROME's published GPT-2 XL numbers (CounterFact; the cells kvmem compares against):", "",
+              markdown_table(published_table()), ""]
     for r in results:
         s = r["stats"]
         lines += [f"## {r['model']}", "",
@@ -254,23 +215,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--n-records", type=int, default=250)
     ap.add_argument("--stats-tokens", type=int, default=200_000)
     ap.add_argument("--throughput-tokens", type=int, default=20_000, help="tokens for the plain-forward comparison")
-    ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
-    ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
+    add_data_arguments(ap, "counterfact", "corpus")
     ap.add_argument("--layer", type=int, default=None, help="override the preset's edit layer")
     ap.add_argument("--gen-prompts", type=int, default=None, help="generation prompts per record for GE (default all)")
     ap.add_argument("--gen-tokens", type=int, default=100, help="tokens per generation (0: skip GE)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--recompute-stats", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "editing"), help="output prefix (.json, .md)")
+    ap.add_argument("--out", default=str(results_dir("editing") / "editing"), help="output prefix (.json, .md)")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--restart", action="store_true", help="discard the per-record log instead of resuming it")
     ap.add_argument("--clamp-norm-factor", type=float, default=None, help="override the preset's v* norm clamp")
-    from kvmem.runs import add_shard_arguments, check_shard_arguments
-
-    add_shard_arguments(ap, "records")
+    add_run_arguments(ap, "records")
     args = ap.parse_args(argv)
-    check_shard_arguments(ap, args)
+    check_run_arguments(ap, args)
     results = []
     for name in args.models:
         print(f"== {name}", flush=True)
@@ -283,9 +240,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return results
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv, "results": results},
+    prov = provenance(__file__, argv, args.device)
+    Path(f"{out}.json").write_text(json.dumps({**prov, "argv": sys.argv[1:] if argv is None else argv, "results": results},
                                               indent=1, default=str))
-    Path(f"{out}.md").write_text(markdown(results, args))
+    Path(f"{out}.md").write_text(markdown(results, prov))
     return results
 
 

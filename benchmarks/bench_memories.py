@@ -4,8 +4,9 @@ and the cost of streaming top contexts.
     python benchmarks/bench_memories.py --model gemma-3-270m --tokens 200000
     python benchmarks/bench_memories.py --model factworld --tokens 5000 --stem memories_factworld
 
-Writes benchmarks/results/<stem>.json, <stem>.md and two figures (<stem>_agreement.png,
-<stem>_composition.png). What is measured:
+Writes benchmarks/results/memories/<stem>.json, <stem>.md and two figures (<stem>_agreement.png,
+<stem>_composition.png). The corpus defaults to the data folder's Wikipedia summaries (--data,
+$KVMEM_DATA, or ../shared/data beside the repository). What is measured:
 
 - throughput: top-context streaming over all layers (tokenization included) vs a plain forward
   over the same pre-tokenized windows, both the full forward (logits) and one stopped at the
@@ -26,14 +27,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED = ROOT.parent / "shared" / "data"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-
-from kvmem.resources import peak_rss_mb  # noqa: E402
+from common import add_data_arguments, data_file, peak_rss_mb, provenance, provenance_line, results_dir
 
 
 def chain_corpora(paths: list[str]) -> Iterator[str]:
@@ -115,7 +109,7 @@ def run(
     tokens: int = 200_000,
     composition_tokens: int = 16_000,
     throughput_tokens: int = 4_096,
-    out_dir: Path = RESULTS,
+    out_dir: Path = results_dir("memories"),
     stem: str = "memories",
     k: int = 25,
     window: int = 64,
@@ -125,7 +119,9 @@ def run(
     k_values: int = 10,
     seed: int = 0,
     progress: bool = True,
+    prov: dict | None = None,
 ) -> dict:
+    """Measure and write `<out_dir>/<stem>.*`; `prov`: the provenance (common.provenance) to record."""
     import torch
 
     from kvmem.memories import (
@@ -144,6 +140,7 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     res: dict = {
+        **({"provenance": prov} if prov else {}),
         "model": model_name,
         "corpus": corpus_name,
         "config": dict(tokens=tokens, composition_tokens=composition_tokens, throughput_tokens=throughput_tokens, k=k,
@@ -156,7 +153,7 @@ def run(
 
     # 1. Throughput on a short prefix: plain forwards over pre-tokenized windows vs streaming.
     tp_tokens = min(throughput_tokens, tokens)
-    batches = list(corpus_windows(model, make_corpus(), window, batch_size, tp_tokens))
+    batches = list(corpus_windows(model, make_corpus(), window=window, batch_size=batch_size, max_tokens=tp_tokens))
     n_tp = sum(b.n_tokens for b in batches)
     device = model.W_U.device
     with torch.no_grad():
@@ -170,14 +167,16 @@ def run(
             model(b.tokens.to(device), stop_at_layer=n_layers)
         body_s = time.perf_counter() - t
     t = time.perf_counter()
-    top_contexts_by_layer(model, make_corpus(), None, None, k, window, batch_size, tp_tokens, context, progress=False)
+    top_contexts_by_layer(model, make_corpus(), k=k, window=window, batch_size=batch_size, max_tokens=tp_tokens,
+                          context=context, progress=False)
     short_s = time.perf_counter() - t
     rss_short = peak_rss_mb()
     log(f"throughput: full {n_tp / full_s:.0f} tok/s, body {n_tp / body_s:.0f} tok/s, streaming {n_tp / short_s:.0f} tok/s")
 
     # 2. The full streaming run, all layers at once.
     t = time.perf_counter()
-    tcs = top_contexts_by_layer(model, make_corpus(), None, None, k, window, batch_size, tokens, context, progress=progress)
+    tcs = top_contexts_by_layer(model, make_corpus(), k=k, window=window, batch_size=batch_size, max_tokens=tokens,
+                                context=context, progress=progress)
     stream_s = time.perf_counter() - t
     n_streamed = next(iter(tcs.values())).n_tokens
     rss_full = peak_rss_mb()
@@ -215,7 +214,8 @@ def run(
 
     # 5. Composition and refinement on sampled positions.
     t = time.perf_counter()
-    comp = composition_stats(model, make_corpus(), None, composition_tokens, positions_per_window, window, batch_size,
+    comp = composition_stats(model, make_corpus(), max_tokens=composition_tokens,
+                             positions_per_window=positions_per_window, window=window, batch_size=batch_size,
                              values=vts, seed=seed, progress=progress)
     res["composition_seconds"] = time.perf_counter() - t
     res["composition_positions"] = comp.n_positions
@@ -254,7 +254,8 @@ def to_markdown(res: dict, stem: str) -> str:
         f"{res['tokens_streamed']:,} tokens streamed (windows of {cfg['window']}, batches of {cfg['batch_size']}), "
         f"top-{cfg['k']} contexts for all {s['n_layers']} x {s['d_mlp']} keys; values read through the final "
         f"norm's linear part (`final_norm=\"linear\"`); torch threads: {res['machine']['torch_threads']}, "
-        f"device: {res['machine']['device']}.",
+        f"device: {res['machine']['device']}."
+        + (f" {provenance_line(res['provenance'])}" if res.get("provenance") else ""),
         "",
         "## Streaming cost",
         "",
@@ -349,7 +350,8 @@ def replot_agreement(out_dir: Path, stem: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m")
-    ap.add_argument("--corpus", nargs="+", default=[str(SHARED / "corpus" / "wiki_vital_en.txt")])
+    add_data_arguments(ap)
+    ap.add_argument("--corpus", nargs="+", default=None, help="text files (default: DATA/corpus/wiki_vital_en.txt)")
     ap.add_argument("--tokens", type=int, default=200_000, help="tokens to stream for top contexts")
     ap.add_argument("--composition-tokens", type=int, default=16_000)
     ap.add_argument("--throughput-tokens", type=int, default=4_096)
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", default=None, help="kvmem model cache (default: $KVMEM_CACHE or ~/.cache/kvmem)")
     ap.add_argument("--stem", default="memories")
-    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--out-dir", default=str(results_dir("memories")))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--replot", action="store_true", help="redraw <stem>_agreement.png from <stem>.json; no model run")
@@ -379,10 +381,11 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     model = load_model(a.model, cache_dir=a.cache_dir)
     load_s = time.perf_counter() - t
+    corpora = list(a.corpus) if a.corpus else [data_file(a, "corpus")]
     res = run(
-        model, a.model, list(a.corpus), " + ".join(Path(c).name for c in a.corpus), a.tokens, a.composition_tokens,
+        model, a.model, corpora, " + ".join(Path(c).name for c in corpora), a.tokens, a.composition_tokens,
         a.throughput_tokens, Path(a.out_dir), a.stem, a.k, a.window, a.batch_size, a.context, a.positions_per_window,
-        seed=a.seed, progress=not a.no_progress,
+        seed=a.seed, progress=not a.no_progress, prov=provenance(__file__, argv),
     )
     print(json.dumps({"load_s": load_s, "throughput": res["throughput"], "memory": res["memory"]}, indent=1))
 

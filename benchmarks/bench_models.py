@@ -4,14 +4,15 @@
     python benchmarks/bench_models.py --models factworld --known-limit 200
 
 Each model is measured in its own subprocess so resident memory is its own. Cold loads use an
-empty cache folder; cached loads reuse it. Results go to benchmarks/results/models.json and .md.
+empty cache folder; cached loads reuse it. Fact recall on known_1000 when it is in the data folder
+(--known, --data, $KVMEM_DATA, or ../shared/data beside the repository). Results go to
+benchmarks/results/models/models.json and .md (--out-dir).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -19,14 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import add_data_arguments, data_file, peak_rss_mb, provenance, results_dir, rss_mb, table
 
 
-from kvmem.resources import peak_rss_mb, rss_mb
+def measure(name: str, cache: str, known: str | None, known_limit: int | None, batch_sizes: list[int]) -> dict:
+    """Load, throughput and recall of one model (run in a process of its own); `known`: the
+    known_1000 file, or None to skip that recall."""
 
-
-def measure(name: str, cache: str, known_limit: int | None, batch_sizes: list[int]) -> dict:
     import torch
 
     import kvmem
@@ -76,8 +76,7 @@ def measure(name: str, cache: str, known_limit: int | None, batch_sizes: list[in
             out[f"{split}_top1"] = res.top_k(1)
             out[f"{split}_top5"] = res.top_k(5)
             out[f"{split}_recall_s"] = time.perf_counter() - t
-    known = SHARED / "known_1000.json"
-    if known.exists():
+    if known is not None:
         facts = load_known_facts(known, limit=known_limit)
         t = time.perf_counter()
         res = fact_recall(model, facts, batch_size=32)
@@ -89,7 +88,7 @@ def measure(name: str, cache: str, known_limit: int | None, batch_sizes: list[in
     return out
 
 
-def table(rows: list[dict]) -> str:
+def models_table(rows: list[dict]) -> str:
     cols = [
         ("model", "model", "{}"),
         ("load_cold_s", "cold load s", "{:.1f}"),
@@ -104,22 +103,22 @@ def table(rows: list[dict]) -> str:
         ("train_top1", "own facts top-1 (train tmpl)", "{:.1%}"),
         ("paraphrase_top1", "own facts top-1 (held-out tmpl)", "{:.1%}"),
     ]
-    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt.format(r[k]) if k in r else "–" for k, _, fmt in cols) + " |")
-    return "\n".join(lines)
+    return table([c[1] for c in cols], [[fmt.format(r[k]) if k in r else "–" for k, _, fmt in cols] for r in rows])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["factworld", "gemma-3-270m"])
     ap.add_argument("--known-limit", type=int, default=None, help="first N known_1000 facts (default all 1209)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--out-dir", default=str(results_dir("models")))
+    add_data_arguments(ap, "known")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    known = data_file(args, "known", required=False)
     if args.one:
-        print(json.dumps(measure(args.one, args.cache, args.known_limit, args.batch_sizes)))
+        print(json.dumps(measure(args.one, args.cache, known, args.known_limit, args.batch_sizes)))
         return
     rows = []
     for name in args.models:
@@ -127,28 +126,30 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", name, "--cache", cache, "--batch-sizes", *map(str, args.batch_sizes)]
             if args.known_limit:
                 cmd += ["--known-limit", str(args.known_limit)]
+            if known is not None:
+                cmd += ["--known", known]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"measuring {name} failed")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1], indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prov = provenance(__file__, argv)
     # Models measured in earlier runs stay in the table (each row records its own command and time).
     for r in rows:
-        r["command"] = "python benchmarks/bench_models.py " + " ".join(sys.argv[1:])
-        r["when"] = time.strftime("%Y-%m-%d %H:%M")
-    previous = RESULTS / "models.json"
+        r["command"], r["when"], r["commit"] = prov["command"], prov["date"], prov["commit"]
+    previous = out / "models.json"
     if previous.exists():
         kept = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in {x["model"] for x in rows}]
         rows = kept + rows
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "when": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmarks/bench_models.py " + " ".join(sys.argv[1:])}
-    (RESULTS / "models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = {**prov, "python": platform.python_version()}
+    (out / "models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = f"Measured by `benchmarks/bench_models.py` on {meta['machine']}; per row: " + "; ".join(
-        f"{r['model']}: `{r.get('command', meta['command'])}` ({r.get('when', meta['when'])})" for r in rows
-    ) + ".\n\n" + table(rows) + "\n"
-    (RESULTS / "models.md").write_text(md)
+        f"{r['model']}: `{r.get('command', meta['command'])}` ({r.get('when', meta['date'])})" for r in rows
+    ) + ".\n\n" + models_table(rows) + "\n"
+    (out / "models.md").write_text(md)
     print(md)
 
 

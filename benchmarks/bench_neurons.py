@@ -7,9 +7,12 @@ suppress / amplify experiment.
     python benchmarks/bench_neurons.py effects --model gemma-3-270m --facts-per-relation 8 --relations 10
     python benchmarks/bench_neurons.py speed --model gemma-3-270m --no-peer   # Gemma timing (no HF peer)
 
-The peer runs in its own virtual environment (`--peer-python`, default
-/work/peers/kn-venv/bin/python: `pip install torch==2.13.0 knowledge-neurons==0.0.2 'transformers<5'`)
-on the very same factworld weights in Hugging Face form, through a subprocess.
+The peer runs in its own virtual environment (`benchmarks/peers/setup.sh DIR` makes DIR/kn-venv with
+knowledge-neurons==0.0.2 and transformers<5; pass `--peers DIR` or set $KVMEM_PEERS, or give its
+python with `--peer-python`) on the very same factworld weights in Hugging Face form, through a
+subprocess. The plain per-layer loop `speed` times is `per_layer_ig` of tests/reference.py, the
+reference the tests check kvmem's IG against. PARAREL is read from --pararel, else from the data
+folder (--data, $KVMEM_DATA, or ../shared/data beside the repository).
 
 Where kvmem and knowledge-neurons 0.0.2 differ (GPT-2 models), all checked in `peer`:
 - site: the peer patches `mlp.c_fc`'s output, the *pre*-GELU activation (`hook_pre`); kvmem
@@ -31,7 +34,7 @@ Where kvmem and knowledge-neurons 0.0.2 differ (GPT-2 models), all checked in `p
 - enhance: the peer doubles the pre-GELU value (GELU(2x) != 2 GELU(x)); kvmem and Dai et al.
   double the post-activation. Suppression agrees (GELU(0) = 0).
 
-Results go to benchmarks/results/neurons_<command>[_<model>].json and .md.
+Results go to benchmarks/results/neurons/neurons_<command>[_<model>].json and .md.
 """
 
 from __future__ import annotations
@@ -48,9 +51,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-PEER_PYTHON = "/work/peers/kn-venv/bin/python"
+from common import (add_data_arguments, add_peer_arguments, command_line, data_file, pearson, peer_python,
+                    provenance, reference, results_dir)
 
 PEER_CODE = r"""
 import json, sys, time, torch
@@ -180,35 +182,6 @@ def factworld_items(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
     return out
 
 
-def per_layer_loop(model, prompt: str, target: str, steps: int, rule: str, site: str):
-    """The plain way: for every layer, a full-length batch of `steps` rows and its own backward."""
-    from kvmem.neurons import _prepare, riemann_nodes
-
-    prep = _prepare(model, prompt, target)
-    nodes, w = riemann_nodes(steps, rule)
-    tokens, P, T = prep.tokens[None], prep.last_pos, len(prep.target_ids)
-    tid = torch.tensor(prep.target_ids)
-    names = [f"blocks.{l}.mlp.hook_{site}" for l in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    out = []
-    for name in names:
-        x = cache[name][0, P]
-        h = (nodes[:, None].to(x.dtype) * x).requires_grad_(True)
-
-        def hook(act, hook):
-            act = act.clone()
-            act[:, P] = h
-            return act
-
-        logits = model.run_with_hooks(tokens.expand(len(nodes), -1), fwd_hooks=[(name, hook)])
-        logp = logits.log_softmax(-1)[:, P : P + T]
-        p = logp.gather(2, tid[None, :, None].expand(len(nodes), T, 1))[..., 0].sum(-1).exp()
-        (g,) = torch.autograd.grad(p.sum(), h)
-        out.append(x * (g * w[:, None].to(g.dtype)).sum(0))
-    return torch.stack(out)
-
-
 def timed(fn, repeats: int = 3):
     fn()  # warm-up
     times = []
@@ -229,12 +202,6 @@ def coarse_jaccard(a: torch.Tensor, b: torch.Tensor, t: float = 0.2) -> float:
     sa = set(torch.nonzero(a.flatten() > t * a.max()).flatten().tolist())
     sb = set(torch.nonzero(b.flatten() > t * b.max()).flatten().tolist())
     return len(sa & sb) / max(1, len(sa | sb))
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,13 +229,16 @@ def cmd_speed(args) -> dict:
     out["kvmem_default_s"] = t_default
     out["default_rule"] = resolve_rule(model, "auto")
     if not args.no_loop:
-        loop, t_loop = timed(lambda: per_layer_loop(model, prompt, target, args.steps, "linspace", "pre"),
+        per_layer_ig = reference().per_layer_ig
+        layers = range(model.cfg.n_layers)
+        loop, t_loop = timed(lambda: per_layer_ig(model, prompt, target, layers, args.steps, "linspace", "pre"),
                              max(1, args.repeats - 2))
         out["loop_s"] = t_loop
         out["loop_max_rel_diff"] = float((loop - ours.scores).abs().max() / ours.scores.abs().max())
     if peer_ok:
         bos = model.tokenizer.bos_token
-        peer = run_peer(folder, [(bos + prompt, target)], args.steps, args.steps, args.threads, args.peer_python)
+        peer = run_peer(folder, [(bos + prompt, target)], args.steps, args.steps, args.threads,
+                        peer_python(args, "knowledge-neurons"))
         out["peer_s"] = min(peer["seconds"])
         out["peer_max_rel_diff"] = float((peer["scores"][0] - ours.scores).abs().max() / ours.scores.abs().max())
         out["speedup_vs_peer"] = out["peer_s"] / t_ours
@@ -286,10 +256,10 @@ PATH_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1.0)
 def path_profile(model, prompt: str, target: str) -> dict:
     """g(a) = p(target) with one layer's last-position neurons scaled by a, on a log-ish grid: where
     along IG's straight path the probability actually changes."""
-    from kvmem.neurons import _prepare
+    from kvmem.neurons import teacher_forced
     from kvmem.core.weights import hook_post_name
 
-    prep = _prepare(model, prompt, target)
+    prep = teacher_forced(model, prompt, target)
     tokens = prep.tokens[None].expand(len(PATH_GRID), -1)
     grid = torch.tensor(PATH_GRID)
     out = {}
@@ -388,7 +358,7 @@ def speed_markdown(name: str, r: dict, command: str) -> str:
              f"| kvmem default (`hook_post`, rule=\"auto\": {r.get('default_rule', 'midpoint')}) | {r['kvmem_default_s']:.3g} | "
              f"{r['kvmem_default_s'] / r['kvmem_s']:.2f}x | (other definition) |"]
     if "loop_s" in r:
-        lines.append(f"| plain per-layer loop (`per_layer_loop` in this script) | {r['loop_s']:.3g} | "
+        lines.append(f"| plain per-layer loop (`per_layer_ig` in tests/reference.py) | {r['loop_s']:.3g} | "
                      f"{r['loop_s'] / r['kvmem_s']:.2f}x | {r['loop_max_rel_diff']:.2g} |")
     if "peer_s" in r:
         lines.append(f"| knowledge-neurons 0.0.2 (own venv, same weights in Hugging Face form) | {r['peer_s']:.3g} | "
@@ -421,8 +391,8 @@ def cmd_peer(args) -> dict:
     model, folder = hf_pair(args.model, Path(tempfile.mkdtemp(prefix="kvmem-bench-neurons-")))
     items = items_for(args.model, args.n_facts, args.seed)
     bos = model.tokenizer.bos_token
-    peer = run_peer(folder, [(bos + p, t) for p, t, _ in items], args.steps, args.steps, args.threads,
-                    args.peer_python)
+    python = peer_python(args, "knowledge-neurons")
+    peer = run_peer(folder, [(bos + p, t) for p, t, _ in items], args.steps, args.steps, args.threads, python)
     rows = []
     for (prompt, target, rel), ps in zip(items, peer["scores"]):
         same = integrated_gradients(model, prompt, target, steps=args.steps, rule="linspace", site="pre").scores
@@ -444,7 +414,7 @@ def cmd_peer(args) -> dict:
     if args.n_multi:
         mitems = items[: args.n_multi]
         peer_m = run_peer(folder, [(bos + p, t + ".") for p, t, _ in mitems], args.steps,
-                          args.steps, args.threads, args.peer_python, model_type="gpt")
+                          args.steps, args.threads, python, model_type="gpt")
         for (prompt, target, _), ps in zip(mitems, peer_m["scores"]):
             ours = integrated_gradients(model, prompt, target + ".", steps=args.steps, rule="linspace", site="pre")
             first = integrated_gradients(model, prompt, target, steps=args.steps, rule="linspace", site="pre")
@@ -486,12 +456,12 @@ def cmd_specificity(args) -> dict:
             if not kn.neurons:
                 rows.append({"relation": rel, "subject": fact.subject, "n_neurons": 0})
                 continue
-            own = neuron_effect(model, prompts, fact.target, kn, factor=0.0, n_controls=args.controls, seed=args.seed)
+            own = neuron_effect(model, prompts, fact.target, neurons=kn, factor=0.0, n_controls=args.controls, seed=args.seed)
             others = [f for f in world.neighbours(fact, k=args.others, same_object=False)]
             other_changes = []
             for o in others:
                 ops = [p.prompt for p in world.prompts_for(o, "train")]
-                other_changes.append(neuron_effect(model, ops, o.target, kn, factor=0.0, n_controls=0).relative_change)
+                other_changes.append(neuron_effect(model, ops, o.target, neurons=kn, factor=0.0, n_controls=0).relative_change)
             rows.append({
                 "relation": rel, "subject": fact.subject, "target": fact.target, "n_neurons": len(kn.neurons),
                 "layers": [l for l, _ in kn.neurons],
@@ -506,7 +476,7 @@ def cmd_specificity(args) -> dict:
         "others_suppress": sum(r["others_rel_change"] for r in ok) / max(1, len(ok)),
         "own_random_suppress": sum(r["own_random_rel_change"] for r in ok) / max(1, len(ok)),
         "layer_distribution": _layer_shares([l for r in ok for l in r["layers"]], model.cfg.n_layers),
-        "command": "python benchmarks/bench_neurons.py " + " ".join(sys.argv[1:]),
+        "command": command_line(__file__, args.argv),
     }
     return {"summary": summary, "facts": rows}
 
@@ -523,7 +493,7 @@ def known_bags(model, args):
     from kvmem.core.facts import Fact
     from kvmem.recall import fact_recall
 
-    bags = load_pararel(args.pararel, relations=args.only, min_prompts=args.min_prompts,
+    bags = load_pararel(data_file(args, "pararel"), relations=args.only, min_prompts=args.min_prompts,
                         limit_per_relation=args.scan_per_relation)
     by_rel = defaultdict(list)
     for b in bags:
@@ -571,7 +541,7 @@ def _effects_row(model, args, rel: str, target: str, prompts: list[str]) -> dict
            "p_max": max(a.prob for a in kn.attributions)}
     if kn.neurons:
         for name, factor in (("suppress", 0.0), ("amplify", 2.0)):
-            eff = neuron_effect(model, prompts, target, kn, factor=factor, n_controls=args.controls, seed=args.seed)
+            eff = neuron_effect(model, prompts, target, neurons=kn, factor=factor, n_controls=args.controls, seed=args.seed)
             row[name] = eff.relative_change
             row[name + "_random"] = eff.control_relative_change
             row[name + "_p_before"] = eff.p_before.tolist()
@@ -635,15 +605,16 @@ def cmd_effects(args) -> dict:
     layers = Counter(l for r in ok for l, _ in r["neurons"])
     total = sum(layers.values()) or 1
     summary["layer_distribution"] = {str(l): layers.get(l, 0) / total for l in range(model.cfg.n_layers)}
-    return {"summary": summary, "config": {k: v for k, v in vars(args).items() if k != "func"}, "facts": rows}
+    return {"summary": summary, "config": {k: v for k, v in vars(args).items() if k not in ("func", "argv")}, "facts": rows}
 
 
-def write(name: str, result: dict, out_dir: Path) -> Path:
+def write(name: str, result: dict, out_dir: Path, prov: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
+    path.write_text(json.dumps({**result, "provenance": prov}, indent=1, default=str))
     summary = result.get("summary", result)
-    lines = [f"# {name}", "", f"`python benchmarks/bench_neurons.py {' '.join(sys.argv[1:])}`", "",
+    command = prov["command"]
+    lines = [f"# {name}", "", f"`{command}` ({prov['date']}, {prov['machine']}; commit {prov['commit']})", "",
              "| key | value |", "|---|---|"]
     for k, v in summary.items():
         if isinstance(v, dict):
@@ -652,9 +623,9 @@ def write(name: str, result: dict, out_dir: Path) -> Path:
             v = f"{v:.4g}"
         lines.append(f"| {k} | {v} |")
     if name.startswith("neurons_effects") and "facts" in result:
-        lines = [effects_markdown(name, result, f"python benchmarks/bench_neurons.py {' '.join(sys.argv[1:])}")]
+        lines = [effects_markdown(name, result, command)]
     if name.startswith("neurons_speed"):
-        lines = [speed_markdown(name, summary, f"python benchmarks/bench_neurons.py {' '.join(sys.argv[1:])}")]
+        lines = [speed_markdown(name, summary, command)]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     if name.startswith("neurons_effects"):
         try:
@@ -686,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--peer-python", default=PEER_PYTHON)
+    add_peer_arguments(ap)
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-loop", action="store_true")
     ap.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
@@ -708,19 +679,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-target-count", dest="target_count", action="store_const", const=None)
     ap.add_argument("--controls", type=int, default=3)
     ap.add_argument("--others", type=int, default=5)
-    ap.add_argument("--pararel", default=str(SHARED / "pararel" / "data_all_allbags.json"))
-    ap.add_argument("--out-dir", default=str(RESULTS))
+    add_data_arguments(ap, "pararel")
+    ap.add_argument("--out-dir", default=str(results_dir("neurons")))
     ap.add_argument("--tag", default=None)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--completeness", nargs="*", default=[], metavar="RULE:STEPS",
                     help="speed: also IG completeness for these settings, e.g. midpoint:20 left:20 midpoint:80")
     ap.add_argument("--restart", action="store_true", help="effects: discard the per-fact log instead of resuming it")
     args = ap.parse_args(argv)
+    args.argv = argv
     torch.manual_seed(args.seed)
     result = {"speed": cmd_speed, "peer": cmd_peer, "specificity": cmd_specificity, "effects": cmd_effects}[
         args.command](args)
     name = _stem(args)
-    path = write(name, result, Path(args.out_dir))
+    path = write(name, result, Path(args.out_dir), provenance(__file__, argv))
     print(json.dumps(result.get("summary", result), indent=1, default=str))
     print(f"wrote {path}")
     return result

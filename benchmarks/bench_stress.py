@@ -13,30 +13,27 @@ object of an edited request (CounterFact's notion of a neighbour: the facts an e
 likely to also fire on), `known` = the others.
 
 Every run logs to $KVMEM_CACHE/stress_logs/ (JSONL, ~7 kB per factworld edit; --log-dir) and resumes from it when rerun with
-the same arguments; results go to benchmarks/results/stress_<model>.json/.md/.csv/.png.
+the same arguments; results go to benchmarks/results/stress/stress_<model>.json/.md/.csv/.png. C is
+taken over `kvmem.factworld.corpus()` on factworld, else over --corpus; the CounterFact and known
+facts files come from --counterfact / --known, else from the data folder (--data, $KVMEM_DATA, or
+../shared/data beside the repository).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
-
-from kvmem.resources import peak_rss_mb  # noqa: E402
+from common import add_data_arguments, data_file, data_name, peak_rss_mb, provenance, provenance_line, results_dir
 
 
 def factworld_setup(args):
-    from kvmem.factworld import shipped_world
     from kvmem.core.facts import Fact
+    from kvmem.factworld import corpus, shipped_world
 
     world = shipped_world()
     facts = world.facts("train")
@@ -54,16 +51,14 @@ def factworld_setup(args):
         p = world.prompts_for(f, "paraphrase")[0]
         known.append(Fact(p.prompt, p.subject, target_true=p.target, relation_id=p.relation))
     gen = [f"{f.subject} is a" for f in rest[:4]]
-    sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
-    random.Random(args.seed).shuffle(sents)
-    return requests, neighborhood, known, gen, sents, "factworld (own facts; known = held-out paraphrase templates)"
+    return requests, neighborhood, known, gen, corpus(), "factworld (own facts; known = held-out paraphrase templates)"
 
 
 def counterfact_setup(model, args):
     from kvmem.data import load_counterfact, load_known_facts
     from kvmem.recall import answered_facts
 
-    records = load_counterfact(args.counterfact)
+    records = load_counterfact(data_file(args, "counterfact"))
     seen, requests = set(), []
     for r in records:
         key = (r.request.subject, r.request.relation_id or r.request.prompt)
@@ -73,13 +68,13 @@ def counterfact_setup(model, args):
         requests.append(r)
     edited = {r.request.subject for r in requests}
     at_risk = {(r.request.relation_id, r.request.target_true.strip()) for r in requests}
-    known_all = [f for f in load_known_facts(args.known) if f.subject not in edited]
+    known_all = [f for f in load_known_facts(data_file(args, "known")) if f.subject not in edited]
     answered = answered_facts(model, known_all)
     neighborhood = [f for f in answered if (f.relation_id, f.target_true.strip()) in at_risk][: args.n_eval]
     known = [f for f in answered if (f.relation_id, f.target_true.strip()) not in at_risk][: args.n_eval]
     gen = [r.generation_prompts[0] for r in records[:4] if r.generation_prompts]
-    return ([r.request for r in requests], neighborhood, known, gen, args.corpus,
-            f"{Path(args.counterfact).name}; tracked: known_1000 facts answered top-1 about unedited subjects "
+    return ([r.request for r in requests], neighborhood, known, gen, data_file(args, "corpus"),
+            f"{data_name(args, 'counterfact')}; tracked: known_1000 facts answered top-1 about unedited subjects "
             "(neighbourhood: same relation and true object as an edited request; known: the others)")
 
 
@@ -105,7 +100,7 @@ def denominator_ratios(model, requests, stats, hp, n: int) -> dict:
         try:
             for variant in ("averaged", "prompt"):
                 keys[variant] = compute_rome_edit(
-                    model, req, stats=stats[hp.layer].C, prefixes=prefixes, _fingerprint="",
+                    model, req, stats=stats[hp.layer].C, prefixes=prefixes,
                     hparams=dataclasses.replace(hp, update_key=variant, v_num_grad_steps=1))
         except KvmemError:
             continue
@@ -132,9 +127,7 @@ def main(argv=None):
     ap.add_argument("--v-steps", type=int, default=20)
     ap.add_argument("--gen-tokens", type=int, default=40)
     ap.add_argument("--stats-tokens", type=int, default=None)
-    ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
-    ap.add_argument("--known", default=str(SHARED / "known_1000.json"))
-    ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
+    add_data_arguments(ap, "counterfact", "known", "corpus")
     ap.add_argument("--denominator-sample", type=int, default=50,
                     help="requests for the ROME vs r-ROME denominator comparison on the unedited model (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
@@ -181,10 +174,11 @@ def main(argv=None):
     denominators = denominator_ratios(model, requests, stats, hp, args.denominator_sample) if args.denominator_sample else {}
     print("denominator ratio ROME / r-ROME on the unedited model:", denominators, flush=True)
 
-    out = Path(args.out or RESULTS / f"stress_{args.model.replace('/', '_')}")
-    from kvmem.editing.stats import default_cache_dir
+    out = Path(args.out or results_dir("stress") / f"stress_{args.model.replace('/', '_')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from kvmem.config import cache_root
 
-    logs = Path(args.log_dir) if args.log_dir else default_cache_dir() / "stress_logs"
+    logs = Path(args.log_dir) if args.log_dir else cache_root() / "stress_logs"
     results = {}
     frames = []
     for v in args.variants:
@@ -194,7 +188,7 @@ def main(argv=None):
         log = logs / f"{out.name}_{v}_n{len(requests)}_s{args.seed}.jsonl"
         print(f"== {v}: layers {layers}, {len(requests)} edits, log {log}", flush=True)
         res = stress_edits(model, requests, method=method, layers=layers, stats=stats, hparams=hp, every=args.every,
-                           neighborhood=neighborhood, known=known, gen_prompts=gen, gen_tokens=args.gen_tokens,
+                           neighbours=neighborhood, known=known, gen_prompts=gen, gen_tokens=args.gen_tokens,
                            on_conflict="skip", log=log, seed=args.seed, progress=not args.quiet,
                            stop_after=args.stop_after)
         df = res.to_frame()
@@ -224,7 +218,8 @@ def main(argv=None):
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(f"{out}.csv", index=False)
     compare_figure(table, results, f"{out}.png", title=f"{args.model}: {len(requests)} sequential edits")
-    meta = {"argv": sys.argv[1:] if argv is None else argv, "model": args.model, "source": source,
+    meta = {**provenance(__file__, argv, model.cfg.device), "argv": sys.argv[1:] if argv is None else argv,
+            "model": args.model, "source": source,
             "n_requests": len(requests), "n_neighborhood": len(neighborhood), "n_known": len(known),
             "hparams": {"layer": layer, "spread": spread, "prefixes": prefixes, "v_num_grad_steps": args.v_steps},
             "stats_tokens": n_tok, "setup_s": setup_s, "threads": torch.get_num_threads(),
@@ -270,8 +265,7 @@ def _g(x, fmt: str = ".3g") -> str:
 
 def markdown(meta, table) -> str:
     lines = [f"# Sequential editing stress test: {meta['model']}", "",
-             f"`python benchmarks/bench_stress.py {' '.join(meta['argv'])}` ({platform.machine()}, "
-             f"{meta['threads']} torch thread(s)" + (f", GPU {meta['gpu']}" if meta.get('gpu') else "") + f"). Requests: {meta['n_requests']} from {meta['source']}; "
+             f"{provenance_line(meta)} Requests: {meta['n_requests']} from {meta['source']}; "
              f"neighbourhood {meta['n_neighborhood']} and known {meta['n_known']} untouched facts; edit layer "
              f"{meta['hparams']['layer']}, spread over {meta['hparams']['spread']}; contexts "
              f"{meta['hparams']['prefixes']}; C from {meta['stats_tokens']} tokens.", "",

@@ -9,7 +9,8 @@ process on the same model and fact:
 - kvmem      `trace_all` (the batched engine, all of it timed, clean + corrupted runs included);
 - kvmem (no prefix reuse)  the same engine recomputing every position from the start layer;
 - naive loop one `run_with_hooks` per cell (noise hook + one restore hook per restored layer, all
-             samples in one batch, full logits), timed on `--cells` evenly spread cells and
+             samples in one batch, full logits: `restored_probability` of tests/reference.py, the
+             loop the tests check traces against), timed on `--cells` evenly spread cells and
              extrapolated to all cells;
 - TL patching `transformer_lens.patching.generic_activation_patch` (its per-cell loop), with the
              noise hook added around it, timed on the same number of cells and extrapolated
@@ -18,24 +19,23 @@ process on the same model and fact:
              restored one), divided by the measured block throughput of one batched forward,
              plus one unembedded position per row at the measured unembedding speed.
 
-Writes benchmarks/results/tracing_speed.json and prints/writes a markdown table.
+Writes benchmarks/results/tracing/tracing_speed.json and prints/writes a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-import os
-
 import torch
 
+from common import provenance, reference, results_dir
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's patching loop draws a bar per call
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def tiny_model():
@@ -54,32 +54,21 @@ def tiny_model():
 def load(name: str):
     if name == "tiny":
         return tiny_model()
-    try:
-        from kvmem import load_model
-    except ImportError:
-        try:
-            from kvmem.models import load_model
-        except ImportError:
-            load_model = None
-    if load_model is not None:
-        return load_model(name)
-    if name == "factworld":
-        from kvmem.factworld import factworld_hooked_transformer
+    from kvmem import load_model
 
-        return factworld_hooked_transformer()
-    raise SystemExit(f"cannot load {name!r}: kvmem.load_model is not available yet")
+    return load_model(name)
 
 
 def pick_fact(name: str, model):
     from kvmem import Fact
-    from kvmem.tracing import _prepare
+    from kvmem.tracing import prepare_fact
 
     if name == "factworld":
         from kvmem.factworld import shipped_world
 
         for wf in shipped_world().facts()[:200]:
             fact = Fact(wf.prompt, wf.subject, wf.target_true)
-            if _prepare(model, fact).correct:
+            if prepare_fact(model, fact).correct:
                 return fact
     return Fact("The Eiffel Tower is located in the city of", "Eiffel Tower", "Paris")
 
@@ -93,7 +82,7 @@ def timed(fn, repeat: int = 1):
     return best, out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="factworld", choices=["factworld", "gemma-3-270m", "tiny"])
     ap.add_argument("--samples", type=int, default=10)
@@ -101,17 +90,17 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=30, help="cells timed for each extrapolated loop")
     ap.add_argument("--repeat", type=int, default=2, help="best-of repeats for the kvmem runs")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS / "tracing_speed.json")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=results_dir("tracing") / "tracing_speed.json")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from transformer_lens import patching as tl_patching
 
-    from kvmem.core.hooks import add_noise, restore
+    from kvmem.core.hooks import add_noise
     from kvmem.core.engine import record_run, run_interventions
     from kvmem.core.readout import final_logits
-    from kvmem.tracing import _interventions, _prepare, noise_level, trace_all
+    from kvmem.tracing import noise_level, prepare_fact, trace_all, trace_interventions
     from kvmem.core.facts import tokenize_fact
 
     t_load, model = timed(lambda: load(args.model))
@@ -132,11 +121,11 @@ def main() -> None:
     t_kvmem, traces = timed(lambda: trace_all(model, fact, window=window, samples=S, noise=noise), args.repeat)
     print(f"kvmem trace_all: {t_kvmem:.2f}s  p_clean={traces.p_clean:.3f} p_corrupt={traces.p_corrupt:.3f}")
 
-    prep = _prepare(model, fact)
+    prep = prepare_fact(model, fact)
     subject = range(tf.subject.start, tf.subject.end)
     noise_hook = ("hook_embed", add_noise(subject, noise, seed=0))
     metric = lambda logits: torch.softmax(logits.float(), -1)[:, prep.answer_id]  # noqa: E731
-    cells = [iv for kind, w in kinds for iv in _interventions(kind, w, L, T, None)]
+    cells = [iv for kind, w in kinds for iv in trace_interventions(kind, w, L, range(T))]
 
     def engine(reuse_prefix: bool):
         corrupt = record_run(model, tf.tokens, [noise_hook], n_rows=S)
@@ -153,14 +142,13 @@ def main() -> None:
     step = max(1, n_cells // args.cells)
     subset = list(range(0, n_cells, step))[: args.cells]
 
+    restored_probability = reference().restored_probability
+
     def naive_cell(iv):
-        hooks = [noise_hook]
-        for s in iv.restore:
-            name = hook_of[s.component].format(s.layer)
-            hooks.append((name, restore(clean_cache[name], [s.position])))
+        names = [(hook_of[s.component].format(s.layer), s.position) for s in iv.restore]
         with torch.no_grad():
-            logits = model.run_with_hooks(batch, fwd_hooks=hooks)
-        return metric(logits[:, -1]).mean()
+            return restored_probability(model, batch, noise_hook, [(n, clean_cache[n], pos) for n, pos in names],
+                                        prep.answer_id)
 
     naive_cell(cells[0])
     t_subset, _ = timed(lambda: [naive_cell(cells[i]) for i in subset])
@@ -210,7 +198,9 @@ def main() -> None:
     print(f"causal-tracer's work at these throughputs: {t_peer_work:.2f}s "
           f"= {t_peer_work / t_ideal:.2f}x the ideal")
 
+    prov = provenance(__file__, argv)
     result = {
+        **prov,
         "model": args.model,
         "fact": {"prompt": fact.prompt, "subject": fact.subject, "target": fact.target_true},
         "layers": L, "tokens": T, "samples": S, "window": window, "cells": n_cells,
@@ -250,9 +240,8 @@ def main() -> None:
         sec = result["seconds"][key]
         table.append(f"| {label} | {sec:.2f} | {sec / t_kvmem:.2f}x |")
     table += ["", f"So no engine can beat causal-tracer by more than {t_peer_work / t_ideal:.1f}x here without "
-              "skipping work the ideal counts (measured peer runs: benchmarks/results/tracing_peer_*.md). "
-              f"Command: `python benchmarks/bench_tracing.py {' '.join(sys.argv[1:])}` "
-              f"({time.strftime('%Y-%m-%d %H:%M UTC')}).", ""]
+              "skipping work the ideal counts (measured peer runs: benchmarks/results/tracing/tracing_peer_*.md). "
+              f"Command: `{prov['command']}` ({prov['date']}; commit {prov['commit']}).", ""]
     md = "\n".join(table) + "\n"
     print(md)
     result["markdown"] = md
@@ -266,6 +255,7 @@ def main() -> None:
     existing[args.model] = result
     args.out.write_text(json.dumps(existing, indent=2) + "\n")
     args.out.with_suffix(".md").write_text("\n".join(v["markdown"] for v in existing.values()))
+    return result
 
 
 if __name__ == "__main__":

@@ -8,34 +8,19 @@ samples) with `memory_budget` = the budget, and read the process's peak resident
 The peak minus the warm baseline is the engine's working memory: the recorded clean and corrupted
 runs (a fixed cost: every layer's residual, keys and values for all samples) plus the chunk of rows
 in flight, which is what the budget bounds. The scores must agree for every budget to float precision
-(chunking changes only the batch shapes). Writes benchmarks/results/tracing_memory_<model>.{json,md}.
+(chunking changes only the batch shapes). Writes benchmarks/results/tracing/tracing_memory_<model>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-for _p in (ROOT, ROOT / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from common import peak_rss_mb, provenance, provenance_line, reset_peak_rss, results_dir, rss_mb
 
 
 def child(model_name: str, budget_mb: float, samples: int, window: int, threads: int, warm_mb: float) -> dict:
@@ -46,7 +31,6 @@ def child(model_name: str, budget_mb: float, samples: int, window: int, threads:
 
     from kvmem.core.engine import rows_for_budget
     from kvmem.core.facts import tokenize_fact
-    from kvmem.resources import peak_rss_mb, rss_mb
     from kvmem.tracing import noise_level, trace_all
 
     model = load(model_name)
@@ -59,7 +43,7 @@ def child(model_name: str, budget_mb: float, samples: int, window: int, threads:
     # warm-up at the smallest budget: lazy imports and the allocator's first pools are not the engine's
     trace_all(model, fact, window=min(window, model.cfg.n_layers), samples=1, noise=noise,
               memory_budget=int(warm_mb * 2**20))
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     base, base_peak = rss_mb(), peak_rss_mb()
     t = time.perf_counter()
     traces = trace_all(model, fact, window=min(window, model.cfg.n_layers), samples=samples,
@@ -78,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--out-dir", default=str(results_dir("tracing")))
     ap.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--warm", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -99,10 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     ref = {k: torch.tensor(v) for k, v in runs[-1]["scores"].items()}
     max_diff = max(float((torch.tensor(r["scores"][k]) - ref[k]).abs().max()) for r in runs for k in ref)
-    command = "python benchmarks/bench_tracing_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    prov = provenance(__file__, argv)
     lines = [f"# Causal-tracing memory by budget: {args.model}", "",
-             f"Measured by `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC')}, {platform.machine()}, "
-             f"{args.threads} thread(s)); one fresh process per budget; full `trace_all` of one fact "
+             f"{provenance_line(prov)} {args.threads} thread(s) in each measuring process; one fresh process per "
+             f"budget; full `trace_all` of one fact "
              f"({runs[0]['tokens']} tokens, 3 kinds, {args.samples} samples).", "",
              "| budget MB | rows per chunk | working memory MB (peak - warm baseline) | seconds |",
              "|---:|---:|---:|---:|"]
@@ -113,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {r['seconds']:.1f} |")
     lines += ["", f"Largest difference of any score between budgets: {max_diff:.1e} (chunking changes only "
               "the batch shapes, hence the float summation order).", ""]
-    result = {"command": command, "model": args.model, "runs": [{k: v for k, v in r.items() if k != "scores"}
+    result = {**prov, "model": args.model, "runs": [{k: v for k, v in r.items() if k != "scores"}
                                                                  for r in runs], "max_score_diff_between_budgets": max_diff}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

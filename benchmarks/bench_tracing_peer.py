@@ -3,11 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_tracing_peer.py --model factworld
     OMP_NUM_THREADS=1 python benchmarks/bench_tracing_peer.py --model gemma-3-270m --timeout 2400
 
-The peer runs in its own virtual environment (`--peer-python`, default
-/work/peers/ct-venv/bin/python; made with `python3 -m venv /work/peers/ct-venv &&
-/work/peers/ct-venv/bin/pip install torch==2.13.0 && /work/peers/ct-venv/bin/pip install
-causal-tracer==1.1.0`, which pulls transformers 4.57.6 through its own `transformers<5` pin), as a
-subprocess running `benchmarks/peer_causal_tracer_runner.py` on the model's Hugging Face folder
+The peer runs in its own virtual environment, DIR/ct-venv, made by `bash benchmarks/peers/setup.sh
+DIR` (torch, then causal-tracer==1.1.0, which pulls transformers 4.57.6 through its own
+`transformers<5` pin); pass `--peers DIR` or set $KVMEM_PEERS (or give its python with
+`--peer-python`). It runs as a subprocess running `benchmarks/peer_causal_tracer_runner.py` on the
+model's Hugging Face folder
 (factworld: `kvmem.factworld.factworld_hf_folder()`; Gemma-3-270m: `<kvmem cache>/gemma-3-270m/hf`,
 the dequantised checkpoint kvmem's HookedTransformer is converted from).
 
@@ -55,7 +55,7 @@ and what this script does about it:
   every position; kvmem starts each restoration at its layer and token from cached states and
   unembeds only the last position.
 
-Writes benchmarks/results/tracing_peer_<model>.{json,md}. Both sides run in one invocation,
+Writes benchmarks/results/tracing/tracing_peer_<model>.{json,md}. Both sides run in one invocation,
 one after the other, on a machine that may be shared: the ratio comes from one run.
 """
 
@@ -66,7 +66,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,10 +75,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-RUNNER = HERE / "peer_causal_tracer_runner.py"
-DEFAULT_PEER_PYTHON = "/work/peers/ct-venv/bin/python"
+from common import BENCHMARKS, add_peer_arguments, command_line, git_commit, pearson, peer_python, results_dir
+
+RUNNER = BENCHMARKS / "peer_causal_tracer_runner.py"
 PEER_KIND = {"resid": "hidden", "mlp": "mlp", "attn": "attention"}
 KINDS = ("resid", "mlp", "attn")
 
@@ -89,7 +87,7 @@ def hf_folder(name: str) -> Path:
         from kvmem.factworld import factworld_hf_folder
 
         return Path(factworld_hf_folder())
-    from kvmem.models.offline import load_gguf_hf_model, model_cache_dir
+    from kvmem.models import load_gguf_hf_model, model_cache_dir
 
     folder = model_cache_dir(name) / "hf"
     if not (folder / "config.json").is_file():
@@ -115,19 +113,19 @@ def numpy_noise_hook(subject: range, scale: float, noise64: torch.Tensor):
 
 @torch.no_grad()
 def kvmem_grids(model, prep, spec, noise_hook, samples: int):
-    """kvmem's engine (as in `kvmem.tracing._trace_prepared`) with any noise hook; returns the
+    """kvmem's engine (as in `kvmem.tracing.trace_prepared`) with any noise hook; returns the
     per-sample scores `[kind, layer, pos, sample]` and the per-sample corrupted probability."""
     from kvmem.core.hooks import EMBED_HOOK
     from kvmem.core.engine import record_run, run_interventions
-    from kvmem.tracing import _answer_probability, _interventions
+    from kvmem.tracing import answer_probability, trace_interventions
 
     tf = prep.tf
     corrupt = record_run(model, tf.tokens, fwd_hooks=[(EMBED_HOOK, noise_hook)], n_rows=samples)
-    metric = _answer_probability(prep.answer_id)
+    metric = answer_probability(prep.answer_id)
     L, T = model.cfg.n_layers, tf.n_tokens
     cells = []
     for kind, window in spec:
-        cells += _interventions(kind, window, L, T, None)
+        cells += trace_interventions(kind, window, L, range(T))
     values = run_interventions(model, corrupt, prep.clean, cells, metric)
     p_corrupt = metric(corrupt.final_logits(model)).float().cpu()
     return values.reshape(len(spec), L, T, samples).cpu(), p_corrupt
@@ -159,10 +157,10 @@ def run_peer(args, hf: Path, prompt: str, subject: str, answer_id: int, ids: lis
     return meta, results, wall, timed_out
 
 
-def command_line() -> str:
-    exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    return " ".join([f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", f"nice -n {os.nice(0)}", exe]
-                    + sys.argv)
+def timing_command_line(argv: list[str] | None) -> str:
+    """The command with what sets its timing: the OpenMP threads and the niceness."""
+    return (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} nice -n {os.nice(0)} "
+            + command_line(__file__, argv))
 
 
 def grid_of(results, job: str, kind: str):
@@ -172,20 +170,13 @@ def grid_of(results, job: str, kind: str):
     return None
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else float("nan")
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="factworld", choices=["factworld", "gemma-3-270m"])
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32, help="the peer's batch_size (its default: 32)")
-    ap.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
+    add_peer_arguments(ap)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds for the peer's timed run")
     ap.add_argument("--stat-samples", type=int, default=0,
                     help="also compare both, each with its own noise, at this many samples (0: skip)")
@@ -203,24 +194,24 @@ def main() -> None:
                     help="time kvmem once (before the peer) instead of before and after")
     ap.add_argument("--markdown-only", action="store_true", help="re-render the .md from the existing .json")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.markdown_only:
-        out = args.out or RESULTS / f"tracing_peer_{args.model}.json"
+        out = args.out or results_dir("tracing") / f"tracing_peer_{args.model}.json"
         out.with_suffix(".md").write_text(markdown(json.loads(out.read_text())))
         return
+    args.peer_python = peer_python(args, "causal-tracer")  # before any work: a missing peer stops here
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(HERE))
     from bench_tracing import load, pick_fact
 
     from kvmem.core.hooks import add_noise
-    from kvmem.tracing import _prepare, noise_level, trace_all
+    from kvmem.tracing import noise_level, prepare_fact, trace_all
 
     hf = hf_folder(args.model)
     model = load(args.model)
     for p in model.parameters():
         p.requires_grad_(False)
     fact = pick_fact(args.model, model)
-    prep = _prepare(model, fact)
+    prep = prepare_fact(model, fact)
     tf = prep.tf
     L, T, S = model.cfg.n_layers, tf.n_tokens, args.samples
     window = min(args.window, L)
@@ -300,7 +291,7 @@ def main() -> None:
           f"CPU {c_kvmem_before:.2f}s / {c_kvmem_after:.2f}s; peer CPU {c_peer:.2f}s", flush=True)
     timing = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": command_line(),
+        "command": timing_command_line(argv),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "kvmem_runs": 1 if args.single_kvmem_run else 2,
         "kvmem_wall": [round(t_kvmem_before, 3), round(t_kvmem_after, 3)],
@@ -312,7 +303,7 @@ def main() -> None:
         "ratio_wall": round(t_peer / t_kvmem, 2) if t_peer == t_peer else None,
         "ratio_cpu": round(c_peer / c_kvmem, 2) if c_peer == c_peer else None,
     }
-    out = args.out or RESULTS / f"tracing_peer_{args.model}.json"
+    out = args.out or results_dir("tracing") / f"tracing_peer_{args.model}.json"
     if args.timing_only:
         if not out.exists():
             raise SystemExit(f"--timing-only adds to {out}; run the full benchmark first")
@@ -404,7 +395,7 @@ def main() -> None:
         "kvmem_env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                       "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "machine": platform.platform(), "cpus": os.cpu_count(),
-        "command": command_line(),
+        "command": timing_command_line(argv), "commit": git_commit(),
         "timing_runs": [timing],
         "note": "One run on a shared 2-core machine (other long benchmark jobs running); "
                 "the ratio comes from this single run.",

@@ -21,7 +21,9 @@ leak × (v* − v_old) to that position's MLP output, so leak says how much of t
 receives. NS only counts sign flips: neighbours the model barely knows flip under a small leak.
 
 Per-record results go to PREFIX.jsonl (resumable; rerun the same command to continue);
-PREFIX.json and PREFIX.md summarise. Default PREFIX: benchmarks/results/editing_neighbourhood_<model>.
+PREFIX.json and PREFIX.md summarise. Default PREFIX: benchmarks/results/editing/editing_neighbourhood_<model>.
+The CounterFact file and the corpus come from --counterfact / --corpus, else from the data folder
+(--data, $KVMEM_DATA, or ../shared/data beside the repository).
 """
 
 from __future__ import annotations
@@ -29,19 +31,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED = ROOT.parent / "shared" / "data"
-for _p in (ROOT, ROOT / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import torch
 
-import torch  # noqa: E402
+from common import add_data_arguments, data_file, data_name, provenance, provenance_line, results_dir
 
 
 def stats_variants(model, layer: int, args) -> dict:
@@ -50,7 +45,8 @@ def stats_variants(model, layer: int, args) -> dict:
 
     out = {}
     for n in args.stats_tokens:
-        out[f"C {n // 1000}k"] = second_moment(model, layer, args.corpus, n_tokens=n, progress=not args.quiet)
+        out[f"C {n // 1000}k"] = second_moment(model, layer, data_file(args, "corpus"), n_tokens=n,
+                                               progress=not args.quiet)
     if args.alt_corpus:
         n = args.stats_tokens[0]
         out[f"C {n // 1000}k {Path(args.alt_corpus).stem}"] = second_moment(
@@ -180,7 +176,7 @@ def summarise(records: list[dict]) -> dict:
 
 def markdown(summary: dict, meta: dict) -> str:
     lines = [f"# Why ROME's neighbourhood score drops: {meta['model']}", "",
-             f"Measured by `{meta['command']}` ({meta['date']}, {meta['machine']}); "
+             f"{provenance_line(meta)} "
              f"{summary['n_records']} CounterFact records, {summary['neighbour_prompts']} neighbourhood prompts.", "",
              "Each ROME condition is one record's edit applied alone (then restored). ES/PS/NS as ROME (%), NM in "
              "points of probability. `NS kept (m>x)`: of the neighbours the unedited model ranks true over new "
@@ -212,7 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-records", type=int, default=20)
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="default: the preset's layer")
     ap.add_argument("--stats-tokens", type=int, nargs="+", default=[200_000], help="first = the edits' own C")
-    ap.add_argument("--corpus", default=str(SHARED / "corpus" / "wiki_vital_en.txt"))
     ap.add_argument("--alt-corpus", default=None, help="also C over this text (first --stats-tokens count)")
     ap.add_argument("--strengths", type=float, nargs="*", default=[0.5])
     ap.add_argument("--kl-factors", type=float, nargs="*", default=[])
@@ -221,9 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "before the Gemma preset moved to 1 used 4)")
     ap.add_argument("--clamp-factors", type=float, nargs="*", default=[],
                     help="also re-optimise v* with ROME's norm clamp at these multiples of ||v_init|| (ROME: 4)")
-    ap.add_argument("--counterfact", default=str(SHARED / "counterfact" / "counterfact_dev_250.json"))
+    add_data_arguments(ap, "counterfact", "corpus")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None, help="output prefix (default benchmarks/results/editing_neighbourhood_<model>)")
+    ap.add_argument("--out", default=None, help="output prefix (default benchmarks/results/editing/editing_neighbourhood_<model>)")
     ap.add_argument("--restart", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -246,17 +241,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.reference_clamp is not None:
         hp = dataclasses.replace(hp, clamp_norm_factor=args.reference_clamp)
     layers = args.layers or [edit_layer(model, hp)]
-    prefix = Path(args.out or RESULTS / f"editing_neighbourhood_{args.model}")
+    prefix = Path(args.out or results_dir("editing") / f"editing_neighbourhood_{args.model}")
     settings = {k: getattr(args, k) for k in ("model", "stats_tokens", "alt_corpus", "strengths", "kl_factors")}
     if args.clamp_factors:  # only when used, so logs of earlier runs still resume
         settings["clamp_factors"] = args.clamp_factors
     # the preset's settings other than its layer (given by --layers) and the layer's provenance note
-    settings.update(layers=layers, corpus=Path(args.corpus).name,
+    settings.update(layers=layers, corpus=data_name(args, "corpus"),
                     hparams={k: v for k, v in dataclasses.asdict(hp).items() if k not in ("layer", "layer_source")})
     log = RunLog(f"{prefix}.jsonl", settings, restart=args.restart)
     stats_by_layer = {l: stats_variants(model, l, args) for l in layers}
     prefixes = context_prefixes(model, hp)
-    records = load_counterfact(args.counterfact, limit=args.n_records)
+    records = load_counterfact(data_file(args, "counterfact"), limit=args.n_records)
     t0 = time.perf_counter()
     for rec in tqdm(records, desc="records", disable=args.quiet):
         if str(rec.case_id) in log:
@@ -264,9 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.add(str(rec.case_id), run_record(model, rec, layers, stats_by_layer, prefixes, args))
     done = [log.records()[str(r.case_id)] for r in records if str(r.case_id) in log]
     summary = summarise(done)
-    meta = {"command": "python benchmarks/editing_neighbourhood.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "model": args.model, "seconds_this_invocation": round(time.perf_counter() - t0, 1),
+    meta = {**provenance(__file__, argv, model.cfg.device), "model": args.model, "seconds_this_invocation": round(time.perf_counter() - t0, 1),
             "stats": {l: {n: None if s is None else {"n_tokens": s.n_tokens, "rel_change_last": float(s.rel_change[-1]),
                                                      "condition_number": s.condition_number}
                           for n, s in v.items()} for l, v in stats_by_layer.items()}}

@@ -2,7 +2,9 @@
 
 Started by `benchmarks/bench_tracing_peer.py` as a subprocess:
 
-    /work/peers/ct-venv/bin/python benchmarks/peer_causal_tracer_runner.py SPEC.json OUT.jsonl
+    $KVMEM_PEERS/ct-venv/bin/python benchmarks/peer_causal_tracer_runner.py SPEC.json OUT.jsonl
+
+(the environment `benchmarks/peers/setup.sh` makes).
 
 It imports nothing from kvmem (kvmem is not installed in that environment). SPEC.json:
 

@@ -8,32 +8,29 @@ order), the shipped world's training facts for factworld (every 7th, to spread o
 relations). Window 10 (n_layers // 2 on models with fewer than 10 layers), 10 noise samples, noise 3 x std of the
 subject embeddings over the chosen facts, as ROME.
 
-The run is resumable: per-fact results go to `benchmarks/results/aie_<model>.jsonl` as they finish;
+The run is resumable: per-fact results go to `benchmarks/results/tracing/aie_<model>.jsonl` as they finish;
 rerunning the same command continues. Writes `aie_<model>.json`, `.md` and `aie_<model>.png`
 (`aie_<model>_<tag>.*` with --tag).
 
 Splitting a run over processes or machines: `--shard I/N` traces every N-th chosen fact into
 `aie_<model>.shardIofN.jsonl` (no summary); `--merge N` joins the N shard logs into the run's log
 and summarises the facts in it (as --logged-only). --device runs on a GPU, e.g. --device cuda.
+`known_1000.json` is read from --known, else from the data folder (--data, $KVMEM_DATA, or
+../shared/data beside the repository).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED = ROOT.parent / "shared" / "data"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import (RunPlan, add_data_arguments, add_run_arguments, check_run_arguments, data_file, provenance,
+                    provenance_line, results_dir)
 
 
-def choose_facts(model, name: str, n: int, scan: int):
+def choose_facts(model, name: str, n: int, scan: int, args):
     from kvmem.core.facts import Fact
 
     if name == "factworld":
@@ -44,7 +41,7 @@ def choose_facts(model, name: str, n: int, scan: int):
     else:
         from kvmem.data import load_known_facts
 
-        pool = load_known_facts(SHARED / "known_1000.json", limit=scan)
+        pool = load_known_facts(data_file(args, "known"), limit=scan)
     from kvmem.recall import fact_recall
 
     res = fact_recall(model, pool, batch_size=16, progress=False)
@@ -68,25 +65,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--restart", action="store_true")
-    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--out-dir", default=str(results_dir("tracing")))
     ap.add_argument("--noise", type=float, default=None,
                     help="noise std (default: 3 x std of the chosen facts' subject embeddings, as ROME)")
     ap.add_argument("--choose-only", action="store_true",
                     help="print how many facts are chosen and the default noise, then stop")
     ap.add_argument("--tag", default=None, help="suffix of the output names (aie_<model>_<tag>.*)")
-    from kvmem.runs import (
-        add_shard_arguments, check_shard_arguments, log_settings, logged_keys, merge_run_logs, parse_shard,
-        shard_path, take_shard,
-    )
-
-    add_shard_arguments(ap, "facts")
+    add_data_arguments(ap, "known")
+    add_run_arguments(ap, "facts")
     args = ap.parse_args(argv)
-    check_shard_arguments(ap, args)
+    check_run_arguments(ap, args)
     if args.shard and args.choose_only:
         ap.error("--shard traces; it does not combine with --choose-only")
-
-    shard = parse_shard(args.shard)
 
     import matplotlib
 
@@ -98,17 +88,17 @@ def main(argv: list[str] | None = None) -> dict:
     import kvmem
     from kvmem.tracing import average_indirect_effect, noise_level
 
+    from kvmem.runs import log_settings
+
     out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     stem = f"aie_{args.model}" + (f"_{args.tag}" if args.tag else "")
     log_path = out / f"{stem}.jsonl"
-    if args.merge:
-        parts = [shard_path(log_path, (i, args.merge)) for i in range(args.merge)]
-        n_merged = merge_run_logs([p for p in parts if p.exists()], log_path)
-        print(f"merged {sum(p.exists() for p in parts)} shard logs into {log_path}: {n_merged} facts", flush=True)
-        args.logged_only = True
+    plan = RunPlan.from_args(args, log_path)
+    plan.merge_shards("facts")
     model = kvmem.load_model(args.model, device=args.device)
-    window = args.window or (10 if model.cfg.n_layers >= 10 else max(1, model.cfg.n_layers // 2))
-    facts, scanned, n_correct = choose_facts(model, args.model, args.n_facts, args.scan)
+    window = args.window or kvmem.config.trace_window(model.cfg.n_layers)
+    facts, scanned, n_correct = choose_facts(model, args.model, args.n_facts, args.scan, args)
     # over all chosen facts, so a resumed run keeps the same noise
     noise = args.noise if args.noise is not None else noise_level(model, facts)
     n_chosen = len(facts)
@@ -117,34 +107,26 @@ def main(argv: list[str] | None = None) -> dict:
         return {"facts_chosen": n_chosen, "noise": noise}
     from kvmem.tracing import fact_key
 
-    if args.logged_only:
-        done = logged_keys(log_path)
-        facts = [f for f in facts if fact_key(f) in done]
-        if log_path.exists():
-            # the noise the log was traced with: computed on another device it may differ in the last bits
-            noise = log_settings(log_path).get("noise", noise)
-    if shard is not None:  # this shard's facts, less those the run's own log already holds
-        done = logged_keys(log_path)
-        facts = [f for f in take_shard(facts, shard) if fact_key(f) not in done]
-        if not facts:
-            print(f"shard {args.shard}: nothing left to trace", flush=True)
-            return {"shard": args.shard, "n_facts": 0}
+    facts = plan.select(facts, fact_key)
+    if plan.summarising and log_path.exists():
+        # the noise the log was traced with: computed on another device it may differ in the last bits
+        noise = log_settings(log_path).get("noise", noise)
+    if plan.shard is not None and not facts:
+        print(f"shard {args.shard}: nothing left to trace", flush=True)
+        return {"shard": args.shard, "n_facts": 0}
     t0 = time.perf_counter()
     aie = average_indirect_effect(
         model, facts, window=window, noise=noise, samples=args.samples, seed=args.seed,
-        log=str(shard_path(log_path, shard)), restart=args.restart,
+        log=str(plan.write_log), restart=args.restart,
     )
     this_run = time.perf_counter() - t0
-    if shard is not None:
+    if plan.shard is not None:
         print(f"shard {args.shard}: {aie.n_facts} facts traced, {aie.n_skipped} skipped, {this_run:.0f} s", flush=True)
         return {"shard": args.shard, "n_facts": aie.n_facts}
     records = [json.loads(l)["record"] for l in log_path.read_text().splitlines()[1:]]
     fact_seconds = sum(r["seconds"] for r in records)
     summary = {
-        "command": "python benchmarks/trace_known_facts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
-                   + (f", {torch.cuda.get_device_name()}" if str(model.cfg.device).startswith("cuda") else ""),
+        **provenance(__file__, argv, model.cfg.device),
         "model": args.model, "n_layers": model.cfg.n_layers,
         "facts_scanned": scanned, "facts_correct_in_scan": n_correct, "facts_chosen": n_chosen,
         "n_facts": aie.n_facts, "n_skipped": aie.n_skipped, "window": window, "samples": args.samples,
@@ -162,10 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     fig.savefig(out / f"{stem}.png", dpi=110, bbox_inches="tight")
 
     lines = [
-        f"Measured by `{summary['command']}` ({summary['date']}, {summary['machine']}).",
+        provenance_line(summary),
         "",
         (f"{aie.n_facts} facts answered correctly (the first {aie.n_facts} of the {n_chosen} chosen: the first "
-         if not (args.merge or args.logged_only) else
+         if not plan.summarising else
          f"{aie.n_facts} facts answered correctly (those the run's log holds, of the {n_chosen} chosen: the first ")
         + f"correct ones of {scanned} scanned; noise from all {n_chosen}), "
         f"{args.samples} noise samples, noise {aie.noise:.4g}, window {window} for mlp/attn. "

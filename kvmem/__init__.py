@@ -3,10 +3,17 @@
     import kvmem
     model = kvmem.load_model("factworld")            # or "gemma-3-270m", "smollm2-135m", a folder
     fact = kvmem.Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", target_true="Paris")
-    kvmem.trace_all(model, fact, window=10).plot()    # causal tracing (ROME)
+    kvmem.trace_all(model, fact).plot()               # causal tracing (ROME's windows by default)
+    kvmem.four_views(model, fact)                     # tracing, neurons, memories and a ROME edit
+
+Layers, imports only downward: kvmem.errors / kvmem.config <- kvmem.core (facts, tokenize, hooks,
+engine, weights, readout: the only code touching TransformerLens internals) <- the analyses
+(tracing, neurons, memories, editing, evaluation, recall) <- kvmem.pipelines (diagnose, stress,
+four_views) <- kvmem.cli and kvmem.viz.report. kvmem.models, kvmem.data and kvmem.factworld load
+models and data beside the core.
 """
 
-from kvmem.errors import KvmemError
+from kvmem.errors import KvmemError, UnknownFactError
 from kvmem.core.facts import Fact, tokenize_fact
 from kvmem.models import load_model
 from kvmem.recall import fact_recall
@@ -22,8 +29,10 @@ from kvmem.memories import (
 )
 from kvmem.editing import Edit, RomeHparams, apply_edit, compute_rome_edit, edited, second_moment
 from kvmem.evaluation import evaluate_counterfact
-from kvmem.pipelines.diagnose import Localization, UnknownFactError, diagnose
+from kvmem.data import CounterFactRecord
+from kvmem.pipelines.diagnose import Localization, diagnose
 from kvmem.pipelines.stress import StressResult, stress_edits
+from kvmem.pipelines.four_views import FactReport, four_views
 
 __version__ = "0.1.0"
 
@@ -53,6 +62,9 @@ __all__ = [
     "edited",
     "second_moment",
     "evaluate_counterfact",
+    "CounterFactRecord",
+    "four_views",
+    "FactReport",
     "diagnose",
     "Localization",
     "UnknownFactError",

@@ -6,13 +6,14 @@ Every loader takes a path: the data files are not part of the package. Records c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from kvmem.errors import DataFormatError, InvalidArgumentError, MissingDependencyError
+from kvmem.errors import DataFormatError, InvalidArgumentError, KvmemError, MissingDependencyError
 from kvmem.core.facts import Fact
 
 
@@ -34,7 +35,7 @@ def _require(record: dict, keys: Iterable[str], where: str) -> None:
 
 # --- ROME's known facts --------------------------------------------------------------------
 
-def load_known_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
+def load_known_facts(path: str | Path, *, limit: int | None = None) -> list[Fact]:
     """ROME's `known_1000.json`: facts GPT-2 XL knew, as `Fact(prompt, subject, target_true=attribute)`."""
     records = _read_json(path)
     if not isinstance(records, list):
@@ -50,7 +51,10 @@ def load_known_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
 
 @dataclass(frozen=True)
 class CounterFactRecord:
-    """One CounterFact case: the rewrite request and the prompts that test it (full schema)."""
+    """One CounterFact case: the rewrite request and the prompts that test it (full schema).
+
+    `file_index`: the record's position in the file it was read from (None when it was built in
+    memory), so that messages and result tables can point at it."""
 
     case_id: int
     request: Fact  # prompt filled with the subject; target_true and target_new set
@@ -60,14 +64,34 @@ class CounterFactRecord:
     attribute_prompts: tuple[str, ...]
     generation_prompts: tuple[str, ...]
     pararel_idx: int | None = None
+    file_index: int | None = None
 
     @property
     def subject(self) -> str:
         return self.request.subject
 
+    def to_json(self) -> dict:
+        """The record in CounterFact's own JSON schema (what `load_counterfact` reads back)."""
+        rq = self.request
+        out = {
+            "case_id": self.case_id,
+            "requested_rewrite": {
+                "prompt": self.template, "subject": rq.subject, "target_true": {"str": rq.target_true},
+                "target_new": {"str": rq.target_new}, "relation_id": rq.relation_id,
+            },
+            "paraphrase_prompts": list(self.paraphrase_prompts),
+            "neighborhood_prompts": list(self.neighborhood_prompts),
+            "attribute_prompts": list(self.attribute_prompts),
+            "generation_prompts": list(self.generation_prompts),
+        }
+        if self.pararel_idx is not None:
+            out["pararel_idx"] = self.pararel_idx
+        return out
 
-def load_counterfact(path: str | Path, limit: int | None = None) -> list[CounterFactRecord]:
-    """CounterFact records (ROME): `requested_rewrite` becomes a `Fact` with both targets."""
+
+def load_counterfact(path: str | Path, *, limit: int | None = None) -> list[CounterFactRecord]:
+    """CounterFact records (ROME): `requested_rewrite` becomes a `Fact` with both targets.
+    Strict: every record must have CounterFact's fields (`read_fact_file` reads looser files)."""
     records = _read_json(path)
     if not isinstance(records, list):
         raise DataFormatError(f"{path}: expected a JSON list of CounterFact records.")
@@ -77,29 +101,157 @@ def load_counterfact(path: str | Path, limit: int | None = None) -> list[Counter
         _require(r, ("case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts"), where)
         rw = r["requested_rewrite"]
         _require(rw, ("prompt", "subject", "target_new", "target_true"), where + " requested_rewrite")
-        template = rw["prompt"]
-        if "{}" not in template:
-            raise DataFormatError(f"{where}: requested_rewrite.prompt {template!r} has no '{{}}' for the subject.")
-        request = Fact.from_template(
-            template,
-            rw["subject"],
-            target_true=rw["target_true"]["str"],
-            target_new=rw["target_new"]["str"],
-            relation_id=rw.get("relation_id"),
-        )
-        out.append(
-            CounterFactRecord(
-                case_id=int(r["case_id"]),
-                request=request,
-                template=template,
-                paraphrase_prompts=tuple(r["paraphrase_prompts"]),
-                neighborhood_prompts=tuple(r["neighborhood_prompts"]),
-                attribute_prompts=tuple(r.get("attribute_prompts", ())),
-                generation_prompts=tuple(r.get("generation_prompts", ())),
-                pararel_idx=r.get("pararel_idx"),
-            )
-        )
+        if "{}" not in rw["prompt"]:
+            raise DataFormatError(f"{where}: requested_rewrite.prompt {rw['prompt']!r} has no '{{}}' for the subject.")
+        out.append(parse_fact_record(r, i))
     return out
+
+
+# --- fact files: CounterFact, known_1000 or simple records ------------------------------------
+
+def _strings(record: dict, *keys: str) -> tuple[str, ...]:
+    """The list of strings under the first of `keys` the record has (a lone string counts)."""
+    key = next((k for k in keys if k in record), keys[0])
+    value = record.get(key, ())
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise DataFormatError(f"field {key!r} must be a list of strings")
+    return tuple(value)
+
+
+def _target_str(value, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):  # CounterFact: {"str": ..., "id": ...}
+        value = value.get("str")
+    if not isinstance(value, str):
+        raise DataFormatError(f"field {name!r} must be a string (or CounterFact's {{\"str\": ...}})")
+    return value
+
+
+def _case_id(value, index: int) -> int:
+    if value is None:
+        return index
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataFormatError(f"case_id / known_id must be a whole number, got {value!r}")
+    return value
+
+
+def parse_fact_record(record, index: int) -> CounterFactRecord:
+    """One fact-file record as a `CounterFactRecord`; raises `DataFormatError` saying what is wrong.
+
+    Three shapes are read:
+
+    - CounterFact (`requested_rewrite` with prompt template, subject, target_true, target_new);
+    - ROME's known_1000 (`prompt`, `subject`, `attribute`, `known_id`);
+    - the simple format `{"prompt", "subject", "target" (or "target_true"), "target_new"?,
+      "paraphrases"?, "neighbours"? (or "neighbors"), "generation_prompts"?, "case_id"?}`, where
+      `prompt` may hold `{}` for the subject.
+
+    `index` is the record's position in its file (`file_index`; also the `case_id` when the record
+    has none).
+    """
+    if not isinstance(record, dict):
+        raise DataFormatError(f"expected a JSON object, got {type(record).__name__}")
+    if "requested_rewrite" in record:
+        rw = record["requested_rewrite"]
+        if not isinstance(rw, dict):
+            raise DataFormatError("requested_rewrite must be an object")
+        missing = [k for k in ("prompt", "subject", "target_true", "target_new") if k not in rw]
+        if missing:
+            raise DataFormatError(f"requested_rewrite lacks {missing}")
+        if not isinstance(rw["prompt"], str) or not isinstance(rw["subject"], str):
+            raise DataFormatError("requested_rewrite.prompt and .subject must be strings")
+        request = Fact.from_template(
+            rw["prompt"], rw["subject"], target_true=_target_str(rw["target_true"], "target_true"),
+            target_new=_target_str(rw["target_new"], "target_new"), relation_id=rw.get("relation_id"),
+        )
+        paraphrases = _strings(record, "paraphrase_prompts")
+        neighbours = _strings(record, "neighborhood_prompts")
+        case_id = record.get("case_id")
+    else:
+        target = record.get("target", record.get("target_true", record.get("attribute")))
+        missing = [k for k in ("prompt", "subject") if k not in record]
+        if missing or target is None:
+            missing += [] if target is not None else ["target (or attribute / target_true)"]
+            raise DataFormatError(f"lacks field(s) {missing}; found {sorted(record)[:8]}")
+        prompt, subject = record["prompt"], record["subject"]
+        if not isinstance(prompt, str) or not isinstance(subject, str):
+            raise DataFormatError("prompt and subject must be strings")
+        if "{}" in prompt:
+            prompt = prompt.replace("{}", subject, 1)
+        request = Fact(
+            prompt, subject, target_true=_target_str(target, "target"),
+            target_new=_target_str(record.get("target_new"), "target_new"), relation_id=record.get("relation_id"),
+        )
+        paraphrases = _strings(record, "paraphrases", "paraphrase_prompts")
+        neighbours = _strings(record, "neighbours", "neighbors", "neighborhood_prompts")
+        case_id = record.get("case_id", record.get("known_id"))
+    return CounterFactRecord(
+        case_id=_case_id(case_id, index), request=request,
+        template=request.prompt.replace(request.subject, "{}", 1),
+        paraphrase_prompts=paraphrases, neighborhood_prompts=neighbours,
+        attribute_prompts=_strings(record, "attribute_prompts"), generation_prompts=_strings(record, "generation_prompts"),
+        pararel_idx=record.get("pararel_idx"), file_index=index,
+    )
+
+
+def _fact_identity(fact: Fact) -> tuple:
+    return (fact.prompt, fact.subject, fact.target_true, fact.target_new)
+
+
+def read_fact_file(
+    path: str | Path,
+    *,
+    on_error: str = "stop",
+    limit: int | None = None,
+    need_new: bool = False,
+) -> tuple[list[CounterFactRecord], list[dict]]:
+    """The usable records of a fact file (the first `limit`; `parse_fact_record` lists the
+    shapes read) and the records left out, as `{"record": index, "error": reason}`.
+
+    A JSON list of records, or an object with a "facts" list. A malformed record (or one without
+    `target_new` when `need_new`, i.e. for an edit) raises `DataFormatError` naming its index when
+    `on_error="stop"`, and is left out when `on_error="skip"`. A record repeating an earlier fact
+    (same prompt, subject and targets; known_1000 has one) is not malformed: it is always left out,
+    never fatal, so a fact is computed once. Raises when no usable record is left.
+    """
+    if on_error not in ("stop", "skip"):
+        raise InvalidArgumentError(f"on_error must be 'stop' or 'skip', got {on_error!r}.")
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"No such facts file: {path}. Pass the path to a JSON file of facts.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"{path} is not valid JSON ({e}); pass a JSON list of fact records.") from None
+    if isinstance(data, dict) and isinstance(data.get("facts"), list):
+        data = data["facts"]
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: expected a JSON list of fact records, got {type(data).__name__}.")
+    records, skipped, seen = [], [], set()
+    for i, raw in enumerate(data[:limit]):
+        try:
+            rec = parse_fact_record(raw, i)
+            if need_new and rec.request.target_new is None:
+                raise DataFormatError("has no target_new (the object an edit writes)")
+        except KvmemError as e:  # a malformed record, or a subject missing from its prompt, ...
+            if on_error == "stop":
+                raise DataFormatError(
+                    f"{path} record {i}: {e}. Fix the record, or skip bad records "
+                    "(on_error='skip'; on the command line --on-error skip)."
+                ) from None
+            skipped.append({"record": i, "error": str(e)})
+            continue
+        if _fact_identity(rec.request) in seen:
+            skipped.append({"record": i, "error": "repeats an earlier fact"})
+            continue
+        seen.add(_fact_identity(rec.request))
+        records.append(rec)
+    if not records:
+        raise DataFormatError(f"{path} has no usable facts ({len(skipped)} left out: {skipped[:3]}).")
+    return records, skipped
 
 
 # --- PARAREL --------------------------------------------------------------------------------
@@ -177,6 +329,7 @@ def _subject(first_prompt: str, template: tuple[str, str] | None) -> str | None:
 
 def load_pararel(
     path: str | Path,
+    *,
     relations: Iterable[str] | None = None,
     min_prompts: int = 2,
     limit_per_relation: int | None = None,
@@ -226,7 +379,7 @@ def load_pararel(
 
 
 def pararel_counterfact(
-    bags: list[ParaRelBag], seed: int = 0, n_neighbours: int = 10
+    bags: list[ParaRelBag], *, seed: int = 0, n_neighbours: int = 10
 ) -> list[CounterFactRecord]:
     """CounterFact-style rewrite records from PARAREL bags that have a subject.
 
@@ -297,7 +450,7 @@ def wiki_summaries_path() -> Path:
     return Path(str(root / "data" / "summaries_en-us.json"))
 
 
-def read_corpus(source: str | Path | Iterable[str], min_chars: int = 1) -> Iterator[str]:
+def read_corpus(source: str | Path | Iterable[str], *, min_chars: int = 1) -> Iterator[str]:
     """Documents of a corpus, one string each, lazily.
 
     `source` is a text file (paragraphs separated by blank lines; a file without blank lines is
@@ -395,6 +548,12 @@ _BUILTIN = [
 ]
 
 
-def builtin_facts() -> list[Fact]:
-    """Thirty well-known facts written for kvmem's demos (no data file needed)."""
-    return [Fact(p, s, target_true=o, relation_id=r) for p, s, o, r in _BUILTIN]
+def builtin_facts(*, target_new: bool = False) -> list[Fact]:
+    """Thirty well-known facts written for kvmem's demos (no data file needed). With
+    `target_new=True` each also gets an object to edit to: the first other object of its relation
+    among these facts (None for a relation with only one object here)."""
+    facts = [Fact(p, s, target_true=o, relation_id=r) for p, s, o, r in _BUILTIN]
+    if not target_new:
+        return facts
+    return [dataclasses.replace(f, target_new=next((g.target_true for g in facts if g.relation_id == f.relation_id
+                                                    and g.target_true != f.target_true), None)) for f in facts]

@@ -47,3 +47,20 @@ class InvalidArgumentError(KvmemError, ValueError):
 
 class DataFormatError(KvmemError, ValueError):
     """A data file that does not have the expected schema."""
+
+
+class UnknownFactError(KvmemError, ValueError):
+    """The model does not answer the fact (top-1), so there is no recall to localize."""
+
+
+class RunLogError(KvmemError):
+    """A run log (`kvmem.runs.RunLog`) that cannot be resumed with these settings, is not a run
+    log, or cannot be written."""
+
+
+# Stress-run logs are run logs (`kvmem.runs.RunLog`): a mismatched one is a RunLogError.
+StressLogMismatchError = RunLogError
+
+
+class DuplicateRequestError(KvmemError, ValueError):
+    """Two edit requests edit the same fact (same subject and relation, or same subject and prompt)."""

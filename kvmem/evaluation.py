@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem import config
 from kvmem.data import CounterFactRecord
 from kvmem.editing.apply import edited
 from kvmem.editing.generate import sample_tokens
@@ -43,7 +44,7 @@ from kvmem.core.readout import final_logits
 
 METRICS = ("S", "ES", "EM", "PS", "PM", "NS", "NM", "GE")
 
-# ROME paper, Table (CounterFact, GPT-2 XL), as given in kvmem's issue 5; other cells left empty.
+# ROME paper's CounterFact results for GPT-2 XL: the cells kvmem compares against; other cells left empty.
 PUBLISHED_GPT2_XL = {
     "GPT-2 XL (ROME paper)": {"NS": 78.1},
     "ROME on GPT-2 XL (ROME paper)": {"ES": 100.0, "PS": 96.4, "NS": 75.4},
@@ -54,7 +55,7 @@ PUBLISHED_GPT2_XL = {
 
 @torch.no_grad()
 def target_logprobs(
-    model, items: Sequence[tuple[str, str]], batch_size: int = 64
+    model, items: Sequence[tuple[str, str]], *, batch_size: int = 64
 ) -> tuple[Float[Tensor, "item"], Int[Tensor, "item"]]:
     """For each (prompt, target): the summed teacher-forced log-probability of the target's
     tokens after the prompt (with the model's start token), and the number of target tokens."""
@@ -91,7 +92,7 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text)
 
 
-def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+def ngram_entropy(text: str, *, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
     """ROME's n-gram entropy of one text: mean over n of weightₙ · Hₙ (bits)."""
     words = _words(text)
     vals = []
@@ -104,7 +105,7 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
 
 
 def generate_texts(
-    model, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5, seed: int = 0
+    model, prompts: Sequence[str], *, max_new_tokens: int = 100, top_k: int = 5, seed: int = 0
 ) -> list[str]:
     """One top-k sample per prompt (identical prompts share a batch), prompt text included."""
     spec = spec_for(model)
@@ -148,7 +149,7 @@ def record_metrics(
         "neighborhood": list(record.neighborhood_prompts),
     }
     items = [(p, t) for ps in groups.values() for p in ps for t in (new, true)]
-    sums, counts = target_logprobs(model, items, batch_size)
+    sums, counts = target_logprobs(model, items, batch_size=batch_size)
     score = sums / counts if per_token else sums
     score = score.view(-1, 2)  # [prompt, (new, true)]
     out: dict = {}
@@ -169,7 +170,7 @@ def record_metrics(
             out[f"{key}M"] = float((p_new - p_true).mean())
     if generation and record.generation_prompts:
         prompts = list(record.generation_prompts)[: gen_prompts or None]
-        texts = generate_texts(model, prompts, gen_tokens, seed=seed)
+        texts = generate_texts(model, prompts, max_new_tokens=gen_tokens, seed=seed)
         out["GE"] = sum(ngram_entropy(t) for t in texts) / len(texts)
     else:
         out["GE"] = float("nan")
@@ -211,11 +212,50 @@ class CounterFactEval:
             rows[cond] = r
         return pd.DataFrame.from_dict(rows, orient="index")[[*METRICS, "n", "n_failed", *(["edit_s"] if any("edit_s" in r for r in rows.values()) else [])]]
 
-    def to_markdown(self, floatfmt: str = ".1f") -> str:
-        return _markdown(self.summary(), floatfmt)
+    def paired_frame(self, method: str = "ROME"):
+        """One row per case evaluated with `method`: its metrics after the edit, and ES, PS, NS of
+        the unedited model beside them (`ES_before`, ...). Cases whose edit failed are left out."""
+        f = self.frame
+        out = f[(f["condition"] == method) & f["error"].isna()].reset_index(drop=True)
+        head = ["case_id", "subject", "target_true", "target_new"]
+        if "layer" in out:
+            out["layer"] = out["layer"].astype(int)  # a float column in the frame, NaN on unedited rows
+            head.append("layer")
+        before = f[f["condition"] == "unedited"].drop_duplicates("case_id").set_index("case_id")
+        for m in ("ES", "PS", "NS"):
+            out[f"{m}_before"] = out["case_id"].map(before[m]) if len(before) else float("nan")
+        return out[head + ["ES_before", "PS_before", "NS_before", "ES", "EM", "PS", "PM", "NS", "NM", "GE"]]
+
+    def to_markdown(self, floatfmt: str = ".1f", *, columns: Sequence[str] | None = None) -> str:
+        """`summary()` as a Markdown table (`columns`: a subset, in this order)."""
+        summ = self.summary()
+        return markdown_table(summ if columns is None else summ[list(columns)], floatfmt)
+
+    def plot(self, ax=None, *, title: str | None = None):
+        """S, ES, PS and NS (×100) side by side for each condition. Returns the Figure."""
+        import numpy as np
+
+        from kvmem.viz import figure_axes
+
+        fig, (ax,) = figure_axes(ax, 1, figsize=(6, 3.2))
+        cols = ["S", "ES", "PS", "NS"]
+        summ = self.summary()
+        x = np.arange(len(cols))
+        width = 0.8 / max(len(summ), 1)
+        for k, (cond, row) in enumerate(summ.iterrows()):
+            ax.bar(x + (k - (len(summ) - 1) / 2) * width, [row[c] for c in cols], width, label=cond)
+        ax.set_xticks(x, cols)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("CounterFact metric (×100)")
+        ax.legend(fontsize=8)
+        if title:
+            ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        return fig
 
 
-def _markdown(df, floatfmt: str = ".1f") -> str:
+def markdown_table(df, floatfmt: str = ".1f") -> str:
+    """A pandas DataFrame as a Markdown table, its index as the first column (NaN left empty)."""
     cols = list(df.columns)
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for idx, row in df.iterrows():
@@ -228,6 +268,77 @@ def _markdown(df, floatfmt: str = ".1f") -> str:
                 cells.append(str(v))
         lines.append(f"| {idx} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None) -> Callable[[object, CounterFactRecord], Edit]:
+    """`editor(model, record) -> Edit` for `evaluate_counterfact` / `evaluate_record`: ROME with
+    `stats` (a `SecondMoment` or C for the edit layer) and `hparams` (default: the model's preset),
+    its context prefixes sampled once here and reused for every record."""
+    hp = hparams or rome_hparams(model)
+    if hp.mom2_adjustment and stats is None:
+        raise InvalidArgumentError(
+            "ROME needs stats=second_moment(model, layer, corpus) (or hparams with mom2_adjustment=False), "
+            "or pass a custom editor=..."
+        )
+    prefixes = context_prefixes(model, hp)
+
+    def editor(m, rec: CounterFactRecord) -> Edit:
+        return compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)
+
+    return editor
+
+
+def evaluate_record(
+    model,
+    record: CounterFactRecord,
+    *,
+    editor: Callable[[object, CounterFactRecord], Edit] | None = None,
+    method: str = "ROME",
+    unedited: bool = True,
+    per_token: bool = True,
+    generation: bool = True,
+    gen_prompts: int | None = None,
+    gen_tokens: int = 100,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[dict]:
+    """The rows `evaluate_counterfact` gives one record: the unedited model's metrics (when
+    `unedited`), then, with an `editor`, the metrics with `editor(model, record)` applied (then
+    restored exactly), or the editor's error (a `KvmemError`) in the `error` column."""
+    kw = dict(per_token=per_token, generation=generation, gen_prompts=gen_prompts, gen_tokens=gen_tokens,
+              seed=seed, batch_size=batch_size)
+    rows = []
+    base = {"case_id": record.case_id, "subject": record.subject, "target_true": record.request.target_true,
+            "target_new": record.request.target_new}
+    if unedited:
+        t = time.perf_counter()
+        rows.append({"condition": "unedited", **base, **record_metrics(model, record, **kw),
+                     "eval_s": time.perf_counter() - t, "error": None})
+    if editor is None:
+        return rows
+    try:
+        edit = editor(model, record)
+    except KvmemError as e:
+        return rows + [{"condition": method, **base, "error": f"{type(e).__name__}: {e}"}]
+    t = time.perf_counter()
+    with edited(model, edit, check=False):  # computed on this very model just now
+        m = record_metrics(model, record, **kw)
+    rows.append({"condition": method, **base, **m, "edit_s": edit.seconds, "eval_s": time.perf_counter() - t,
+                 "layer": edit.layer, "v_steps": int(edit.loss_trace.shape[0]),
+                 "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan"),
+                 "error": None})
+    return rows
+
+
+def counterfact_frame(rows: Sequence[dict]):
+    """`evaluate_record` rows as one DataFrame with every metric column (NaN where not measured)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows))
+    for m in METRICS[1:]:
+        if m not in frame:
+            frame[m] = float("nan")
+    return frame
 
 
 def evaluate_counterfact(
@@ -245,24 +356,22 @@ def evaluate_counterfact(
     gen_tokens: int = 100,
     seed: int = 0,
     batch_size: int = 64,
-    progress: bool = True,
+    progress: bool | None = None,
     log: str | None = None,
     restart: bool = False,
 ) -> CounterFactEval:
     """CounterFact metrics of the unedited model and of each record's edit applied alone (then
-    restored exactly). The model is unchanged afterwards.
+    restored exactly; `evaluate_record` per record). The model is unchanged afterwards.
 
     `log`: a resumable run log (`kvmem.runs.RunLog`, one JSON line per record); rerunning with
     the same settings skips finished records, other settings raise unless `restart=True`. Only
     the default ROME editor can be logged (a custom editor's settings cannot be checked).
 
-    `editor(model, record) -> Edit` defaults to ROME with `stats` (a `SecondMoment` for the
-    edit layer) and `hparams` (default: the model's preset); its context prefixes are sampled
-    once and reused. A record whose edit is rejected (a `KvmemError`) gets its message in the
-    `error` column and is left out of the summary. `editor=False` evaluates only the unedited model.
+    `editor(model, record) -> Edit` defaults to `rome_editor(model, stats=stats, hparams=hparams)`
+    (its context prefixes sampled once and reused). A record whose edit is rejected (a
+    `KvmemError`) gets its message in the `error` column and is left out of the summary.
+    `editor=False` evaluates only the unedited model. `progress`: None means `kvmem.config.PROGRESS`.
     """
-    import pandas as pd
-
     records = list(records)
     if not records:
         raise InvalidArgumentError("No CounterFact records to evaluate.")
@@ -275,10 +384,7 @@ def evaluate_counterfact(
                 "evaluate_counterfact with ROME needs stats=second_moment(model, layer, corpus) "
                 "or a custom editor=..."
             )
-        prefixes = context_prefixes(model, hp)
-
-        def editor(m, rec):
-            return compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)
+        editor = rome_editor(model, stats=stats, hparams=hp)
 
     kw = dict(per_token=per_token, generation=generation, gen_prompts=gen_prompts, gen_tokens=gen_tokens,
               seed=seed, batch_size=batch_size)
@@ -288,46 +394,20 @@ def evaluate_counterfact(
                                    stats, method, unedited, kw)
     out = []
     conds = (["unedited"] if unedited else []) + ([method] if editor is not False else [])
-    bar = tqdm(total=len(records) * len(conds), disable=not progress, desc="CounterFact")
+    show = config.PROGRESS if progress is None else progress
+    bar = tqdm(total=len(records) * len(conds), disable=not show, desc="CounterFact")
     for rec in records:
         key = str(rec.case_id)
         if run_log is not None and key in run_log:
-            out.extend(run_log.records()[key]["rows"])
-            bar.update(len(conds))
-            continue
-        rows = []
-        base = {"case_id": rec.case_id, "subject": rec.subject, "target_true": rec.request.target_true,
-                "target_new": rec.request.target_new}
-        if unedited:
-            t = time.perf_counter()
-            rows.append({"condition": "unedited", **base, **record_metrics(model, rec, **kw),
-                         "eval_s": time.perf_counter() - t, "error": None})
-            bar.update()
-        if editor is not False:
-            try:
-                edit = editor(model, rec)
-            except KvmemError as e:
-                rows.append({"condition": method, **base, "error": f"{type(e).__name__}: {e}"})
-                edit = None
-            if edit is not None:
-                t = time.perf_counter()
-                with edited(model, edit, check=False):  # computed on this very model just now
-                    m = record_metrics(model, rec, **kw)
-                rows.append({"condition": method, **base, **m, "edit_s": edit.seconds,
-                             "eval_s": time.perf_counter() - t, "layer": edit.layer,
-                             "v_steps": int(edit.loss_trace.shape[0]),
-                             "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan"),
-                             "error": None})
-            bar.update()
-        out.extend(rows)
-        if run_log is not None:
-            run_log.add(key, {"rows": rows})
+            out.extend(run_log[key]["rows"])
+        else:
+            rows = evaluate_record(model, rec, editor=editor or None, method=method, unedited=unedited, **kw)
+            out.extend(rows)
+            if run_log is not None:
+                run_log.add(key, {"rows": rows})
+        bar.update(len(conds))
     bar.close()
-    frame = pd.DataFrame(out)
-    for m in METRICS[1:]:
-        if m not in frame:
-            frame[m] = float("nan")
-    return CounterFactEval(frame)
+    return CounterFactEval(counterfact_frame(out))
 
 
 def _stats_identity(stats):
@@ -362,7 +442,7 @@ def _counterfact_log(model, path, restart, editor_is_default, hp, stats, method,
 
 
 def published_table():
-    """ROME's published GPT-2 XL CounterFact numbers (cells given in kvmem's issue), ROME layout."""
+    """ROME's published GPT-2 XL CounterFact numbers (the cells kvmem compares against), ROME layout."""
     import pandas as pd
 
     return pd.DataFrame.from_dict(PUBLISHED_GPT2_XL, orient="index").reindex(columns=list(METRICS))

@@ -10,6 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem import config
 from kvmem.errors import InvalidArgumentError
 from kvmem.core.facts import Fact, tokenize_fact
 from kvmem.core.tokenize import pad_batch, spec_for
@@ -53,11 +54,14 @@ class RecallResult:
 def fact_recall(
     model,
     facts: Sequence[Fact],
+    *,
     batch_size: int = 16,
     target: str = "true",
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> RecallResult:
-    """Rank of each fact's first target token after its prompt (with the model's start token)."""
+    """Rank of each fact's first target token after its prompt (with the model's start token).
+    `target`: "true" or "new" (which of the facts' targets); `progress`: None means
+    `kvmem.config.PROGRESS`."""
     if batch_size < 1:
         raise InvalidArgumentError("batch_size must be at least 1.")
     facts = tuple(facts)
@@ -65,7 +69,8 @@ def fact_recall(
     tokenized = [tokenize_fact(spec, f, target=target) for f in facts]
     ranks, probs, preds = [], [], []
     device = model.cfg.device
-    for i in tqdm(range(0, len(facts), batch_size), disable=not progress, desc="recall"):
+    show = config.PROGRESS if progress is None else progress
+    for i in tqdm(range(0, len(facts), batch_size), disable=not show, desc="recall"):
         chunk = tokenized[i : i + batch_size]
         batch = pad_batch([t.tokens for t in chunk], spec.pad_id)
         logits = last_token_logits(model, batch.tokens.to(device), batch.last_pos)
@@ -84,8 +89,11 @@ def fact_recall(
     )
 
 
-def answered_facts(model, facts: Sequence[Fact], batch_size: int = 16) -> list[Fact]:
+def answered_facts(
+    model, facts: Sequence[Fact], *, batch_size: int = 16, progress: bool | None = None
+) -> list[Fact]:
     """The facts the model answers top-1 (`fact_recall(...).known`), in their given order: the
     untouched facts whose accuracy an edit can only lower, tracked by the diagnose and stress runs."""
     facts = list(facts)
-    return [f for f, ok in zip(facts, fact_recall(model, facts, batch_size=batch_size).known.tolist()) if ok]
+    known = fact_recall(model, facts, batch_size=batch_size, progress=progress).known.tolist()
+    return [f for f, ok in zip(facts, known) if ok]

@@ -15,13 +15,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from kvmem.errors import InvalidArgumentError, KvmemError
+from kvmem.errors import InvalidArgumentError, RunLogError
 
 FORMAT = "kvmem-run/1"
-
-
-class RunLogError(KvmemError):
-    """A run log that cannot be resumed with these settings (or is not a run log)."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -39,7 +35,7 @@ class RunLog:
     >>> records = log.records()   # {key: record}, in the order they finished
     """
 
-    def __init__(self, path: str | os.PathLike, settings: dict, restart: bool = False):
+    def __init__(self, path: str | os.PathLike, settings: dict, *, restart: bool = False):
         self.path = Path(path)
         self.settings = _jsonable(settings)
         self._records: dict[str, dict] = {}
@@ -95,6 +91,9 @@ class RunLog:
 
     def __contains__(self, key: str) -> bool:
         return key in self._records
+
+    def __getitem__(self, key: str) -> dict:
+        return self._records[key]
 
     def __len__(self) -> int:
         return len(self._records)
@@ -186,9 +185,15 @@ def merge_run_logs(parts: list[str | os.PathLike], dest: str | os.PathLike) -> i
                               "they cannot be merged.")
         for k, r in recs.items():
             merged.setdefault(k, r)
-    lines = [{"format": FORMAT, "settings": settings}] + [{"key": k, "record": r} for k, r in merged.items()]
-    write_atomic(dest, "".join(json.dumps(e, default=float) + "\n" for e in lines))
+    write_run_log(dest, settings, merged)
     return len(merged)
+
+
+def write_run_log(path: str | os.PathLike, settings: dict, records: dict[str, dict]) -> None:
+    """Write a whole run log at once (atomically): the header with `settings`, then `records` in
+    order. For tools that build a log from other files (merging shards, upgrading an older format)."""
+    lines = [{"format": FORMAT, "settings": settings}] + [{"key": k, "record": r} for k, r in records.items()]
+    write_atomic(path, "".join(json.dumps(e, default=float) + "\n" for e in lines))
 
 
 def _read_header(path: Path) -> dict:

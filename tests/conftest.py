@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random models of the two architecture families kvmem must support."""
+"""Shared fixtures: tiny random models of the two architecture families kvmem must support, and
+the shipped factworld model (the default) with its world."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 # Every kvmem function's jaxtyping shapes and type hints are checked at run time in the tests
@@ -60,6 +62,63 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def _shared_factworld():
+    import kvmem
+
+    return kvmem.load_model("factworld")
+
+
+@pytest.fixture(scope="session")
+def factworld(_shared_factworld, _factworld_as_loaded):
+    """The shipped default model, exactly as `kvmem.load_model("factworld")` returns it, loaded
+    once per session. A failed load is an error, never a skip: a broken default must fail the
+    suite. Tests share it, so none may leave it changed (checked by `_factworld_left_unchanged`)."""
+    return _shared_factworld
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The fact world the shipped factworld model was trained on (`kvmem.factworld.shipped_world()`)."""
+    from kvmem.factworld import shipped_world
+
+    return shipped_world()
+
+
+def _model_state(model) -> tuple[str, list[bool]]:
+    """A digest of every weight's exact bits, and each weight's requires_grad flag."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest(), [p.requires_grad for p in model.parameters()]
+
+
+@pytest.fixture(scope="session")
+def _factworld_as_loaded(_shared_factworld):
+    return _model_state(_shared_factworld)  # taken at load, before any test or fixture uses the model
+
+
+@pytest.fixture(autouse=True)
+def _factworld_left_unchanged(request):
+    """After each test that uses the shared factworld model: its weights (an edit left applied, or
+    undone only up to rounding), gradient flags, gradients and hooks are as loaded, so no test's
+    result depends on which tests ran before it."""
+    if "_shared_factworld" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("_shared_factworld")
+    loaded = request.getfixturevalue("_factworld_as_loaded")
+    yield
+    culprit = "the first test reporting this left the shared factworld model changed"
+    weights, flags = _model_state(model)
+    assert weights == loaded[0], f"{culprit}: its weights"
+    assert flags == loaded[1], f"{culprit}: requires_grad"
+    assert all(p.grad is None for p in model.parameters()), f"{culprit}: gradients on its weights"
+    left = [name for name, hp in model.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
+    assert not left, f"{culprit}: hooks at {left}"
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import kvmem.cli as cli
-from kvmem.cli import main
+from kvmem.cli import common, main
+from kvmem.pipelines import neuron_survey
 
 RESULT_FILES = {
     "trace": ["aie.json", "aie.csv", "facts.json", "facts.csv", "summary.json"],
@@ -21,16 +21,7 @@ RESULT_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def factworld():
-    import torch
-
-    import kvmem
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield kvmem.load_model("factworld")
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +30,7 @@ def one_model(monkeypatch, request):
     it would cost seconds per command here). Tests of failures before loading don't need it."""
     if "factworld" in request.fixturenames:
         model = request.getfixturevalue("factworld")
-        monkeypatch.setattr(cli, "_load_model", lambda name, quiet=False: model)
+        monkeypatch.setattr(common, "load_model", lambda name, quiet=False: model)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +86,9 @@ def test_trace_dataset_and_resume(factworld, facts_file, tmp_path, capsys, monke
     assert (tmp_path / "full" / "aie.png").stat().st_size > 0
 
     # interrupt (Ctrl-C) while tracing the third fact
-    import kvmem.tracing as tracing
+    from kvmem.tracing import average
 
-    real, calls = tracing._trace_prepared, []
+    real, calls = average.trace_prepared, []
 
     def interrupted(*a, **k):
         calls.append(1)
@@ -105,11 +96,11 @@ def test_trace_dataset_and_resume(factworld, facts_file, tmp_path, capsys, monke
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(tracing, "_trace_prepared", interrupted)
+    monkeypatch.setattr(average, "trace_prepared", interrupted)
     code, _, err = _run(capsys, *args, "--out", tmp_path / "resumed")
     assert code == 130 and "run the same command again to resume" in err
     assert not (tmp_path / "resumed" / "aie.json").exists()  # no results from a partial run
-    monkeypatch.setattr(tracing, "_trace_prepared", real)
+    monkeypatch.setattr(average, "trace_prepared", real)
 
     code, _, err = _run(capsys, *args, "--out", tmp_path / "resumed")
     assert code == 0, err
@@ -125,7 +116,7 @@ def test_neurons_and_resume(factworld, facts_file, tmp_path, capsys, monkeypatch
     assert len(rows) == 4 and all(r["n_prompts"] == 4 for r in rows)  # prompt + 3 held-out paraphrases
     assert (tmp_path / "full" / "neurons.png").stat().st_size > 0
 
-    real, calls = cli._neuron_record, []
+    real, calls = neuron_survey.fact_neurons, []
 
     def interrupted(*a, **k):
         calls.append(1)
@@ -133,10 +124,10 @@ def test_neurons_and_resume(factworld, facts_file, tmp_path, capsys, monkeypatch
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(cli, "_neuron_record", interrupted)
+    monkeypatch.setattr(neuron_survey, "fact_neurons", interrupted)
     code, _, _ = _run(capsys, *args, "--out", tmp_path / "resumed")
     assert code == 130
-    monkeypatch.setattr(cli, "_neuron_record", real)
+    monkeypatch.setattr(neuron_survey, "fact_neurons", real)
     log = tmp_path / "resumed" / "neurons_log.jsonl"
     assert len(log.read_text().splitlines()) == 1 + 2  # header + the two finished facts
     with open(log, "a") as f:  # the process died in the middle of writing a line
@@ -229,8 +220,11 @@ def test_duplicate_records_are_skipped_not_fatal(facts_file, tmp_path, capsys):
     records = json.loads(facts_file.read_text())
     path = tmp_path / "dup.json"
     path.write_text(json.dumps(records + records[:1]))
-    items, skipped = cli.read_facts(argparse.Namespace(facts=str(path), limit=None, on_error="stop"))
-    assert len(items) == 4 and skipped == [{"record": 4, "error": "repeats an earlier fact"}]
+    from kvmem.cli import batch
+
+    records, skipped = batch.read_facts(argparse.Namespace(facts=str(path), limit=None, on_error="stop"))
+    assert len(records) == 4 and skipped == [{"record": 4, "error": "repeats an earlier fact"}]
+    assert [r.file_index for r in records] == [0, 1, 2, 3]
     assert "record 4" in capsys.readouterr().err
 
 
@@ -306,6 +300,27 @@ def test_trace_known_facts_on_gemma(tmp_path, capsys):
     assert summary["n_traced"] + summary["n_wrong"] == 4
 
 
+# Runs the CLI like `python -m kvmem.cli`, except that once the run log holds its first finished
+# fact the process writes a marker file and waits: the test's SIGINT then always lands mid-run.
+_PAUSE_AFTER_FIRST_FACT = """
+import sys, time
+from pathlib import Path
+from kvmem.cli import main
+from kvmem.runs import RunLog
+
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+add = RunLog.add
+
+def add_then_wait(self, key, record):
+    add(self, key, record)
+    marker.write_text(key)
+    time.sleep(600)
+
+RunLog.add = add_then_wait
+sys.exit(main(argv))
+"""
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_resume_in_a_real_process(tmp_path):
     """SIGINT to the running command (what Ctrl-C sends), then the same command again: the run
@@ -314,38 +329,40 @@ def test_ctrl_c_then_resume_in_a_real_process(tmp_path):
     import signal
     import time
 
-    # Enough facts that the run is still going when the signal lands, even on a fast idle machine.
     facts_file = tmp_path / "facts.json"
-    n_facts = 40
+    n_facts = 4
     assert main(["facts", "--out", str(facts_file), "--n", str(n_facts), "--stride", "7", "--quiet"]) == 0
 
-    cmd = [sys.executable, "-m", "kvmem.cli", "neurons", "--facts", str(facts_file), "--steps", "4", "--quiet"]
+    args = ["neurons", "--facts", str(facts_file), "--steps", "4", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = subprocess.run(cmd + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True,
-                          timeout=300)
+    full = subprocess.run([sys.executable, "-m", "kvmem.cli", *args, "--out", str(tmp_path / "full")], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr
-    log = tmp_path / "cut" / "neurons_log.jsonl"
+    log, marker = tmp_path / "cut" / "neurons_log.jsonl", tmp_path / "first-fact-logged"
     # A job started in the background by a non-interactive shell (as CI may start this suite) inherits
     # SIGINT as ignored, and Python then never raises KeyboardInterrupt; give the child the default
     # disposition a terminal's foreground job has.
-    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER_FIRST_FACT, str(marker), *args,
+                             "--out", str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 2:  # header + one finished fact
-            break
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.skip("the run finished before it could be interrupted")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run stopped before it was interrupted: {proc.communicate()}"
+        assert marker.exists(), "no fact finished within 240 s"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err
     assert "resume" in err and "Traceback" not in err
-    done = len(log.read_text().splitlines()) - 1
-    assert 1 <= done < n_facts
-    again = subprocess.run(cmd[:-1] + ["--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True,
-                           timeout=300)
+    assert len(log.read_text().splitlines()) == 1 + 1  # header + the one fact finished before the signal
+    again = subprocess.run([sys.executable, "-m", "kvmem.cli", *args[:-1], "--out", str(tmp_path / "cut")], env=env,
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert f"resuming: {done} of {n_facts} facts" in again.stdout
+    assert f"resuming: 1 of {n_facts} facts" in again.stdout
     _same_files(tmp_path / "full", tmp_path / "cut", RESULT_FILES["neurons"])

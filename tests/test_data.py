@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from kvmem.data import (
     load_pararel,
     pararel_counterfact,
     read_corpus,
+    read_fact_file,
     relation_template,
 )
 from kvmem.errors import DataFormatError, InvalidArgumentError, KvmemError
@@ -144,3 +146,81 @@ def test_bad_files(tmp_path):
 def test_builtin_facts():
     facts = builtin_facts()
     assert len(facts) == 30 and all(f.target_true for f in facts)
+
+
+def test_builtin_facts_with_new_objects():
+    facts = builtin_facts(target_new=True)
+    assert [f.target_true for f in facts] == [f.target_true for f in builtin_facts()]
+    for f in facts:
+        if f.target_new is not None:  # another object of the same relation among the built-in facts
+            assert f.target_new != f.target_true
+            assert any(g.relation_id == f.relation_id and g.target_true == f.target_new for g in facts)
+    assert facts[0].target_new == "Rome" and facts[3].target_new == "Tokyo"
+
+
+def _write(tmp_path, records, name="facts.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_read_fact_file_reads_the_three_shapes(tmp_path):
+    known = json.loads(shared_data("known_1000.json").read_text())[:3]
+    cf = json.loads(shared_data("counterfact", "counterfact_dev_250.json").read_text())[:2]
+    simple = [{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target": " Paris",
+               "target_new": " Rome", "paraphrases": ["Where is The Eiffel Tower? In"], "neighbours": ["Big Ben is in"],
+               "case_id": 7},
+              {"prompt": "Big Ben is in", "subject": "Big Ben", "target_true": " London", "neighbors": "The Shard is in"}]
+    records, skipped = read_fact_file(_write(tmp_path, known + cf + simple))
+    assert skipped == [] and [r.file_index for r in records] == list(range(7))
+    # known_1000: attribute is the true target, known_id the case id
+    assert records[0].request == load_known_facts(shared_data("known_1000.json"), limit=1)[0]
+    assert records[0].case_id == known[0]["known_id"] and records[0].request.target_new is None
+    # CounterFact: the same records load_counterfact reads (it is the strict reader of the same shape)
+    strict = load_counterfact(shared_data("counterfact", "counterfact_dev_250.json"), limit=2)
+    assert [dataclasses.replace(r, file_index=None) for r in records[3:5]] == \
+        [dataclasses.replace(r, file_index=None) for r in strict]
+    # the simple format: {} filled with the subject, either spelling of neighbours, a lone string as a list
+    eiffel, ben = records[5], records[6]
+    assert eiffel.request == Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower",
+                                  target_true=" Paris", target_new=" Rome")
+    assert eiffel.case_id == 7 and eiffel.template == "{} is located in the city of"
+    assert eiffel.paraphrase_prompts == ("Where is The Eiffel Tower? In",) and eiffel.neighborhood_prompts == ("Big Ben is in",)
+    assert ben.case_id == 6 and ben.neighborhood_prompts == ("The Shard is in",)
+    # {"facts": [...]} and limit
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"facts": simple}))
+    assert read_fact_file(wrapped, limit=1)[0] == [dataclasses.replace(eiffel, file_index=0)]
+
+
+def test_read_fact_file_bad_records(tmp_path):
+    good = {"prompt": "Big Ben is in", "subject": "Big Ben", "target": " London", "target_new": " Paris"}
+    rows = [good, {"prompt": "Nobody lives in", "subject": "Somebody", "target": " Paris"}, "not a record",
+            {"prompt": "Big Ben is in", "subject": "Big Ben"}, dict(good),
+            {"prompt": "The Shard is in", "subject": "The Shard", "target": " London"}]
+    path = _write(tmp_path, rows)
+    with pytest.raises(DataFormatError, match=r"record 1: .*Somebody.*on_error='skip'"):
+        read_fact_file(path)
+    records, skipped = read_fact_file(path, on_error="skip")
+    assert [r.file_index for r in records] == [0, 5]
+    assert [s["record"] for s in skipped] == [1, 2, 3, 4]
+    assert "JSON object" in skipped[1]["error"] and "target" in skipped[2]["error"]
+    assert skipped[3]["error"] == "repeats an earlier fact"  # never fatal, even with on_error="stop"
+    assert len(read_fact_file(_write(tmp_path, [good, good], "dup.json"))[0]) == 1
+    # need_new: a record without target_new cannot be edited
+    with pytest.raises(DataFormatError, match="record 1: has no target_new"):
+        read_fact_file(_write(tmp_path, [good, rows[5]], "new.json"), need_new=True)
+    records, skipped = read_fact_file(path, on_error="skip", need_new=True)
+    assert [r.file_index for r in records] == [0] and skipped[-1] == {"record": 5, "error": "has no target_new (the object an edit writes)"}
+    # whole-file problems
+    with pytest.raises(DataFormatError, match="No such facts file"):
+        read_fact_file(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text('[{"prompt": ')
+    with pytest.raises(DataFormatError, match="not valid JSON"):
+        read_fact_file(tmp_path / "broken.json")
+    with pytest.raises(DataFormatError, match="expected a JSON list"):
+        read_fact_file(_write(tmp_path, {"a": 1}, "dict.json"))
+    with pytest.raises(DataFormatError, match="no usable facts"):
+        read_fact_file(_write(tmp_path, ["x", 1], "none.json"), on_error="skip")
+    with pytest.raises(InvalidArgumentError, match="on_error"):
+        read_fact_file(path, on_error="ignore")

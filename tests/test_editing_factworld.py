@@ -1,6 +1,6 @@
 """ROME on the trained fact-world model, where the ground truth is known: an edited fact is
 answered with the new object on its training template and on held-out paraphrases, while other
-subjects' facts stay. Skipped until the fact-world model loads."""
+subjects' facts stay."""
 
 from __future__ import annotations
 
@@ -16,17 +16,7 @@ from kvmem.core.tokenize import encode, target_token_ids
 N_EDITS = 4
 
 
-@pytest.fixture(scope="module")
-def factworld(tmp_path_factory):
-    fw = pytest.importorskip("kvmem.factworld", reason="the fact world is not built yet")
-    try:
-        model, world = fw.factworld_hooked_transformer(), fw.shipped_world()
-    except Exception as e:  # weights not shipped yet
-        pytest.skip(f"the fact-world model does not load yet ({type(e).__name__}: {e})")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield model, world, tmp_path_factory.mktemp("fw-cache")
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _top1(model, prompts, target):
@@ -39,8 +29,8 @@ def _top1(model, prompts, target):
     return hits
 
 
-def test_rome_edits_the_fact_world(factworld):
-    model, world, cache = factworld
+def test_rome_edits_the_fact_world(factworld, world, tmp_path):
+    model, cache = factworld, tmp_path / "stats"
     layer = rome_hparams(model).layer  # the preset: MLP 0, the tracing peak
     sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
     random.Random(0).shuffle(sents)
@@ -71,16 +61,16 @@ def test_rome_edits_the_fact_world(factworld):
     assert done == N_EDITS, "the fact-world model knows too few facts"
     eff, ps, ns, ns0 = (sum(x) / len(x) for x in (efficacy, para, keep, keep_before))
     print(f"fact world, layer {layer}: efficacy {eff:.0%}, paraphrase {ps:.0%}, neighbours kept {ns:.0%} (before {ns0:.0%})")
-    assert eff >= 0.97  # issue 5 floors (ES >= 97, PS >= 85), met at the tracing-chosen layer
+    assert eff >= 0.97  # floors ES >= 97, PS >= 85 (ROME on GPT-2 XL: 100, 96.4), met at the tracing-chosen layer
     assert ps >= 0.85
     assert ns >= ns0 - 0.2
 
 
-def test_tracing_chooses_the_layer_training_put_the_facts_in(factworld):
+def test_tracing_chooses_the_layer_training_put_the_facts_in(factworld, world):
     """Factworld looks its facts up at the subject's last token with the layer-0 MLP (the subject
     funnel, kvmem/factworld/train.py): single-layer MLP tracing must put the edit layer there."""
     from kvmem.editing.layer import choose_edit_layer
 
-    model, world, _ = factworld
+    model = factworld
     facts = [Fact(f.prompt, f.subject, target_true=f.target) for f in world.facts("train")[::97][:6]]
     assert choose_edit_layer(model, facts, window=1, samples=3, progress=False) == 0

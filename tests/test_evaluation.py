@@ -1,11 +1,9 @@
-"""CounterFact metrics: scores equal plain forwards, ROME's n-gram entropy, the table, the bench."""
+"""CounterFact metrics: scores equal plain forwards, ROME's n-gram entropy, the table (the
+benchmark script's tests: tests/benchmarks/test_bench_editing.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +11,19 @@ import torch
 from conftest import shared_data
 from kvmem.data import CounterFactRecord, load_counterfact
 from kvmem.editing import RomeHparams, compute_rome_edit, model_fingerprint
+from kvmem.errors import InvalidArgumentError
 from kvmem.evaluation import (
     METRICS,
     evaluate_counterfact,
+    evaluate_record,
     ngram_entropy,
     published_table,
     record_metrics,
+    rome_editor,
     target_logprobs,
 )
 from kvmem.core.facts import Fact
 from kvmem.core.tokenize import encode, target_token_ids
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,7 +92,40 @@ def test_evaluate_counterfact_unedited_and_edited(tiny_gated):
     assert model_fingerprint(tiny_gated) == fp  # every edit was undone
     md = ev.to_markdown()
     assert "| unedited |" in md and "ES" in md
+    assert ev.to_markdown(columns=["S", "NS"]).splitlines()[0] == "| | S | NS |"
     assert list(published_table().columns) == list(METRICS)
+    # one record at a time: the same rows (timings aside)
+    rows = evaluate_record(tiny_gated, recs[1], editor=editor, gen_prompts=1, gen_tokens=4)
+    assert len(rows) == 2
+    for row, want in zip(rows, frame.iloc[2:].to_dict(orient="records")):
+        assert {k: v for k, v in row.items() if not k.endswith("_s")} == {k: want[k] for k in row if not k.endswith("_s")}
+    # the edited metrics beside the unedited ones, per case
+    paired = ev.paired_frame()
+    assert list(paired["case_id"]) == [0, 1]
+    for m in ("ES", "PS", "NS"):
+        assert list(paired[m]) == list(frame[frame["condition"] == "ROME"][m])
+        assert list(paired[f"{m}_before"]) == list(frame[frame["condition"] == "unedited"][m])
+    import matplotlib.pyplot as plt
+
+    fig = ev.plot(title="t")
+    assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 2 * 4  # S, ES, PS, NS per condition
+    plt.close(fig)
+
+
+def test_rome_editor_samples_prefixes_once(tiny_gated, monkeypatch):
+    import kvmem.evaluation as evaluation
+
+    calls = []
+    real = evaluation.context_prefixes
+    monkeypatch.setattr(evaluation, "context_prefixes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hp = RomeHparams(prefixes=((3, 1),), v_num_grad_steps=3, mom2_adjustment=False, layer=1)
+    editor = rome_editor(tiny_gated, hparams=hp)
+    edits = [editor(tiny_gated, r) for r in (_record(0), _record(1))]
+    assert len(calls) == 1 and all(e.layer == 1 for e in edits)
+    want = compute_rome_edit(tiny_gated, _record(0).request, hparams=hp, prefixes=real(tiny_gated, hp))
+    torch.testing.assert_close(edits[0].delta(), want.delta(), rtol=0, atol=0)
+    with pytest.raises(InvalidArgumentError, match="stats"):
+        rome_editor(tiny_gated, hparams=RomeHparams(layer=1))
 
 
 def test_evaluate_counterfact_resumes_from_its_log(tiny_gated, tmp_path):
@@ -109,7 +141,7 @@ def test_evaluate_counterfact_resumes_from_its_log(tiny_gated, tmp_path):
     import pandas as pd
 
     pd.testing.assert_frame_equal(resumed[cols], full[cols], check_dtype=False)
-    from kvmem.runs import RunLogError
+    from kvmem.errors import RunLogError
 
     with pytest.raises(RunLogError, match="gen_tokens"):
         evaluate_counterfact(tiny_gated, recs, log=str(log), **{**kw, "gen_tokens": 5})
@@ -131,103 +163,3 @@ def test_counterfact_file_scores(tiny_gpt2):
     recs = load_counterfact(shared_data("counterfact", "counterfact_dev_250.json"), limit=2)
     ev = evaluate_counterfact(tiny_gpt2, recs, editor=False, generation=False, progress=False)
     assert len(ev.to_frame()) == 2 and ev.summary().index.tolist() == ["unedited"]
-
-
-def test_bench_script_end_to_end_tiny(tmp_path):
-    shared_data("counterfact", "counterfact_dev_250.json")
-    shared_data("corpus", "wiki_vital_en.txt")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_editing
-    finally:
-        sys.path.pop(0)
-    out = tmp_path / "editing"
-    res = bench_editing.main([
-        "--models", "tiny", "--n-records", "2", "--stats-tokens", "1500", "--throughput-tokens", "500",
-        "--layer", "1", "--gen-prompts", "1", "--gen-tokens", "3", "--cache-dir", str(tmp_path / "c"),
-        "--out", str(out), "--quiet",
-    ])
-    data = json.loads(Path(f"{out}.json").read_text())
-    r = data["results"][0]
-    assert r["stats"]["n_tokens"] == 1500 and r["records"]["n"] == 2
-    assert set(r["summary"]) == {"unedited", "ROME"}
-    assert "ES" in Path(f"{out}.md").read_text()
-    assert res[0]["edit_s_mean"] > 0
-
-    # the same records in two shards (as parallel workers would), merged: the same table
-    common = ["--models", "tiny", "--n-records", "2", "--stats-tokens", "1500", "--throughput-tokens", "500",
-              "--layer", "1", "--gen-prompts", "1", "--gen-tokens", "3", "--cache-dir", str(tmp_path / "c"),
-              "--out", str(tmp_path / "sharded"), "--quiet"]
-    for i in range(2):
-        shard = bench_editing.main(common + ["--shard", f"{i}/2"])
-        assert shard[0]["records"]["n"] == 1 and not Path(f"{tmp_path / 'sharded'}.json").exists()
-    bench_editing.main(common + ["--merge", "2"])
-    merged = json.loads(Path(f"{tmp_path / 'sharded'}.json").read_text())["results"][0]
-    assert merged["records"]["n"] == 2
-    for cond in ("unedited", "ROME"):
-        for m in ("ES", "PS", "NS", "EM", "NM"):
-            assert merged["summary"][cond][m] == pytest.approx(r["summary"][cond][m], abs=1e-9), (cond, m)
-
-
-def test_neighbourhood_ablation_script_tiny(tmp_path, monkeypatch):
-    """The NS ablation's reference condition equals a plain ROME edit measured by record_metrics;
-    a rerun resumes from its log."""
-    import dataclasses
-
-    from kvmem.editing import compute_rome_edit, context_prefixes, edited, rome_hparams, second_moment
-    from kvmem.evaluation import record_metrics
-
-    monkeypatch.setenv("KVMEM_CACHE", str(tmp_path / "cache"))
-    cf = shared_data("counterfact", "counterfact_dev_250.json")
-    corpus = shared_data("corpus", "wiki_vital_en.txt")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_editing
-        import editing_neighbourhood
-    finally:
-        sys.path.pop(0)
-    args = ["--model", "tiny", "--n-records", "1", "--layers", "1", "--stats-tokens", "1500", "3000",
-            "--strengths", "0.5", "--threads", "1", "--out", str(tmp_path / "nb"), "--quiet"]
-    res = editing_neighbourhood.main(args)
-    table = res["summary"]["table"]
-    assert set(table) == {"unedited", "L1 C 1k", "L1 C 3k", "L1 no C (u = k*)", "L1 C 1k x0.5"}
-
-    model = bench_editing.load("tiny")
-    rec = load_counterfact(cf, limit=1)[0]
-    sm = second_moment(model, 1, str(corpus), n_tokens=1500, progress=False)
-    hp = dataclasses.replace(rome_hparams(model), layer=1)
-    edit = compute_rome_edit(model, rec.request, layer=1, stats=sm, hparams=hp, prefixes=context_prefixes(model, hp))
-    plain = record_metrics(model, rec, generation=False)
-    with edited(model, edit):
-        after = record_metrics(model, rec, generation=False)
-    for k in ("ES", "PS", "NS"):
-        assert table["unedited"][k] == pytest.approx(100 * plain[k])
-        assert table["L1 C 1k"][k] == pytest.approx(100 * after[k])
-    assert table["L1 C 1k x0.5"]["norm dW"] == pytest.approx(table["L1 C 1k"]["norm dW"] / 2, rel=1e-6)
-    lines = len(Path(f"{tmp_path / 'nb'}.jsonl").read_text().splitlines())
-    again = editing_neighbourhood.main(args)
-    assert json.dumps(again["summary"]) == json.dumps(res["summary"])
-    assert len(Path(f"{tmp_path / 'nb'}.jsonl").read_text().splitlines()) == lines == 2
-
-
-def test_bench_script_on_factworld(tmp_path):
-    _factworld_or_skip()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_editing
-    finally:
-        sys.path.pop(0)
-    out = tmp_path / "editing"
-    res = bench_editing.main([
-        "--models", "factworld", "--n-records", "3", "--stats-tokens", "3000", "--throughput-tokens", "500",
-        "--gen-tokens", "0", "--cache-dir", str(tmp_path / "c"), "--out", str(out), "--quiet",
-    ])
-    assert res[0]["records"]["n"] == 3
-
-
-def _factworld_or_skip():
-    fw = pytest.importorskip("kvmem.factworld", reason="the fact world is not built yet")
-    try:
-        return fw.factworld_hooked_transformer(), fw.shipped_world()
-    except Exception as e:  # weights not shipped yet
-        pytest.skip(f"the fact-world model does not load yet ({type(e).__name__}: {e})")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from kvmem.errors import CacheError
+from kvmem.errors import CacheError, InvalidArgumentError
 from kvmem.factworld import (
     WEIGHTS_DIR,
     WorldFact,
@@ -16,7 +18,6 @@ from kvmem.factworld import (
     factworld_tokenizer,
     load_compact,
     load_factworld_hf,
-    shipped_world,
     subject_token_span,
 )
 from kvmem.factworld.export import verify_hf_folder
@@ -25,11 +26,6 @@ from kvmem.factworld.export import verify_hf_folder
 @pytest.fixture(scope="module")
 def tok():
     return factworld_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def world(tok):
-    return shipped_world()
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +67,67 @@ def test_facts_and_prompts(world):
     assert [p.template for p in para] == list(rel.paraphrase_templates)
     assert not set(rel.paraphrase_templates) & set(rel.train_templates)
     assert all(p.target == f.target for p in para)
+
+
+def test_counterfact_records_follow_the_documented_rule(world):
+    from kvmem.factworld import counterfact_records
+
+    facts = world.facts("train")
+    records = counterfact_records(world)
+    assert len(records) == len(facts) and counterfact_records(world, n=7) == records[:7]
+    for i in (0, 1, 500, len(facts) - 1):
+        r, f = records[i], facts[i]
+        objects = world.relation(f.relation).objects
+        assert r.case_id == i and r.template == f.template and r.subject == f.subject
+        assert r.request.prompt == f.prompt and r.request.target_true == f.target
+        assert r.request.target_new == objects[(objects.index(f.target) + 1) % len(objects)] != f.target
+        assert r.paraphrase_prompts == tuple(p.prompt for p in world.prompts_for(f, "paraphrase"))
+        assert r.neighborhood_prompts == tuple(n.prompt for n in world.neighbours(f, k=5, same_object=True))
+        assert r.attribute_prompts == () and r.generation_prompts == ()
+    assert len(counterfact_records(world, n=3, n_neighbours=2)[0].neighborhood_prompts) == 2
+    assert counterfact_records(n=2) == records[:2]  # the shipped world by default
+    with pytest.raises(InvalidArgumentError):
+        counterfact_records(world, n_neighbours=-1)
+
+
+def test_seeded_counterfact_records_sample_facts_and_new_objects(world):
+    """seed=s: the facts shuffled by random.Random(s) and each new object drawn by it in turn (the
+    rule the committed factworld editing and diagnose benchmarks used), written out plainly."""
+    import random
+
+    from kvmem.factworld import counterfact_records
+
+    facts = world.facts("train")
+    rng = random.Random(3)
+    rng.shuffle(facts)
+    expected = [(f.prompt, rng.choice([o for o in world.relation(f.relation).objects if o != f.target])) for f in facts[:20]]
+    records = counterfact_records(world, n=20, n_neighbours=10, seed=3)
+    assert [(r.request.prompt, r.request.target_new) for r in records] == expected
+    assert [r.case_id for r in records] == list(range(20))
+    assert counterfact_records(world, n=20, seed=3) != counterfact_records(world, n=20, seed=4)
+
+
+def test_counterfact_records_round_trip_as_json(world, tmp_path):
+    import json
+
+    from kvmem.data import load_counterfact
+    from kvmem.factworld import counterfact_records
+
+    records = counterfact_records(world, n=5)
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([r.to_json() for r in records]))
+    back = load_counterfact(path)
+    assert [dataclasses.replace(r, file_index=None) for r in back] == records
+
+
+def test_corpus_is_the_training_text_shuffled(world):
+    from kvmem.factworld import corpus
+
+    text = corpus(world)
+    train = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
+    assert sorted(text) == sorted(train) and text != train  # every training sentence, once, reordered
+    assert corpus() == text  # the shipped world; the same order on every call
+    assert text[0].endswith(".") and any(f.subject in text[0] for f in world.facts("train"))
 
 
 def test_neighbours_share_relation_and_object(world):

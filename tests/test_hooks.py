@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvmem.errors import InvalidArgumentError, KvmemError
-from kvmem.core.hooks import add_noise, freeze, gaussian_noise, restore, restore_at, scale_neurons
+from kvmem.core.hooks import add_noise, capture, freeze, gaussian_noise, restore, restore_at, scale_neurons
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,6 +116,35 @@ def test_scale_neurons_in_model(tiny_model):
     off = tiny_model.run_with_hooks(TOKENS, fwd_hooks=[(name, scale_neurons([7], list(range(64)), 0.0))])
     torch.testing.assert_close(off[:, :7], base[:, :7])
     assert not torch.allclose(off[:, 7], base[:, 7])
+
+
+def test_capture_keeps_activations_by_name_key_and_call(tiny_model):
+    names = ["blocks.0.hook_mlp_out", "blocks.2.mlp.hook_post"]
+    _, cache = tiny_model.run_with_cache(TOKENS)
+    kept, by_key, calls = {}, {}, {}
+    hooks = [(n, capture(kept)) for n in names]  # keyed by the hook point's name
+    hooks += [("blocks.1.hook_resid_pre", capture(by_key, "resid", clone=True))]
+    hooks += [("blocks.1.hook_attn_out", capture(calls, append=True))]
+    out = tiny_model.run_with_hooks(TOKENS, fwd_hooks=hooks)
+    tiny_model.run_with_hooks(TOKENS[:, :4], fwd_hooks=hooks[-1:])
+    torch.testing.assert_close(out, tiny_model(TOKENS))  # passes activations on unchanged
+    assert set(kept) == set(names) and set(by_key) == {"resid"}
+    for n in names:
+        assert torch.equal(kept[n], cache[n]) and not kept[n].requires_grad
+    assert torch.equal(by_key["resid"], cache["blocks.1.hook_resid_pre"])
+    shapes = [tuple(a.shape[:2]) for a in calls["blocks.1.hook_attn_out"]]
+    assert shapes == [(1, TOKENS.shape[1]), (1, 4)]  # one entry per call
+
+
+def test_capture_clone_survives_in_place_writes():
+    act = torch.ones(1, 3, 4)
+    shared, copied = {}, {}
+    capture(shared, "a")(act, None)
+    capture(copied, "a", clone=True)(act, None)
+    act.mul_(2)  # a later hook or op writing the same storage
+    assert float(shared["a"].sum()) == 24 and float(copied["a"].sum()) == 12
+    with pytest.raises(InvalidArgumentError):
+        capture({})(act, None)  # no key and no hook point to take a name from
 
 
 def test_bad_hook_arguments():

@@ -1,10 +1,6 @@
-"""Key-value memory analyses (Geva et al.) on tiny random models, and on factworld when present."""
+"""Key-value memory analyses (Geva et al.) on tiny random models, and on the trained factworld model."""
 
 from __future__ import annotations
-
-import importlib.util
-import json
-from pathlib import Path
 
 import matplotlib
 
@@ -13,25 +9,26 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kvmem.errors import KvmemError, LayerOutOfRangeError  # noqa: E402
+from kvmem.errors import InvalidArgumentError, KvmemError, LayerOutOfRangeError  # noqa: E402
 from kvmem.data import builtin_facts  # noqa: E402
 from kvmem.memories import (  # noqa: E402
     composition_stats,
     corpus_windows,
     fact_memories,
     key_value_agreement,
+    TopContexts,
+    ValueTokens,
     memory_coefficients,
     memory_sum,
+    readout_logits,
     top_contexts,
     top_contexts_by_layer,
+    value_directions,
     value_tokens,
 )
-from kvmem.memories._common import readout_logits  # noqa: E402
-from kvmem.memories.contexts import TopContexts  # noqa: E402
-from kvmem.memories.values import ValueTokens  # noqa: E402
 from kvmem.core.tokenize import encode  # noqa: E402
+from kvmem.viz import HTMLView  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 DOCS = [
     "The Eiffel Tower is located in Paris, the capital of France.",
@@ -78,8 +75,6 @@ def test_memories_sum_to_mlp_out(any_model):
         torch.testing.assert_close(memory_sum(model, coef, layer, bias=False, post_norm=False) + b, pre)
         if hasattr(model.blocks[layer], "ln2_post"):
             # Gemma-like: hook_mlp_out = ln2_post(sum + b_out); each memory writes c_i * W_out[i] * w / scale.
-            from kvmem.memories._common import value_directions
-
             scale = cache[f"blocks.{layer}.ln2_post.hook_scale"]
             direct = (coef @ value_directions(model, layer) + b * model.blocks[layer].ln2_post.w) / scale
             torch.testing.assert_close(direct, out, atol=1e-5, rtol=1e-4)
@@ -90,8 +85,6 @@ def test_memories_sum_to_mlp_out(any_model):
 
 def test_value_tokens_matches_full_projection_and_chunks(any_model):
     model = any_model
-    from kvmem.memories._common import value_directions
-
     W_out = value_directions(model, 1)
     full = readout_logits(model, W_out)
     vt = value_tokens(model, 1, k=7, max_elements=3 * model.cfg.d_vocab)  # 3 neurons per chunk
@@ -103,7 +96,9 @@ def test_value_tokens_matches_full_projection_and_chunks(any_model):
     assert raw.neurons.tolist() == [5, 2]
     frame = vt.to_frame(neurons=[0, 1])
     assert list(frame["neuron"]) == [0, 1] and len(frame["top_tokens"][0]) == 7
-    assert "<table>" in str(vt.show(limit=3))
+    html = vt.show(n=3)
+    assert isinstance(html, HTMLView) and str(html).count("<tr><td>") == 3
+    assert str(vt.show(neurons=[5])).count("<tr><td>") == 1
 
 
 def test_value_readout_is_the_linearised_final_norm(tiny_gpt2):
@@ -190,9 +185,12 @@ def test_fewer_positions_than_k_leaves_empty_slots(tiny_gpt2):
 
 def test_key_view_is_offline(tiny_gpt2):
     tc = top_contexts(tiny_gpt2, DOCS, 1, k=3, window=16, progress=False)
-    html = str(tc.show(tiny_gpt2, neuron=4, n=3))
+    view = tc.show(tiny_gpt2, neuron=4, n=3)
+    assert isinstance(view, HTMLView)
+    html = str(view)
     assert "unpkg.com" not in html and "cdn" not in html.lower()[:5000]
-    assert "coef=" in html
+    assert "coef=" in html and "L1.N4" in html
+    assert "L1.N0" in str(tc.show(tiny_gpt2, n=1))  # default: the result's first neuron
 
 
 # --- agreement ---------------------------------------------------------------------------------
@@ -226,7 +224,8 @@ def test_agreement_counts_exactly(tiny_gpt2):
     assert 0 <= float(ag.shuffled[0]) <= 0.25
     assert ag.uniform == pytest.approx(1 / tiny_gpt2.cfg.d_vocab)
     assert list(ag.to_frame()["layer"]) == [0]
-    ag.plot()
+    fig = ag.plot(title="agreement")
+    assert fig.axes[0].get_title() == "agreement"
 
 
 def test_agreement_end_to_end(tiny_gpt2):
@@ -253,7 +252,13 @@ def test_composition_stats(tiny_model):
     full = composition_stats(model, DOCS, max_tokens=200, window=16, positions_per_window=3, mass=1.0, progress=False)
     assert (full.n_active >= comp.n_active).all()
     assert len(comp.to_frame()) == L
-    comp.plot()
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2)
+    assert comp.plot(axes, title="composition") is fig and fig._suptitle.get_text() == "composition"
+    with pytest.raises(InvalidArgumentError, match="2 panel"):
+        comp.plot(axes[0])  # two panels need two axes
+    plt.close("all")
 
 
 # --- fact view -------------------------------------------------------------------------------
@@ -287,7 +292,7 @@ def test_fact_view_sums_to_direct_logit_attribution(any_model):
     assert len(fm.to_frame()) == model.cfg.n_layers * 2 * 5
     assert fm.top_memories(3)[0][2] == float(fm.push[:, 0, 0].max())
     fm.plot()
-    assert "<table>" in str(fm.show(3))
+    assert "<table>" in str(fm.show(n=3))
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -325,23 +330,15 @@ def test_bad_input_raises_kvmem_error(tiny_gpt2, call):
 def test_layer_error_type(tiny_gpt2):
     with pytest.raises(LayerOutOfRangeError, match="0..2"):
         top_contexts(tiny_gpt2, DOCS, 3, progress=False)
+    # an empty choice of layers is a bad argument (as in kvmem.neurons), not a layer out of range
+    for call in (lambda: top_contexts_by_layer(tiny_gpt2, DOCS, [], progress=False),
+                 lambda: composition_stats(tiny_gpt2, DOCS, [], progress=False),
+                 lambda: fact_memories(tiny_gpt2, builtin_facts()[0], layers=[])):
+        with pytest.raises(InvalidArgumentError, match="layers is empty"):
+            call()
 
 
 # --- factworld: ground truth ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def factworld():
-    if importlib.util.find_spec("kvmem.factworld") is None:
-        pytest.skip("kvmem.factworld is not available yet")
-    try:
-        from kvmem.factworld import factworld_hooked_transformer, shipped_world
-
-        model = factworld_hooked_transformer()
-        world = shipped_world()
-    except (ImportError, KvmemError, OSError) as e:  # pragma: no cover - depends on the peer module
-        pytest.skip(f"factworld model not loadable: {e}")
-    return model, world
 
 
 def _world_facts(world, n):
@@ -352,18 +349,17 @@ def _world_facts(world, n):
     return [Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation) for f in facts[::step][:n]]
 
 
-def test_factworld_top_memories_values_promote_the_object(factworld):
+def test_factworld_top_memories_values_promote_the_object(factworld, world):
     """The values of the memories that push a known fact's object most (at the last token)
     rank that object far higher, in their own vocabulary projection, than random memories'
     values of the same layers do. Measured over facts the model gets right."""
-    model, world = factworld
+    model = factworld
     from kvmem.recall import fact_recall
 
     torch.manual_seed(0)
     facts = _world_facts(world, 60)
     known = [f for f, ok in zip(facts, fact_recall(model, facts).known.tolist()) if ok][:20]
-    if len(known) < 5:
-        pytest.skip("factworld model knows fewer than 5 of the first 60 facts")
+    assert len(known) >= 5, "the factworld model knows fewer than 5 of 60 of its training facts"
     gen = torch.Generator().manual_seed(0)
     top_ranks, rand_ranks = [], []
     for fact in known:
@@ -383,31 +379,3 @@ def test_factworld_top_memories_values_promote_the_object(factworld):
     d_vocab = model.cfg.d_vocab
     assert top_med < 0.02 * d_vocab, (top_med, rand_med)
     assert top_med * 10 < rand_med, (top_med, rand_med)
-
-
-# --- the benchmark script, end to end at a tiny size ------------------------------------------------
-
-
-def test_bench_script_end_to_end(tiny_gpt2, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_memories", ROOT / "benchmarks" / "bench_memories.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = bench.run(
-        tiny_gpt2,
-        model_name="tiny-random",
-        corpus=DOCS * 20,
-        corpus_name="test docs",
-        tokens=600,
-        composition_tokens=150,
-        throughput_tokens=200,
-        out_dir=tmp_path,
-        stem="memories_test",
-        k=5,
-        window=32,
-        batch_size=4,
-        progress=False,
-    )
-    data = json.loads((tmp_path / "memories_test.json").read_text())
-    assert data["tokens_streamed"] == 600 and len(data["agreement"]) == tiny_gpt2.cfg.n_layers
-    assert "Key-value agreement" in (tmp_path / "memories_test.md").read_text()
-    assert out["throughput"]["ratio_vs_same_depth"] > 0

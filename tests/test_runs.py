@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 
-from kvmem.errors import InvalidArgumentError
+from kvmem.errors import InvalidArgumentError, RunLogError
 from kvmem.runs import (
     RunLog,
-    RunLogError,
     log_settings,
     logged_keys,
     merge_run_logs,
@@ -96,14 +95,14 @@ def test_sharded_average_indirect_effect_equals_one_run(tiny_gpt2, tmp_path):
         average_indirect_effect(tiny_gpt2, take_shard(facts, (i, 3)), log=str(shard_path(log, (i, 3))), **kw)
     merge_run_logs([shard_path(log, (i, 3)) for i in range(3)], log)
     calls = []
-    import kvmem.tracing as tracing
+    from kvmem.tracing import average
 
-    orig = tracing._trace_prepared
-    tracing._trace_prepared = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    orig = average.trace_prepared
+    average.trace_prepared = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         merged = average_indirect_effect(tiny_gpt2, facts, log=str(log), **kw)
     finally:
-        tracing._trace_prepared = orig
+        average.trace_prepared = orig
     assert calls == []  # everything came from the merged log
     torch.testing.assert_close(merged.aie, full.aie, equal_nan=True)
     assert (merged.n_facts, merged.n_skipped) == (full.n_facts, full.n_skipped)

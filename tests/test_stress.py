@@ -4,14 +4,15 @@ restoration of the weights, duplicate/conflicting requests, bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvmem.editing import RomeHparams, compute_rome_edit, context_prefixes, second_moment
-from kvmem.errors import EmptyTargetError, InvalidArgumentError, KvmemError
+from kvmem.errors import DuplicateRequestError, EmptyTargetError, InvalidArgumentError, KvmemError, RunLogError
 from kvmem.core.facts import Fact
-from kvmem.pipelines.stress import DuplicateRequestError, StressLogMismatchError, check_requests, stress_edits
+from kvmem.pipelines.stress import check_requests, stress_edits
 from kvmem.core.weights import mlp_weights
 
 LAYERS = (0, 1)
@@ -42,7 +43,7 @@ def stats(tiny_gpt2, tmp_path_factory):
 def _run(model, stats, **kw):
     kw.setdefault("layers", 1)
     kw.setdefault("every", 2)
-    return stress_edits(model, REQUESTS, stats=stats, hparams=FAST, neighborhood=NEIGHBOURS, known=NEIGHBOURS,
+    return stress_edits(model, REQUESTS, stats=stats, hparams=FAST, neighbours=NEIGHBOURS, known=NEIGHBOURS,
                         gen_prompts=["The city"], gen_tokens=6, progress=False, **kw)
 
 
@@ -68,63 +69,6 @@ def test_rome_update_key_variants(tiny_gpt2, stats):
     torch.testing.assert_close(ratio, torch.full_like(ratio, float(ep.u @ ep.k_star / (ea.u @ ea.k_star))))
     with pytest.raises((InvalidArgumentError, TypeError), match="update_key|averaged"):  # beartype may see it first
         RomeHparams(update_key="other")
-
-
-def test_bench_denominator_ratio_without_optimising_v(tiny_gpt2, stats):
-    """benchmarks/bench_stress.py reads ‖Λ_ROME‖/‖Λ_r-ROME‖ off the keys alone; equal to the ratio
-    of the full edits' Λ norms (which share δ)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import bench_stress
-    finally:
-        sys.path.pop(0)
-    hp = RomeHparams(**{**FAST.__dict__, "layer": 1})
-    got = bench_stress.denominator_ratios(tiny_gpt2, REQUESTS[:3], stats, hp, 3)
-    prefixes = context_prefixes(tiny_gpt2, hp)
-    full = []
-    for req in REQUESTS[:3]:
-        ea = compute_rome_edit(tiny_gpt2, req, stats=stats[1], hparams=hp, prefixes=prefixes)
-        ep = compute_rome_edit(tiny_gpt2, req, stats=stats[1], prefixes=prefixes,
-                               hparams=RomeHparams(**{**hp.__dict__, "update_key": "prompt"}))
-        full.append(float(ep.lam.norm() / ea.lam.norm()))
-    assert got["n"] == 3
-    assert got["ratio_median"] == pytest.approx(sorted(full)[1], rel=1e-6)
-    assert got["ratio_max"] == pytest.approx(max(full), rel=1e-6)
-
-
-def test_bench_counterfact_tracked_facts(tiny_gpt2, monkeypatch):
-    """bench_stress on CounterFact: tracked facts are answered known_1000 facts about unedited
-    subjects; neighbours share an edited request's relation and true object, known facts do not."""
-    import argparse
-    import sys
-    from pathlib import Path
-
-    import kvmem.recall as recall
-    from conftest import shared_data
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import bench_stress
-    finally:
-        sys.path.pop(0)
-
-    class Recall:  # the model "answers" every other fact
-        def __init__(self, facts):
-            self.known = torch.tensor([i % 2 == 0 for i in range(len(facts))])
-
-    monkeypatch.setattr(recall, "fact_recall", lambda model, facts, **kw: Recall(facts))
-    args = argparse.Namespace(counterfact=str(shared_data("counterfact", "counterfact_dev_250.json")),
-                              known=str(shared_data("known_1000.json")), n_edits=150, n_eval=100, corpus="c")
-    requests, neighborhood, known, gen, _, _ = bench_stress.counterfact_setup(tiny_gpt2, args)
-    assert len(requests) == 150 and len({(r.subject, r.relation_id) for r in requests}) == 150
-    at_risk = {(r.relation_id, r.target_true) for r in requests}
-    edited = {r.subject for r in requests}
-    assert len(neighborhood) == 100 and len(known) == 100 and gen
-    assert all((f.relation_id, f.target_true) in at_risk and f.subject not in edited for f in neighborhood)
-    assert all((f.relation_id, f.target_true) not in at_risk and f.subject not in edited for f in known)
 
 
 def test_stress_restores_weights_and_reports(tiny_gpt2, stats):
@@ -170,22 +114,66 @@ def test_resume_equals_uninterrupted(tiny_gpt2, stats, tmp_path):
     assert part.n_applied + part.n_skipped == 3
     # an interruption in the middle of writing a line leaves a torn line: it is dropped
     with log.open("a") as fh:
-        fh.write('{"kind": "step", "step": 3, "ind')
+        fh.write('{"key": "step-3", "record": {"kind": "step", "step": 3, "ind')
     resumed = _run(tiny_gpt2, stats, method="rome", log=log, restore=False)
     assert resumed.resumed_from == 3
     assert resumed.to_frame().equals(full.to_frame())
     assert resumed.steps_frame().drop(columns="seconds").equals(full.steps_frame().drop(columns="seconds"))
     assert all(torch.equal(x, y) for x, y in zip(w_full, _weights(tiny_gpt2)))
     lines = [json.loads(l) for l in log.read_text().splitlines()]
-    assert sum(1 for r in lines if r["kind"] == "step") == len(REQUESTS)
+    assert sum(1 for r in lines[1:] if r["key"].startswith("step-")) == len(REQUESTS)
     with torch.no_grad():
         mlp_weights(tiny_gpt2, 1).W_out.copy_(before[1])
     tiny_gpt2._kvmem_edit_stack.clear()
 
     # a log from another setting is never silently continued
-    with pytest.raises(StressLogMismatchError, match="method"):
+    with pytest.raises(RunLogError, match="method"):
         _run(tiny_gpt2, stats, method="r-rome", log=log)
     assert all(torch.equal(x, y) for x, y in zip(before, _weights(tiny_gpt2)))
+    # ... unless asked to start over
+    again = _run(tiny_gpt2, stats, method="r-rome", log=log, restart=True)
+    assert again.resumed_from == 0 and again.n_applied + again.n_skipped == len(REQUESTS)
+    assert all(torch.equal(x, y) for x, y in zip(before, _weights(tiny_gpt2)))
+
+
+LEGACY_LOG = Path(__file__).parent / "data" / "stress_log_v1.jsonl"
+
+
+def _legacy_run(model, log, **kw):
+    """The call that wrote tests/data/stress_log_v1.jsonl with kvmem's first stress-log writer
+    (commit 91b64de, `stop_after=3` of 4 factworld edits): 3 edits and 2 checkpoints logged."""
+    from kvmem.factworld import counterfact_records
+
+    recs = counterfact_records(n=40)
+    requests = [r.request for r in recs[::10]][:4]
+    known = [r.request for r in recs[1:40:10]]
+    hp = RomeHparams(layer=0, prefixes=((3, 2),), v_num_grad_steps=3, mom2_adjustment=False, seed=0)
+    return stress_edits(model, requests, hparams=hp, layers=0, every=2, known=known,
+                        gen_prompts=[requests[0].prompt], gen_tokens=4, log=log, progress=False, **kw)
+
+
+def test_first_format_log_resumes(factworld, tmp_path):
+    """A stress log written before stress logs were `RunLog`s still resumes: it is converted (same
+    settings, prefixes, edits and checkpoints) and the run continues after its last edit."""
+    import shutil
+
+    from kvmem.runs import log_settings
+
+    legacy = [json.loads(l) for l in LEGACY_LOG.read_text().splitlines()]
+    log = tmp_path / "old.jsonl"
+    shutil.copy(LEGACY_LOG, log)
+    before = _weights(factworld)
+    res = _legacy_run(factworld, log)
+    assert res.resumed_from == 3 and len(res.steps) == 4
+    assert [c["step"] for c in res.checkpoints] == [0, 2, 4]
+    logged_ckpts = [r["metrics"] for r in legacy if r["kind"] == "checkpoint"]
+    assert json.dumps(list(res.checkpoints[:2])) == json.dumps(logged_ckpts)  # read back, not recomputed
+    assert [s["subject"] for s in res.steps[:3]] == [r["subject"] for r in legacy if r["kind"] == "step"]
+    assert log_settings(log) == legacy[0]["config"]
+    assert all(torch.equal(x, y) for x, y in zip(before, _weights(factworld)))
+    # the converted log is a RunLog: a second call reads everything back
+    again = _legacy_run(factworld, log)
+    assert again.resumed_from == 4 and json.dumps(list(again.checkpoints)) == json.dumps(list(res.checkpoints))
 
 
 def test_duplicates_and_conflicts(tiny_gpt2, stats):
@@ -218,34 +206,3 @@ def test_bad_input(tiny_gpt2, stats):
         stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=7, hparams=FAST)
     with pytest.raises(InvalidArgumentError, match="every"):
         stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=1, every=0)
-
-
-def test_bench_stop_after_summarises_a_cut_off_run(tmp_path, capsys):
-    """bench_stress --stop-after N applies N edits and reports the run as partial; --stop-after 0
-    summarises the log without adding edits; a plain rerun finishes it from the log."""
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import bench_stress
-    finally:
-        sys.path.pop(0)
-    out = tmp_path / "st"
-    base = ["--model", "factworld", "--n-edits", "4", "--every", "2", "--n-eval", "8", "--gen-tokens", "4",
-            "--stats-tokens", "3000", "--denominator-sample", "0", "--variants", "rome", "--out", str(out),
-            "--log-dir", str(tmp_path / "logs"), "--quiet", "--device", "cpu"]
-
-    def run(*extra):
-        bench_stress.main(base + list(extra))
-        return json.loads(Path(f"{out}.json").read_text())["results"]["rome"], Path(f"{out}.md").read_text()
-
-    r, md = run("--stop-after", "3")
-    assert r["n_done"] == 3 and r["final"]["step"] == 2 and "**partial**" in md and "rome stopped after 3 of 4" in md
-    r0, md0 = run("--stop-after", "0")
-    assert r0["n_done"] == 3 and r0["n_applied"] == r["n_applied"] and "**partial**" in md0
-    assert r0["final"] == r["final"]  # read back from the log, not recomputed differently
-    r1, md1 = run()
-    assert r1["n_done"] == 4 and r1["resumed_from"] == 3 and r1["final"]["step"] == 4 and "partial" not in md1.lower()
-    assert Path(f"{out}.png").stat().st_size > 0 and Path(f"{out}_rome.png").exists()  # side by side, and per variant

@@ -9,7 +9,6 @@ import torch
 
 from kvmem import Fact
 from kvmem.errors import InvalidArgumentError, KvmemError, SubjectNotFoundError
-from kvmem.core.hooks import add_noise, freeze, restore
 from kvmem.core.facts import tokenize_fact
 from kvmem.errors import AmbiguousSubjectError
 from kvmem.tracing import (
@@ -23,41 +22,13 @@ from kvmem.tracing import (
     trace_all,
 )
 from kvmem.viz import HTMLView
+from reference import naive_trace  # tests/reference.py: ROME's loop, one run_with_hooks per cell
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FACT = Fact("The Eiffel Tower is located in", "Eiffel Tower")
-HOOK = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}
-
-
-def naive_trace(model, fact, kind, window, noise, samples, seed, sever=None):
-    """ROME's loop, written plainly: one run_with_hooks per (layer, token) cell."""
-    tf = tokenize_fact(model, fact, target=None)
-    n_layers, n_pos = model.cfg.n_layers, tf.n_tokens
-    batch = tf.tokens[None].expand(samples, -1)
-    noise_hook = ("hook_embed", add_noise(range(tf.subject.start, tf.subject.end), noise, seed=seed))
-    clean_logits, clean = model.run_with_cache(tf.tokens[None])
-    answer = int(clean_logits[0, -1].argmax())
-    p_clean = float(torch.softmax(clean_logits[0, -1], -1)[answer])
-    with model.hooks(fwd_hooks=[noise_hook]):
-        corrupt_logits, corrupt = model.run_with_cache(batch)
-    p_corrupt = float(torch.softmax(corrupt_logits[:, -1], -1)[:, answer].mean())
-    scores = torch.zeros(n_layers, n_pos)
-    for layer in range(n_layers):
-        if kind == "resid":
-            layers = [layer]
-        else:  # ROME: range(max(0, layer - window // 2), min(num_layers, layer - (-window // 2)))
-            layers = range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
-        for t in range(n_pos):
-            hooks = [noise_hook]
-            hooks += [(HOOK[kind].format(j), restore(clean[HOOK[kind].format(j)], [t])) for j in layers]
-            if sever:
-                hooks += [(HOOK[sever].format(j), freeze(corrupt[HOOK[sever].format(j)], [t])) for j in range(n_layers)]
-            logits = model.run_with_hooks(batch, fwd_hooks=hooks)
-            scores[layer, t] = torch.softmax(logits[:, -1], -1)[:, answer].mean()
-    return scores, p_clean, p_corrupt
 
 
 def assert_probs_close(a, b):
@@ -66,7 +37,7 @@ def assert_probs_close(a, b):
 
 @pytest.mark.parametrize("kind,window", [("resid", 1), ("mlp", 1), ("attn", 1), ("mlp", 2), ("attn", 3)])
 def test_trace_equals_naive_loop(tiny_model, kind, window):
-    got = causal_trace(tiny_model, FACT, kind=kind, window=window, noise=0.5, samples=3, seed=1, max_batch=16)
+    got = causal_trace(tiny_model, FACT, kind=kind, window=window, noise=0.5, samples=3, seed=1, batch_size=16)
     scores, p_clean, p_corrupt = naive_trace(tiny_model, FACT, kind, window, 0.5, 3, 1)
     assert got.scores.shape == scores.shape
     assert_probs_close(got.scores, scores)
@@ -113,7 +84,7 @@ def test_positions_trace_only_those_columns(tiny_model):
     assert_probs_close(two.scores[:, [0, 4]], ref[:, [0, 4]])
     for bad in ([], [99], [1, 1], "last", [True]):
         with pytest.raises(InvalidArgumentError, match="positions"):
-            causal_trace(tiny_model, FACT, kind="mlp", noise=0.4, samples=2, positions=bad)
+            causal_trace(tiny_model, FACT, kind="mlp", window=1, noise=0.4, samples=2, positions=bad)
 
 
 def test_zero_noise_gives_clean_everywhere(tiny_model):
@@ -144,9 +115,9 @@ def test_noise_defaults_to_three_subject_stds(tiny_gpt2):
 
 
 def test_seed_controls_the_noise(tiny_gpt2):
-    a = causal_trace(tiny_gpt2, FACT, kind="mlp", samples=2, seed=5, noise=0.5)
-    b = causal_trace(tiny_gpt2, FACT, kind="mlp", samples=2, seed=5, noise=0.5)
-    c = causal_trace(tiny_gpt2, FACT, kind="mlp", samples=2, seed=6, noise=0.5)
+    a = causal_trace(tiny_gpt2, FACT, kind="mlp", window=1, samples=2, seed=5, noise=0.5)
+    b = causal_trace(tiny_gpt2, FACT, kind="mlp", window=1, samples=2, seed=5, noise=0.5)
+    c = causal_trace(tiny_gpt2, FACT, kind="mlp", window=1, samples=2, seed=6, noise=0.5)
     assert torch.equal(a.scores, b.scores) and not torch.equal(a.scores, c.scores)
 
 
@@ -229,19 +200,19 @@ def test_average_indirect_effect_resumes(tiny_gpt2, tmp_path):
     with open(log, "a") as f:
         f.write('{"key": "cut off by an interrup')  # a line the interruption left half-written
     calls = []
-    import kvmem.tracing as tracing
+    from kvmem.tracing import average
 
-    orig = tracing._trace_prepared
+    orig = average.trace_prepared
 
     def counting(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
-    tracing._trace_prepared = counting
+    average.trace_prepared = counting  # the name average_indirect_effect calls per traced fact
     try:
         resumed = average_indirect_effect(tiny_gpt2, facts, log=str(log), **kw)
     finally:
-        tracing._trace_prepared = orig
+        average.trace_prepared = orig
     assert len(calls) == sum(1 for f in facts[2:] if _knows(tiny_gpt2, f))
     torch.testing.assert_close(resumed.aie, full.aie, equal_nan=True)
     assert (resumed.n_facts, resumed.n_skipped) == (full.n_facts, full.n_skipped)
@@ -286,6 +257,24 @@ def test_views(tiny_gpt2):
     plt.close("all")
 
 
+def test_plots_draw_on_given_axes(tiny_gpt2):
+    """`plot(ax=None, *, title=None)`: a new figure by default, else the caller's axes (one per
+    panel); a wrong number of axes is a clear error."""
+    import matplotlib.pyplot as plt
+
+    ts = trace_all(tiny_gpt2, FACT, window=1, samples=1, noise=0.5, progress=False)
+    fig, axes = plt.subplots(1, 3)
+    assert ts.plot(axes, title="three kinds") is fig and fig._suptitle.get_text() == "three kinds"
+    assert [a.get_title() for a in axes][1].endswith("MLP after corrupted input")
+    fig1, ax1 = plt.subplots()
+    assert ts["attn"].plot(ax1, title="attention") is fig1 and ax1.get_title() == "attention"
+    with pytest.raises(InvalidArgumentError, match="3 panel"):
+        ts.plot(ax1)
+    with pytest.raises(InvalidArgumentError, match="1 panel"):
+        ts["mlp"].plot(list(axes))
+    plt.close("all")
+
+
 def test_bad_input(tiny_gpt2):
     with pytest.raises(SubjectNotFoundError):
         causal_trace(tiny_gpt2, Fact("The Eiffel Tower is in", "Louvre"))
@@ -315,39 +304,28 @@ def test_bad_input(tiny_gpt2):
 
 
 # --------------------------------------------------------------------------------------------
-# The trained factworld model (skipped until its weights are shipped)
+# The trained factworld model (the shared fixtures in conftest.py)
 
 
 @pytest.fixture(scope="module")
-def factworld():
-    fw = pytest.importorskip("kvmem.factworld")
-    if not hasattr(fw, "factworld_hooked_transformer"):
-        pytest.skip("kvmem.factworld has no factworld_hooked_transformer yet")
-    try:
-        model = fw.factworld_hooked_transformer()
-    except (FileNotFoundError, KvmemError, OSError) as e:
-        pytest.skip(f"factworld weights not available: {e}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    facts = [Fact(f.prompt, f.subject, f.target_true) for f in fw.shipped_world().facts()[:40]]
-    return model, facts
+def world_facts(world):
+    return [Fact(f.prompt, f.subject, f.target_true) for f in world.facts()[:40]]
 
 
-def test_factworld_trace_recovers_the_fact(factworld):
-    model, facts = factworld
+def test_factworld_trace_recovers_the_fact(factworld, world_facts):
+    model, facts = factworld, world_facts
     def knows(f):
         tf = tokenize_fact(model, f)
         return int(model(tf.tokens[None])[0, -1].argmax()) == tf.target_ids[0]
 
     known = [f for f in facts if knows(f)][:1]
-    if not known:
-        pytest.skip("factworld model answers none of the first facts")
+    assert known, "the factworld model answers none of its first 40 training facts"
     fact = known[0]
     ts = trace_all(model, fact, window=min(3, model.cfg.n_layers), samples=4)
     res = ts["resid"]
     assert res.correct and res.p_clean > res.p_corrupt
     # On the trained model this identity holds to 7e-5 relative (1e-6 on the tiny random models);
-    # the source of the residual difference is an open question noted on issue 3.
+    # where the residual difference comes from is not yet known.
     torch.testing.assert_close(res.scores[-1, -1].item(), res.p_clean, rtol=1e-4, atol=0)
     # Restoring the residual at the subject's LAST token alone brings back a good part of the answer
     # (measured: 30% of p_clean - p_corrupt on this fact; factworld is trained so recall goes through
@@ -363,9 +341,44 @@ def test_factworld_trace_recovers_the_fact(factworld):
     torch.testing.assert_close(ts["mlp"].scores.float(), torch.as_tensor(naive).float(), rtol=2e-4, atol=1e-7)
 
 
-def test_factworld_average_indirect_effect(factworld):
-    model, facts = factworld
-    res = average_indirect_effect(model, facts[:8], samples=3, progress=False)
-    assert res.n_facts + res.n_skipped == 8
-    if res.n_facts:
-        assert torch.isfinite(res.aie[:, 2]).all()  # last subject token bucket always present
+def test_factworld_average_indirect_effect(factworld, world_facts):
+    """Facts the model answers are traced, a fact it gets wrong is skipped, and the effects sit
+    where factworld's training put recall (kvmem/factworld/train.py, the subject funnel): the
+    layer-0 MLP at the last subject token (the early site) and last-layer attention at the last
+    token (the late site). A one-layer window pins the layer. Measured with 3 samples: MLP 0.41 at
+    layer 0, under 0.01 above; attention 0.89 at layer 3 (benchmarks/results/tracing/aie_factworld.md:
+    200 facts, window 2, the same sites)."""
+    model = factworld
+    answered = world_facts[:8]
+    spare = world_facts[8]
+    wrong_target = next(f.target_true for f in world_facts if f.target_true != spare.target_true)
+    wrong = Fact(spare.prompt, spare.subject, wrong_target)
+    assert tokenize_fact(model, wrong).target_ids[0] != tokenize_fact(model, spare).target_ids[0]
+    res = average_indirect_effect(model, [*answered, wrong], window=1, samples=3, progress=False)
+    assert (res.n_facts, res.n_skipped) == (8, 1)  # factworld answers all of its first 40 facts
+    assert res.counts[BUCKETS.index("last subject token")] == 8
+    assert res.total_effect > 0.5, (res.p_clean, res.p_corrupt)
+    mlp = res["mlp"][BUCKETS.index("last subject token")]
+    assert int(mlp.argmax()) == 0 and mlp[0] > 0.25 and (mlp[1:] < 0.1).all(), mlp
+    assert mlp[0] > 4 * res["mlp"][BUCKETS.index("first subject token")].abs().max()
+    attn = res["attn"][BUCKETS.index("last token")]
+    assert int(attn.argmax()) == model.cfg.n_layers - 1 and attn[-1] > 0.5, attn
+
+
+def test_factworld_default_windows_come_from_config(factworld, world_facts):
+    """Without `window`, MLP and attention restore `kvmem.config.trace_window` layers (2 of
+    factworld's 4) and the residual one: the same traces as passing those windows."""
+    from kvmem import config
+
+    model, fact = factworld, world_facts[0]
+    w = config.trace_window(model.cfg.n_layers)
+    assert w == 2
+    ts = trace_all(model, fact, samples=1, progress=False)
+    assert [t.window for t in ts] == [1, w, w]
+    explicit = trace_all(model, fact, window=w, samples=1, progress=False)
+    for a, b in zip(ts, explicit):
+        assert torch.equal(a.scores, b.scores)
+    mlp = causal_trace(model, fact, kind="mlp", samples=1, progress=False)
+    assert mlp.window == w
+    assert_probs_close(mlp.scores, ts["mlp"].scores)  # batched with other kinds: fp32 reordering only
+    assert causal_trace(model, fact, samples=1, progress=False).window == 1

@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# The Gemma-3-270m runs of issue 8 as parallel workers on one GPU machine (16 cores, one GPU; set
+# The Gemma-3-270m diagnose and stress runs as parallel workers on one GPU machine (16 cores, one GPU; set
 # up by setup.sh): diagnose + edit on 150 known PARAREL facts (N_DIAG shards), and 200 sequential
 # edits per stress variant (rome, r-rome, r-rome-spread; one worker each). Workers stop when the
 # call's budget runs short (their logs keep what finished); a worker that fails on the GPU is
 # rerun on the CPU for the time left. Then the diagnose shards are merged and summarised
 # (--merge), and a stress run that did not finish is summarised from its log (--stop-after 0
 # replays the logged edits and adds none). Results and logs are packed into $OUT/results.tgz; the
-# stress logs, one gzipped file per variant, come back beside it. Outputs live in /root/work,
+# stress logs, one gzipped file per variant, come back beside it. Outputs live in $DEVICE_HOME/work,
 # outside the repository copy (each call replaces that copy) and outside $OUT (which is /root/out
 # there, emptied before each call, and returns at most 8 files), so a second call on the same
 # machine resumes them.
 set -u
-export PYTHONPATH=/root/site:$PWD KVMEM_CACHE=/root/kvcache OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+H=${DEVICE_HOME:-/root}  # the device machine's writable home (setup.sh installs into $H/site)
+export PYTHONPATH=$H/site:$PWD:$PWD/benchmarks KVMEM_CACHE=$H/kvcache OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 SUM=${SUMMARY_S:-70}; DEV=${DEVICE:-cuda}; ND=${N_DIAG:-12}
 W=${WORK_S:-$(( ${CALL_T0:-$(date +%s)} + ${BUDGET_S:-585} - $(date +%s) - SUM - 20 ))}
 echo "workers: $W s, summaries: $SUM s"
 [ "$W" -ge 60 ] || { echo "only $W s left for the workers: rerun main.sh in a call of its own"; exit 1; }
-R=/root/work; LOG=/root/work/logs; mkdir -p $LOG $R/stress_logs
+R=$H/work; LOG=$R/logs; mkdir -p $LOG $R/stress_logs
 # facts this repository's diagnose log already holds are skipped by every shard
-DLOG=benchmarks/results/diagnose_gemma-3-270m_pararel.jsonl
+DLOG=benchmarks/results/diagnose/diagnose_gemma-3-270m_pararel.jsonl
 [ -e $R/${DLOG##*/} ] || { [ -e $DLOG ] && cp $DLOG $R/; }
 T0=$(date +%s)
 worker() {  # name, seconds, script args...

@@ -2,19 +2,18 @@
 of benchmarks/device/main.sh load it from the cache instead of each converting the GGUF, and
 compute the C statistics every worker needs at the start (else each computes its own copy).
 `prepare.py L1 L2 ...` computes C for those layers instead (main.sh runs it in the background for
-the layers diagnose may pick, so that shards find them cached rather than each computing them)."""
+the layers diagnose may pick, so that shards find them cached rather than each computing them).
+Run with the repository and benchmarks/ on PYTHONPATH (setup.sh and main.sh set it)."""
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
 
-import torch  # noqa: E402
-
-import kvmem  # noqa: E402
-from kvmem.editing import rome_hparams, second_moment  # noqa: E402
-from kvmem.editing.fingerprint import model_fingerprint  # noqa: E402
+import kvmem
+from common import DATA_FILES, data_dir
+from kvmem.editing import rome_hparams, second_moment
+from kvmem.editing.fingerprint import model_fingerprint
 
 t = time.perf_counter()
 model = kvmem.load_model("gemma-3-270m", device="cuda" if torch.cuda.is_available() else "cpu")
@@ -23,7 +22,7 @@ print(f"gemma-3-270m loaded in {time.perf_counter() - t:.0f} s on {model.cfg.dev
 
 # The stress test's layers (the preset layer ± 2, which bench_stress computes for every variant)
 # at the 200k tokens main.sh's runs use; diagnose's other layers are computed where needed.
-corpus = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "corpus" / "wiki_vital_en.txt")
+corpus = str(data_dir() / DATA_FILES["corpus"])  # $KVMEM_DATA, else ../shared/data beside the repository
 layer = rome_hparams(model).layer
 layers = [int(a) for a in sys.argv[1:]] or range(max(0, layer - 2), min(model.cfg.n_layers, layer + 3))
 for l in layers:

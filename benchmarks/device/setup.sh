@@ -21,9 +21,10 @@
 #        600 s call limit, less a margin of ~30 s).
 set -uo pipefail
 export CALL_T0=$(date +%s)
-SITE=/root/site; PARTS=/root/parts
+H=${DEVICE_HOME:-/root}  # the device machine's writable home
+SITE=$H/site; PARTS=$H/parts
 mkdir -p "$SITE" "$PARTS"
-export PYTHONPATH=$SITE:$PWD KVMEM_CACHE=/root/kvcache OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
+export PYTHONPATH=$SITE:$PWD:$PWD/benchmarks KVMEM_CACHE=$H/kvcache OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
 case "${1:-}" in
   first)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -9,11 +9,12 @@ written against this module never branch on the model type.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from jaxtyping import Float
 from torch import Tensor
 
-from kvmem.errors import LayerOutOfRangeError
+from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
 
 
 def check_layer(model, layer: int) -> int:
@@ -24,6 +25,24 @@ def check_layer(model, layer: int) -> int:
     if not -n <= layer < n:
         raise LayerOutOfRangeError(f"layer {layer} is out of range: this model has layers 0..{n - 1}.")
     return layer % n
+
+
+def check_layers(model, layers: int | Sequence[int] | None) -> list[int]:
+    """`layers` as sorted, distinct, non-negative indices: None means every layer, an int one layer.
+
+    Each is checked by `check_layer` (LayerOutOfRangeError); an empty selection is an
+    InvalidArgumentError (it is not out of range, it selects nothing).
+    """
+    if layers is None:
+        return list(range(model.cfg.n_layers))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    out = sorted({check_layer(model, l) for l in layers})
+    if not out:
+        raise InvalidArgumentError(
+            f"layers is empty; pass None for all layers 0..{model.cfg.n_layers - 1} or some layer indices."
+        )
+    return out
 
 
 def check_neurons(model, neurons) -> list[int]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kvmem.errors import InvalidArgumentError
+from kvmem import config
 from kvmem.core.facts import Fact
+from kvmem.errors import InvalidArgumentError
 
 
-def tracing_peak_layer(effect, kind: str = "mlp", bucket: str = "last subject token") -> int:
+def tracing_peak_layer(effect, *, kind: str = "mlp", bucket: str = "last subject token") -> int:
     """The layer of the largest average indirect effect of `kind` at `bucket` in an
     `AverageEffect` (from `kvmem.average_indirect_effect`). With a window w > 1 the effect at
     layer l restores layers [l - w//2, l + w - w//2), so the peak is the centre of the best window,
@@ -25,18 +26,19 @@ def tracing_peak_layer(effect, kind: str = "mlp", bucket: str = "last subject to
 def choose_edit_layer(
     model,
     facts: Sequence[Fact],
+    *,
     window: int | None = None,
     samples: int = 10,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> int:
     """Trace `facts` (MLP restorations only) and return `tracing_peak_layer` of the result.
-    `window` defaults to 10, or n_layers // 2 on models with fewer than 10 layers."""
+    `window` defaults to `kvmem.config.trace_window` (ROME's 10, or half the model on models
+    with fewer than 10 layers). `progress`: None means `kvmem.config.PROGRESS`."""
     from kvmem.tracing import average_indirect_effect
 
-    n_layers = model.cfg.n_layers
     if window is None:
-        window = 10 if n_layers >= 10 else max(1, n_layers // 2)
+        window = config.trace_window(model.cfg.n_layers)
     effect = average_indirect_effect(
         model, facts, kinds=("mlp",), window=window, samples=samples, seed=seed, progress=progress
     )

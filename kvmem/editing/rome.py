@@ -50,7 +50,9 @@ class RomeHparams:
         (GPT-2 XL: layer 17, 0-indexed; GPT-J: 5).
     prefixes: (length in tokens, count) of random prefixes sampled from the model, each followed
         by ". " and the prompt; the plain prompt is always added. k* and v* use the same set.
-        Code: ((5, 20), (10, 20)) = 41 contexts (the newer `get_context_templates`); an older
+        Code at its current head: [[5, 10], [10, 10]] = 21 contexts (`context_template_length_params`
+        in `hparams/ROME/gpt2-xl.json`), halved for memory on 2022-04-07 from ((5, 20), (10, 20))
+        = 41, which the default here keeps (an exception to the code's settings); an older
         `compute_u` used 50 prefixes of 2–10 tokens for k* only. The paper averages k* over
         "a small set" of random prefixes (its Eq. 3) and optimises v* over prefixed prompts (Eq. 4).
     prefix_top_k: prefixes are sampled top-k from the start token (code: generate_fast, top 5).
@@ -125,19 +127,19 @@ PRESETS: dict[str, RomeHparams] = {
     # Fewer prefixes (11 contexts) keep an edit to seconds on a 2-core CPU. The norm clamp is 1, not
     # ROME's 4: with 4, v* always ends at the clamp and the edit spills onto neighbours (NS 47.5-50 vs
     # 68.5 unedited on 20 CounterFact records); with 1, NS 64.0, ES 100, PS 87.5 (layer 5,
-    # benchmarks/results/editing_neighbourhood_gemma-3-270m_clamp.md).
+    # benchmarks/results/editing/editing_neighbourhood_gemma-3-270m_clamp.md).
     "gemma-3-270m": RomeHparams(
         layer=4, prefixes=((5, 5), (10, 5)), clamp_norm_factor=1.0,
         layer_source="causal-tracing MLP peak at the last subject token (window-10 AIE over known facts, "
-        "benchmarks/results/aie_gemma-3-270m.md); norm clamp 1 from the NS ablation at layer 5 "
-        "(benchmarks/results/editing_neighbourhood_gemma-3-270m_clamp.md)",
+        "benchmarks/results/tracing/aie_gemma-3-270m.md); norm clamp 1 from the NS ablation at layer 5 "
+        "(benchmarks/results/editing/editing_neighbourhood_gemma-3-270m_clamp.md)",
     ),
     # The fact world's facts are looked up by MLP 0 at the subject's last token (its training funnels
     # recall there); single-layer MLP tracing finds that layer (tests/test_editing_factworld.py).
     "factworld": RomeHparams(
         layer=0,
         layer_source="causal-tracing MLP peak at the last subject token (window 1); ROME there: ES/PS/NS "
-        "100/100/100 vs 75/67/100 at layer 1 (benchmarks/results/editing_factworld_layer{0,1}.md)",
+        "100/100/100 vs 75/67/100 at layer 1 (benchmarks/results/editing/editing_factworld_layer{0,1}.md)",
     ),
     # Provisional: ROME's edit layers sit at 18% (GPT-J) to 35% (GPT-2 XL) of the depth; this takes ~30%.
     "smollm2-135m": RomeHparams(

@@ -29,9 +29,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem.config import cache_root
 from kvmem.data import ensure_nonempty, read_corpus
 from kvmem.editing.fingerprint import model_fingerprint, tensors_checksum
 from kvmem.errors import CacheError, InvalidArgumentError
+from kvmem.core.hooks import capture
 from kvmem.core.tokenize import encode, pad_batch, spec_for
 from kvmem.core.weights import check_layer, hook_post_name
 
@@ -40,14 +42,6 @@ FORMAT_VERSION = "1"
 
 class SingularStatisticsError(InvalidArgumentError):
     """C is singular or numerically not positive definite, so C⁻¹k cannot be trusted."""
-
-
-def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """`cache_dir` if given, else `$KVMEM_CACHE`, else `~/.cache/kvmem`."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("KVMEM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvmem"
 
 
 @dataclass(frozen=True)
@@ -143,7 +137,7 @@ def check_invertible(C: Tensor, rcond: float = 1e-12, n_tokens: int | None = Non
 
 # --- the corpus as token rows -------------------------------------------------------------
 
-def _token_rows(model, corpus, n_tokens: int, max_len: int) -> tuple[list[list[int]], int, bool]:
+def corpus_token_rows(model, corpus, n_tokens: int, max_len: int) -> tuple[list[list[int]], int, bool]:
     """Token rows (start token first, at most max_len long) holding exactly n_tokens non-start
     tokens, or all the corpus has. Returns (rows, counted tokens, whether BOS is row[0])."""
     spec = spec_for(model)
@@ -172,7 +166,7 @@ def _corpus_fingerprint(rows: list[list[int]]) -> str:
     return h.hexdigest()
 
 
-def _batches(rows: list[list[int]], batch_tokens: int, window: int = 256) -> Iterator[list[list[int]]]:
+def length_batches(rows: list[list[int]], batch_tokens: int, window: int = 256) -> Iterator[list[list[int]]]:
     """Rows grouped so that rows × longest row ≤ batch_tokens; sorted by length within windows
     of `window` rows to limit padding."""
     for w in range(0, len(rows), window):
@@ -284,7 +278,7 @@ def second_moment(
     if max_len < 2 or batch_tokens < max_len:
         raise InvalidArgumentError("Need max_len ≥ 2 and batch_tokens ≥ max_len.")
     max_len = min(max_len, int(model.cfg.n_ctx))
-    rows, total, has_bos = _token_rows(model, corpus, n_tokens, max_len)
+    rows, total, has_bos = corpus_token_rows(model, corpus, n_tokens, max_len)
     if total < n_tokens:
         warnings.warn(
             f"The corpus has only {total} tokens (asked for {n_tokens}); C is estimated from those.",
@@ -292,7 +286,7 @@ def second_moment(
         )
     model_fp = model_fingerprint(model)
     corpus_fp = _corpus_fingerprint(rows)
-    path = _cache_path(default_cache_dir(cache_dir), model_fp, layer, corpus_fp, total)
+    path = _cache_path(cache_root(cache_dir), model_fp, layer, corpus_fp, total)
     if use_cache and not recompute and path.exists():
         sm = load_second_moment(path)
         if (sm.model_fingerprint, sm.layer, sm.corpus_fingerprint, sm.n_tokens) != (model_fp, layer, corpus_fp, total):
@@ -309,22 +303,16 @@ def second_moment(
     prev: Tensor | None = None
     checkpoints: list[int] = []
     changes: list[float] = []
-    captured: list[Tensor] = []
-
-    def grab(act, hook):
-        captured.append(act)
-        return act
-
+    kept: dict[str, Tensor] = {}  # this batch's hook_post activations, kept by the hook
     start = time.perf_counter()
     bar = tqdm(total=total, disable=not progress, desc=f"C layer {layer}", unit="tok")
-    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_post_name(model, layer), grab)]):
+    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_post_name(model, layer), capture(kept, "post"))]):
         # batches no larger than a checkpoint step, so that small runs still show convergence
-        for rows_b in _batches(rows, min(batch_tokens, max(step, max_len))):
+        for rows_b in length_batches(rows, min(batch_tokens, max(step, max_len))):
             batch = pad_batch(rows_b, spec.pad_id)
             tokens = batch.tokens.to(device)
-            captured.clear()
             model(tokens, stop_at_layer=layer + 1)
-            act = captured[0]
+            act = kept.pop("post")
             pos = torch.arange(tokens.shape[1], device=device)
             mask = pos[None, :] < batch.lengths.to(device)[:, None]
             if has_bos:

@@ -55,6 +55,8 @@ __all__ = [
     "accuracy_by_template",
     "load_compact",
     "WEIGHTS_DIR",
+    "counterfact_records",
+    "corpus",
 ]
 
 
@@ -161,6 +163,77 @@ def factworld_hooked_transformer(
     model.to(cfg.device)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The world as evaluation data: CounterFact records and ordinary text
+
+
+def _new_object(world: FactWorld, fact: WorldFact) -> str:
+    """The object after the true one in its relation's list (wrapping): another object of the
+    same relation, chosen without randomness so a record never depends on which others are built."""
+    objects = world.relation(fact.relation).objects
+    return objects[(objects.index(fact.target) + 1) % len(objects)]
+
+
+def counterfact_records(
+    world: FactWorld | None = None, *, n: int | None = None, n_neighbours: int = 5, seed: int | None = None
+):
+    """The world's facts as CounterFact records (`kvmem.data.CounterFactRecord`), one per fact of
+    `world.facts("train")` (the first `n`; all when None); `world` defaults to `shipped_world()`.
+
+    The rule (one definition, used by `kvmem facts`, the demo and the benchmarks):
+
+    - order and new object: with `seed=None` the world's order, and `target_new` the next object of
+      the relation's object list (wrapping around): false, of the right type, and the same on every
+      call. With a `seed`, a sample: the facts shuffled by `random.Random(seed)` and each
+      `target_new` drawn by the same generator, in order, from the relation's other objects (the
+      benchmarks' records; the committed factworld editing and diagnose results use `seed=0`);
+    - request: the fact under its relation's first training template; `target_true` its object;
+    - `paraphrase_prompts`: the fact under each of the relation's held-out ("paraphrase") templates;
+    - `neighborhood_prompts`: up to `n_neighbours` other subjects with the same relation, template and
+      true object (`world.neighbours(fact, k=n_neighbours, same_object=True)`, world order): an
+      edit should leave them answering the true object;
+    - `case_id`: the record's position in the list (with `seed=None`, the fact's index in
+      `world.facts("train")`); no attribute or generation prompts.
+    """
+    from kvmem.core.facts import Fact
+    from kvmem.data import CounterFactRecord
+
+    if n is not None and (isinstance(n, bool) or n < 0):
+        raise InvalidArgumentError(f"n must be None or a whole number >= 0, got {n!r}.")
+    if isinstance(n_neighbours, bool) or n_neighbours < 0:
+        raise InvalidArgumentError(f"n_neighbours must be >= 0, got {n_neighbours!r}.")
+    world = shipped_world() if world is None else world
+    facts = world.facts("train")
+    rng = None if seed is None else random.Random(seed)
+    if rng is not None:
+        rng.shuffle(facts)
+    records = []
+    for index, f in enumerate(facts[:n]):
+        if rng is None:
+            new = _new_object(world, f)
+        else:
+            new = rng.choice([o for o in world.relation(f.relation).objects if o != f.target])
+        request = Fact(f.prompt, f.subject, target_true=f.target, target_new=new, relation_id=f.relation)
+        records.append(CounterFactRecord(
+            case_id=index, request=request, template=f.template,
+            paraphrase_prompts=tuple(p.prompt for p in world.prompts_for(f, "paraphrase")),
+            neighborhood_prompts=tuple(x.prompt for x in world.neighbours(f, k=n_neighbours, same_object=True)),
+            attribute_prompts=(), generation_prompts=(),
+        ))
+    return records
+
+
+def corpus(world: FactWorld | None = None) -> list[str]:
+    """The world's training text: every fact under every training template as a sentence
+    ("Chox Shyty lives in the city of Berlin."), shuffled with the fixed seed 0 so that a prefix
+    of it mixes subjects and relations. ROME's "ordinary text" for second-moment statistics on
+    factworld. `world` defaults to `shipped_world()`."""
+    world = shipped_world() if world is None else world
+    sentences = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
+    random.Random(0).shuffle(sentences)
+    return sentences
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from kvmem.config import cache_root
 from kvmem.errors import CacheError, InvalidArgumentError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -275,10 +276,8 @@ def verify_hf_folder(folder: Path | str, expected_source: str | None = None) -> 
 
 
 def default_cache_root() -> Path:
-    """`$KVMEM_CACHE/factworld` if `KVMEM_CACHE` is set, else `~/.cache/kvmem/factworld`."""
-    env = os.environ.get("KVMEM_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "kvmem"
-    return base / "factworld"
+    """`<kvmem.config.cache_root()>/factworld`: `$KVMEM_CACHE/factworld`, else `~/.cache/kvmem/factworld`."""
+    return cache_root() / "factworld"
 
 
 def factworld_hf_folder(

@@ -32,8 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
-from kvmem.core.weights import check_layer, check_neurons
+from kvmem.errors import InvalidArgumentError
+from kvmem.core.weights import check_neurons
 from kvmem.core.weights import mlp_post_norm  # noqa: F401  (re-exported for the memory views)
 
 FinalNorm = Literal["linear", "none"]
@@ -65,18 +65,6 @@ def resolve_neurons(model, neurons: Sequence[int] | Tensor | None) -> Tensor:
     if not out:
         raise InvalidArgumentError("neurons is empty; pass None for all neurons or at least one index.")
     return torch.tensor(out, dtype=torch.long)
-
-
-def resolve_layers(model, layers: Sequence[int] | int | None) -> list[int]:
-    if layers is None:
-        return list(range(model.cfg.n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    out = sorted({check_layer(model, l) for l in layers})
-    if not out:
-        raise LayerOutOfRangeError(f"layers is empty; pass None for all layers 0..{model.cfg.n_layers - 1}.")
-    return out
-
 
 
 def post_norm_scale_name(model, layer: int) -> str | None:

@@ -62,10 +62,11 @@ class Agreement:
             }
         )
 
-    def plot(self, ax=None):
+    def plot(self, ax=None, *, title: str | None = None):
+        """Agreement by layer against the shuffled and uniform baselines."""
         from kvmem.memories.views import plot_agreement
 
-        return plot_agreement(self, ax=ax)
+        return plot_agreement(self, ax, title=title)
 
 
 def _as_map(items, what: str) -> dict:
@@ -83,16 +84,18 @@ def key_value_agreement(
     model,
     contexts: Mapping[int, TopContexts] | Sequence[TopContexts] | TopContexts,
     values: Mapping[int, ValueTokens] | Sequence[ValueTokens] | ValueTokens | None = None,
+    *,
     k_values: int = 10,
     final_norm: str = "linear",
     n_shuffles: int = 20,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Agreement:
     """Agreement of keys and values per layer (see `Agreement`), with shuffled and uniform baselines.
 
     `contexts` comes from `top_contexts` / `top_contexts_by_layer`. `values` (from `value_tokens`
-    with at least `k_values` tokens) is computed when not given.
+    with at least `k_values` tokens) is computed when not given (`progress`: its bar; None means
+    `kvmem.config.PROGRESS`).
     """
     k_values = check_k(k_values, "k_values")
     check_k(n_shuffles, "n_shuffles")
@@ -109,7 +112,7 @@ def key_value_agreement(
         n_tokens = max(n_tokens, tc.n_tokens)
         vt = vals.get(layer)
         if vt is None:
-            vt = value_tokens(model, layer, tc.neurons, k=k_values, final_norm=final_norm, progress=progress)
+            vt = value_tokens(model, layer, neurons=tc.neurons, k=k_values, final_norm=final_norm, progress=progress)
         if vt.top_ids.shape[1] < k_values:
             raise InvalidArgumentError(
                 f"values for layer {layer} hold {vt.top_ids.shape[1]} tokens per value; need k_values={k_values}."

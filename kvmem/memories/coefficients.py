@@ -6,8 +6,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from kvmem.memories._common import mlp_post_norm
+from kvmem.core.hooks import capture
 from kvmem.core.weights import check_layer, hook_post_name, mlp_weights
+from kvmem.memories._common import mlp_post_norm
 
 
 @torch.no_grad()
@@ -16,11 +17,7 @@ def memory_coefficients(model, tokens: Int[Tensor, "batch pos"], layer: int) -> 
     layer = check_layer(model, layer)
     name = hook_post_name(model, layer)
     store = {}
-
-    def save(act: Tensor, hook) -> None:
-        store["a"] = act.detach().clone()
-
-    with model.hooks(fwd_hooks=[(name, save)]):
+    with model.hooks(fwd_hooks=[(name, capture(store, "a", clone=True))]):
         model(tokens.to(model.W_U.device), stop_at_layer=layer + 1)
     return store["a"]
 
@@ -29,6 +26,7 @@ def memory_sum(
     model,
     coefficients: Float[Tensor, "*batch d_mlp"],
     layer: int,
+    *,
     bias: bool = True,
     post_norm: bool = True,
 ) -> Float[Tensor, "*batch d_model"]:

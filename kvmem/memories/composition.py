@@ -28,12 +28,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvmem.errors import InvalidArgumentError
-from kvmem.memories._common import check_final_norm, check_k, readout_directions, readout_logits, resolve_layers, value_directions
-from kvmem.memories.contexts import Corpus, corpus_windows
-from kvmem.memories.values import ValueTokens, value_tokens
+from kvmem import config
+from kvmem.core.hooks import capture
 from kvmem.core.readout import final_logits
-from kvmem.core.weights import hook_post_name
+from kvmem.core.weights import check_layers, hook_post_name
+from kvmem.errors import InvalidArgumentError
+from kvmem.memories._common import check_final_norm, check_k, readout_directions, readout_logits, value_directions
+from kvmem.memories.values import ValueTokens, value_tokens
+from kvmem.memories.windows import Corpus, corpus_windows
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,11 @@ class Composition:
             }
         )
 
-    def plot(self, axes=None):
+    def plot(self, ax=None, *, title: str | None = None):
+        """Refinement (left) and composition (right); `ax`: two Axes."""
         from kvmem.memories.views import plot_composition
 
-        return plot_composition(self, axes=axes)
+        return plot_composition(self, ax, title=title)
 
 
 @torch.no_grad()
@@ -85,6 +88,7 @@ def composition_stats(
     model,
     corpus: Corpus,
     layers: Sequence[int] | int | None = None,
+    *,
     max_tokens: int | None = 20_000,
     positions_per_window: int = 2,
     window: int = 64,
@@ -93,10 +97,11 @@ def composition_stats(
     values: Mapping[int, ValueTokens] | None = None,
     final_norm: str = "linear",
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Composition:
-    """Active memories, compositional outputs and residual refinement by layer (module docstring)."""
-    layers = resolve_layers(model, layers)
+    """Active memories, compositional outputs and residual refinement by layer (module docstring).
+    `progress`: None means `kvmem.config.PROGRESS`."""
+    layers = check_layers(model, layers)
     check_k(positions_per_window, "positions_per_window")
     check_final_norm(final_norm)
     if not 0.0 < float(mass) <= 1.0:
@@ -119,15 +124,12 @@ def composition_stats(
     last_post = f"blocks.{n_layers - 1}.hook_resid_post"
     wanted = {n for trio in names.values() for n in trio} | {last_post}
     store: dict[str, Tensor] = {}
-
-    def save(act: Tensor, hook) -> None:
-        store[hook.name] = act.detach()
-
-    hooks = [(n, save) for n in sorted(wanted)]
+    hooks = [(n, capture(store)) for n in sorted(wanted)]  # keyed by hook name
     stats = {k: [] for k in ("npos", "nact", "comp", "midf", "postf", "kept", "over", "compose")}
-    bar = tqdm(total=max_tokens, disable=not progress, desc="composition", unit="tok")
+    show_bar = config.PROGRESS if progress is None else progress
+    bar = tqdm(total=max_tokens, disable=not show_bar, desc="composition", unit="tok")
     try:
-        for batch in corpus_windows(model, corpus, window, batch_size, max_tokens):
+        for batch in corpus_windows(model, corpus, window=window, batch_size=batch_size, max_tokens=max_tokens):
             # Sample positions among text tokens of each window.
             rows, cols = [], []
             for b in range(batch.tokens.shape[0]):

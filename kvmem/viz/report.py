@@ -11,7 +11,7 @@ inline (`local_src`); the ~1.3 MB bundle each component carries is written once 
 a report with many components stays small. A Content-Security-Policy forbids every fetch, so
 even a component that tried to load something from the network could not.
 
-`fact_report` lays out the four analyses of one fact (what `kvmem demo` writes).
+`fact_report` lays out a `FactReport`, the four analyses of one fact (what `kvmem demo` writes).
 """
 
 from __future__ import annotations
@@ -232,111 +232,111 @@ def _fmt(value: Any, floatfmt: str) -> str:
 # One fact, four views
 
 
-def _peak(trace) -> tuple[int, int, float]:
-    ie = trace.indirect_effect.nan_to_num(nan=float("-inf"))  # untraced cells (positions=...) are NaN
-    layer, pos = divmod(int(ie.argmax()), int(ie.shape[1]))
-    return layer, pos, float(ie.max())
+def fact_report(report, *, title: str | None = None, meta: dict | None = None) -> Report:
+    """The page `kvmem demo` writes for a `FactReport` (`kvmem.pipelines.four_views`): causal
+    tracing, knowledge neurons, the memory fact view and a ROME edit with its CounterFact metrics,
+    each with its figure, view and a sentence saying what it shows, then the time per step.
 
-
-def fact_report(
-    title: str,
-    fact,
-    traces=None,
-    neurons=None,
-    effects: Sequence = (),
-    memories=None,
-    edit=None,
-    evaluation=None,
-    answers: Sequence[dict] = (),
-    meta: dict | None = None,
-) -> Report:
-    """The report `kvmem demo` writes: causal tracing, knowledge neurons, the memory fact view and
-    a ROME edit with its CounterFact metrics, each with its figure, view and a sentence saying
-    what it shows. Any of the results may be None (its section is left out).
-
-    `effects`: `NeuronEffect`s (suppress / amplify); `answers`: rows of the model's answers
-    before and after the edit; `meta`: extra key facts for the opening table.
+    `meta`: more key facts for the opening table (the model's name, ...; "ROME statistics" replaces
+    the default "<n> tokens", e.g. to name the corpus).
     """
-    rep = Report(title, f"Fact: “{fact.prompt}” → {fact.target_true!r} (subject {fact.subject!r})")
-    if meta:
-        rep.table([{"": k, "value": v} for k, v in meta.items()], caption="Run")
+    from kvmem.pipelines.four_views import trace_peak
 
-    if traces is not None:
-        rep.section("1. Causal tracing: where is the fact recalled?")
-        lines = []
-        for t in traces:
-            layer, pos, ie = _peak(t)
-            lines.append(f"{t.kind} peaks at layer {layer}, token {t.str_tokens[pos]!r} (indirect effect {ie:.2f})")
-        rep.text(
-            f"Noise on the subject's embeddings drops p({traces.traces[0].answer.strip()}) from "
-            f"{traces.p_clean:.2f} to {traces.p_corrupt:.2f}; restoring one clean state brings it back where "
-            f"that state carries the fact: " + "; ".join(lines) + "."
-        )
-        rep.figure(traces.plot(), "Restoring the residual stream, MLP and attention outputs (subject tokens marked *).")
-        rep.view(traces.show(), "Interactive: pick a kind and a layer; tokens coloured by indirect effect.")
-
-    if neurons is not None:
-        rep.section("2. Knowledge neurons: which MLP neurons carry it?")
-        rep.text(
-            f"Integrated gradients over {len(neurons.prompts)} prompt(s) find {len(neurons)} neurons shared by at "
-            f"least {neurons.share:.0%} of them, in layers {sorted(set(neurons.layers)) or '-'}."
-        )
-        for eff in effects:
-            verb = "Suppressing" if eff.factor == 0 else f"Scaling ×{eff.factor:g}"
-            rep.text(
-                f"{verb} them changes p(answer) by {eff.relative_change:+.0%} "
-                f"(random neurons of the same layers: {eff.control_relative_change:+.0%})."
-            )
-        if len(neurons):
-            rep.table(neurons.to_frame().head(15), caption="Knowledge neurons")
-        rep.figure(neurons.plot(), "Knowledge neurons per layer.")
-        import matplotlib.pyplot as plt
-
-        if effects:
-            fig, axes = plt.subplots(1, len(effects), figsize=(4 * len(effects), 3), squeeze=False)
-            for ax, eff in zip(axes[0], effects):
-                eff.plot(ax=ax)
-            fig.tight_layout()
-            rep.figure(fig, "Relative change of p(answer): knowledge neurons vs random neurons.")
-        if len(neurons):
-            rep.view(neurons.show(0), f"Activation of neuron L{neurons.neurons[0][0]}.N{neurons.neurons[0][1]} over the prompts.")
-
-    if memories is not None:
-        rep.section("3. Key-value memories: which memories push the answer?")
-        top = memories.top_memories(1, "subject_last") + memories.top_memories(1, "last")
-        rep.text(
-            "Each MLP neuron is a key (when it fires) and a value (what it writes, read through the unembedding). "
-            f"The strongest push toward {memories.target!r} comes from "
-            + " and ".join(f"L{l}.N{n} (push {p:.2f})" for l, n, p in top)
-            + " at the subject's last token and the last token."
-        )
-        rep.figure(memories.plot(), "Each layer's push toward the answer (all memories, strongest single memory).")
-        rep.view(memories.show(8), "Strongest memories and the tokens their values promote.")
-
-    if edit is not None:
-        rep.section("4. ROME: rewrite the fact")
-        rep.text(
-            f"A rank-one update of layer {edit.layer}'s MLP makes the model answer {edit.request.target_new!r} "
-            f"instead of {edit.request.target_true!r} (computed in {edit.seconds:.1f} s)."
-        )
-        if answers:
-            rep.table(list(answers), caption="Top-1 answers before and after the edit")
-        if evaluation is not None:
-            summ = evaluation.summary().reset_index(names="condition")
-            cols = ["condition", "S", "ES", "PS", "NS", "EM", "PM", "NM", "n"]
-            rep.table(summ[[c for c in cols if c in summ]], caption="CounterFact metrics (×100)", floatfmt=".1f")
-            rep.text(
-                "ES: the rewrite prompt prefers the new object; PS: its paraphrases do; NS: other subjects "
-                "keep their true object; S: their harmonic mean."
-            )
-        if edit.loss_trace.numel():
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(5, 3))
-            frame = edit.trace_frame()
-            ax.plot(frame.index, frame["loss"], "o-", label="loss")
-            ax.plot(frame.index, frame["p_target"], "s-", label="p(new object)")
-            ax.set_xlabel("optimisation step of v*")
-            ax.legend()
-            rep.figure(fig, "Optimising the value v*: loss and the new object's probability.")
+    fact = report.fact
+    rep = Report(title or "kvmem: one fact, four views",
+                 f"Fact: “{fact.prompt}” → {fact.target_true!r} (subject {fact.subject!r})")
+    run = dict(meta or {})  # the caller's entries first; they may also replace these defaults
+    for key, value in (("edit layer", report.edit.layer), ("noise samples", report.samples),
+                       ("ROME statistics", f"{report.stats_tokens} tokens")):
+        run.setdefault(key, value)
+    rep.table([{"": k, "value": v} for k, v in run.items()], caption="Run")
+    _tracing_section(rep, report.traces, trace_peak)
+    _neurons_section(rep, report.neurons, report.effects)
+    _memories_section(rep, report.memories)
+    _edit_section(rep, report)
+    if report.timings:
+        rep.table([{"step": k, "seconds": round(v, 2)} for k, v in report.timings.items()], caption="Time")
     return rep
+
+
+def _tracing_section(rep: Report, traces, trace_peak) -> None:
+    rep.section("1. Causal tracing: where is the fact recalled?")
+    lines = []
+    for t in traces:
+        layer, pos, ie = trace_peak(t)
+        lines.append(f"{t.kind} peaks at layer {layer}, token {t.str_tokens[pos]!r} (indirect effect {ie:.2f})")
+    rep.text(
+        f"Noise on the subject's embeddings drops p({traces.traces[0].answer.strip()}) from "
+        f"{traces.p_clean:.2f} to {traces.p_corrupt:.2f}; restoring one clean state brings it back where "
+        f"that state carries the fact: " + "; ".join(lines) + "."
+    )
+    rep.figure(traces.plot(), "Restoring the residual stream, MLP and attention outputs (subject tokens marked *).")
+    rep.view(traces.show(), "Interactive: pick a kind and a layer; tokens coloured by indirect effect.")
+
+
+def _neurons_section(rep: Report, neurons, effects) -> None:
+    rep.section("2. Knowledge neurons: which MLP neurons carry it?")
+    rep.text(
+        f"Integrated gradients over {len(neurons.prompts)} prompt(s) find {len(neurons)} neurons shared by at "
+        f"least {neurons.share:.0%} of them, in layers {sorted(set(neurons.layers)) or '-'}."
+    )
+    for eff in effects:
+        verb = "Suppressing" if eff.factor == 0 else f"Scaling ×{eff.factor:g}"
+        rep.text(
+            f"{verb} them changes p(answer) by {eff.relative_change:+.0%} "
+            f"(random neurons of the same layers: {eff.control_relative_change:+.0%})."
+        )
+    if len(neurons):
+        rep.table(neurons.to_frame().head(15), caption="Knowledge neurons")
+    rep.figure(neurons.plot(), "Knowledge neurons per layer.")
+    if effects:
+        from kvmem.viz import figure_axes
+
+        fig, axes = figure_axes(None, len(effects), figsize=(4 * len(effects), 3))
+        for ax, eff in zip(axes, effects):
+            eff.plot(ax=ax)
+        fig.tight_layout()
+        rep.figure(fig, "Relative change of p(answer): knowledge neurons vs random neurons.")
+    if len(neurons):
+        rep.view(neurons.show(0), f"Activation of neuron L{neurons.neurons[0][0]}.N{neurons.neurons[0][1]} over the prompts.")
+
+
+def _memories_section(rep: Report, memories) -> None:
+    rep.section("3. Key-value memories: which memories push the answer?")
+    top = memories.top_memories(1, "subject_last") + memories.top_memories(1, "last")
+    rep.text(
+        "Each MLP neuron is a key (when it fires) and a value (what it writes, read through the unembedding). "
+        f"The strongest push toward {memories.target!r} comes from "
+        + " and ".join(f"L{l}.N{n} (push {p:.2f})" for l, n, p in top)
+        + " at the subject's last token and the last token."
+    )
+    rep.figure(memories.plot(), "Each layer's push toward the answer (all memories, strongest single memory).")
+    rep.view(memories.show(n=8), "Strongest memories and the tokens their values promote.")
+
+
+def _edit_section(rep: Report, report) -> None:
+    edit = report.edit
+    rep.section("4. ROME: rewrite the fact")
+    rep.text(
+        f"A rank-one update of layer {edit.layer}'s MLP makes the model answer {edit.request.target_new!r} "
+        f"instead of {edit.request.target_true!r} (computed in {edit.seconds:.1f} s)."
+    )
+    if report.answers:
+        rep.table(list(report.answers), caption="Top-1 answers before and after the edit")
+    summ = report.evaluation.summary().reset_index(names="condition")
+    cols = ["condition", "S", "ES", "PS", "NS", "EM", "PM", "NM", "n"]
+    rep.table(summ[[c for c in cols if c in summ]], caption="CounterFact metrics (×100)", floatfmt=".1f")
+    rep.text(
+        "ES: the rewrite prompt prefers the new object; PS: its paraphrases do; NS: other subjects "
+        "keep their true object; S: their harmonic mean."
+    )
+    if edit.loss_trace.numel():
+        from kvmem.viz import figure_axes
+
+        fig, (ax,) = figure_axes(None, 1, figsize=(5, 3))
+        frame = edit.trace_frame()
+        ax.plot(frame.index, frame["loss"], "o-", label="loss")
+        ax.plot(frame.index, frame["p_target"], "s-", label="p(new object)")
+        ax.set_xlabel("optimisation step of v*")
+        ax.legend()
+        rep.figure(fig, "Optimising the value v*: loss and the new object's probability.")

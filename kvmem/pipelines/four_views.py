@@ -1,0 +1,229 @@
+"""One fact, four views: where it is recalled (causal tracing), which neurons carry it
+(knowledge neurons), which memories push its answer (the key-value memory view), and rewriting it
+(a ROME edit with its CounterFact metrics). What `kvmem demo` runs; `kvmem.viz.report.fact_report`
+renders the result as an offline HTML page.
+
+    report = four_views(model, fact, paraphrases=[...], neighbours=[...], corpus="wiki")
+    report.summary(); report.lines(); report.to_frame(); report.plot()
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kvmem.core.facts import Fact
+from kvmem.core.tokenize import encode
+from kvmem.data import CounterFactRecord
+from kvmem.editing import compute_rome_edit, edited, second_moment
+from kvmem.editing.rome import Edit, RomeHparams
+from kvmem.errors import InvalidArgumentError
+from kvmem.evaluation import CounterFactEval, evaluate_counterfact
+from kvmem.memories import fact_memories
+from kvmem.memories.fact_view import FactMemories
+from kvmem.neurons import KnowledgeNeurons, NeuronEffect, knowledge_neurons, neuron_effect
+from kvmem.pipelines.neuron_survey import FACTORS
+from kvmem.pipelines.rome_settings import is_factworld, rome_settings, stats_tokens
+from kvmem.tracing import TraceSet, trace_all
+
+# How many paraphrase and neighbour prompts the before/after answer table shows.
+N_ANSWERS = 3
+
+
+def trace_peak(trace) -> tuple[int, int, float]:
+    """(layer, position, indirect effect) of a `CausalTrace`'s largest indirect effect (cells not
+    traced, NaN, are passed over)."""
+    ie = trace.indirect_effect.nan_to_num(nan=float("-inf"))
+    layer, pos = divmod(int(ie.argmax()), int(ie.shape[1]))
+    return layer, pos, float(ie.max())
+
+
+@dataclass(frozen=True)
+class FactReport:
+    """The four views of one fact (`four_views`). `effects` holds the knowledge neurons'
+    suppress (×0) and amplify (×2) `NeuronEffect`s (empty when none were found); `answers` the
+    model's top-1 answer to the fact's prompt, paraphrases and neighbours before and after the
+    edit; `timings` seconds per step."""
+
+    fact: Fact
+    paraphrases: tuple[str, ...]
+    neighbours: tuple[str, ...]
+    traces: TraceSet
+    neurons: KnowledgeNeurons
+    effects: tuple[NeuronEffect, ...]
+    memories: FactMemories
+    edit: Edit
+    evaluation: CounterFactEval
+    answers: tuple[dict, ...]
+    samples: int
+    stats_tokens: int
+    timings: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def mlp_trace(self):
+        """The MLP causal trace (the first traced kind when MLPs were not traced)."""
+        return self.traces["mlp"] if "mlp" in self.traces.kinds else self.traces.traces[0]
+
+    @property
+    def scores(self):
+        """The edited model's CounterFact row (S, ES, PS, NS, ... ×100)."""
+        return self.evaluation.summary().loc["ROME"]
+
+    def summary(self) -> dict:
+        """The results as JSON-ready numbers (what `kvmem demo` writes to summary.json)."""
+        f, mlp = self.fact, self.mlp_trace
+        layer, pos, ie = trace_peak(mlp)
+        top = self.memories.top_memories(1, "subject_last")[0]
+        eff = {name: e.relative_change for (name, _), e in zip(FACTORS, self.effects)}
+        return {
+            "prompt": f.prompt, "subject": f.subject, "target_true": f.target_true, "target_new": f.target_new,
+            "answer": self.traces.traces[0].answer, "p_clean": self.traces.p_clean, "p_corrupt": self.traces.p_corrupt,
+            "mlp_peak": {"layer": layer, "token": mlp.str_tokens[pos], "indirect_effect": ie},
+            "knowledge_neurons": [list(n) for n in self.neurons.neurons],
+            "suppress_relative_change": eff.get("suppress"), "amplify_relative_change": eff.get("amplify"),
+            "top_memory_subject_last": {"layer": top[0], "neuron": top[1], "push": top[2]},
+            "edit_layer": self.edit.layer,
+            "counterfact": {m: float(self.scores[m]) for m in ("S", "ES", "PS", "NS")},
+            "answers": [dict(a) for a in self.answers],
+        }
+
+    def lines(self) -> list[str]:
+        """One sentence per view, for a terminal."""
+        f, mlp, s = self.fact, self.mlp_trace, self.scores
+        layer, pos, ie = trace_peak(mlp)
+        top = self.memories.top_memories(1, "subject_last")[0]
+        eff = self.effects
+        return [
+            f"1. causal tracing: p(answer) {self.traces.p_clean:.2f} clean, {self.traces.p_corrupt:.2f} with the "
+            f"subject noised; MLP restoration peaks at layer {layer}, token {mlp.str_tokens[pos]!r} (+{ie:.2f})",
+            f"2. knowledge neurons: {len(self.neurons)} over {len(self.neurons.prompts)} prompts"
+            + (f"; suppressing them {eff[0].relative_change:+.0%} (random {eff[0].control_relative_change:+.0%}), "
+               f"amplifying {eff[1].relative_change:+.0%}" if eff else ""),
+            f"3. memories: strongest push at the subject's last token: L{top[0]}.N{top[1]} ({top[2]:+.2f})",
+            f"4. ROME at layer {self.edit.layer}: {f.target_true!r} -> {f.target_new!r}: "
+            f"ES {s['ES']:.0f}, PS {s['PS']:.0f}, NS {s['NS']:.0f}, S {s['S']:.0f}",
+        ]
+
+    def to_frame(self):
+        """The top-1 answers before and after the edit: prompt, kind, before, after."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self.answers), columns=["prompt", "kind", "before", "after"])
+
+    def plot(self, ax=None, *, title: str | None = None):
+        """Four panels, one per view: the MLP causal trace, knowledge neurons per layer, each
+        layer's memory push toward the answer, and the CounterFact metrics. Returns the Figure."""
+        from kvmem.viz import figure_axes
+
+        fig, axes = figure_axes(ax, 4, figsize=(20, 3.6))
+        self.mlp_trace.plot(ax=axes[0])
+        self.neurons.plot(ax=axes[1])
+        self.memories.plot(ax=axes[2])
+        self.evaluation.plot(ax=axes[3])
+        fig.suptitle(title or f"{self.fact.prompt!r} → {self.fact.target_true!r}", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+
+def _top1(model, prompt: str) -> str:
+    with torch.no_grad():
+        logits = model(torch.tensor([encode(model, prompt)], device=model.cfg.device))[0, -1]
+    return model.tokenizer.decode([int(logits.argmax())])
+
+
+def _answers(model, fact: Fact, edit: Edit, paraphrases: Sequence[str], neighbours: Sequence[str]) -> tuple[dict, ...]:
+    checks = [("rewrite", fact.prompt)]
+    checks += [("paraphrase", p) for p in paraphrases[:N_ANSWERS]]
+    checks += [("neighbour", p) for p in neighbours[:N_ANSWERS]]
+    before = [_top1(model, p) for _, p in checks]
+    with edited(model, edit, check=False):  # computed on this very model just now
+        after = [_top1(model, p) for _, p in checks]
+    return tuple({"prompt": p, "kind": kind, "before": b, "after": a} for (kind, p), b, a in zip(checks, before, after))
+
+
+def four_views(
+    model,
+    fact: Fact,
+    *,
+    paraphrases: Sequence[str] = (),
+    neighbours: Sequence[str] = (),
+    neuron_prompts: Sequence[str] | None = None,
+    stats=None,
+    corpus=None,
+    n_tokens: int | None = None,
+    cache_dir=None,
+    hparams: RomeHparams | None = None,
+    window: int | None = None,
+    samples: int = 10,
+    steps: int = 20,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> FactReport:
+    """The four analyses of one fact (module docstring), each with the library's own function.
+
+    `fact` needs `target_true` and `target_new` (what the edit writes). `paraphrases`: other
+    prompts of the fact (PS, and the knowledge neurons' prompts); `neighbours`: prompts of other
+    subjects whose answer the edit must keep (NS). `neuron_prompts`: the prompts knowledge neurons
+    are shared across (default: the fact's prompt and its paraphrases). ROME uses `hparams`
+    (default `rome_settings(model, facts=[fact])`) and `stats`, a `SecondMoment` of the edit layer;
+    without it the statistics are computed (or read from the cache under `cache_dir`) over `corpus`
+    (default on factworld: its training text, `kvmem.factworld.corpus()`) with `n_tokens` tokens
+    (default `stats_tokens(model)`). `window`: causal tracing's MLP / attention window (default
+    `kvmem.config.trace_window`); `samples` noise samples; `steps` integrated-gradients steps.
+    """
+    if not isinstance(fact, Fact):
+        raise InvalidArgumentError(f"four_views takes a kvmem.Fact, got {type(fact).__name__}.")
+    if fact.target_true is None or fact.target_new is None:
+        raise InvalidArgumentError("four_views needs the fact's target_true (the answer) and target_new "
+                                   "(the object the ROME edit writes).")
+    needs_stats = stats is None and (hparams is None or hparams.mom2_adjustment)
+    if needs_stats and corpus is None and not is_factworld(model):  # before any work
+        raise InvalidArgumentError("four_views needs ROME's key statistics: pass stats=second_moment(...) "
+                                   "or corpus= (a text file, 'wiki' or strings).")
+    paraphrases, neighbours = tuple(paraphrases), tuple(neighbours)
+    hp = hparams or rome_settings(model, facts=[fact], progress=progress)
+    timings: dict[str, float] = {}
+    if stats is None and hp.mom2_adjustment:
+        if corpus is None:
+            from kvmem.factworld import corpus as factworld_corpus
+
+            corpus = factworld_corpus()
+        t = time.perf_counter()
+        stats = second_moment(model, hp.layer, corpus, n_tokens=n_tokens or stats_tokens(model),
+                              cache_dir=cache_dir, progress=progress)
+        timings["ROME statistics"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    traces = trace_all(model, fact, window=window, samples=samples, seed=seed, progress=progress)
+    timings["causal tracing"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prompts = list(dict.fromkeys(neuron_prompts or [fact.prompt, *paraphrases]))
+    kn = knowledge_neurons(model, prompts, fact.target_true, steps=steps, progress=False)
+    effects = tuple(neuron_effect(model, prompts, fact.target_true, neurons=kn, factor=factor, seed=seed)
+                    for _, factor in FACTORS) if kn.neurons else ()
+    timings["knowledge neurons"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    memories = fact_memories(model, fact)
+    timings["memories"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    edit = compute_rome_edit(model, fact, stats=stats, hparams=hp)
+    record = CounterFactRecord(case_id=0, request=fact, template=fact.prompt.replace(fact.subject, "{}", 1),
+                               paraphrase_prompts=paraphrases, neighborhood_prompts=neighbours,
+                               attribute_prompts=(), generation_prompts=())
+    evaluation = evaluate_counterfact(model, [record], editor=lambda m, r: edit, generation=False, progress=False)
+    answers = _answers(model, fact, edit, paraphrases, neighbours)
+    timings["ROME edit + evaluation"] = time.perf_counter() - t
+    return FactReport(
+        fact=fact, paraphrases=paraphrases, neighbours=neighbours, traces=traces, neurons=kn, effects=effects,
+        memories=memories, edit=edit, evaluation=evaluation, answers=answers, samples=samples,
+        stats_tokens=int(stats.n_tokens) if stats is not None else 0, timings=timings,
+    )
+
+
+__all__ = ["four_views", "FactReport", "trace_peak"]

@@ -1,0 +1,55 @@
+"""`HTMLView`: the one offline HTML type every kvmem `show()` returns.
+
+circuitsvis's own `RenderedHTML` gives CDN-loading HTML from `str()` and probes the network in
+`_repr_html_`; a view built here always holds the self-contained source (circuitsvis's
+`local_src`, its JavaScript bundle inlined, or plain HTML), so it renders in a notebook without
+network and saves as a page that opens anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvmem.errors import InvalidArgumentError
+
+
+class HTMLView:
+    """Self-contained HTML: renders in Jupyter offline, `str()` and `.html` give the source,
+    `save(path)` writes it as a complete page."""
+
+    def __init__(self, html: str):
+        if not isinstance(html, str):
+            raise InvalidArgumentError(f"HTMLView holds an HTML string, got {type(html).__name__}.")
+        self.html = html
+
+    @classmethod
+    def from_circuitsvis(cls, rendered, heading: str = "") -> "HTMLView":
+        """A circuitsvis result (`RenderedHTML`) through its inlined source, never the CDN one;
+        `heading` (HTML) goes above it."""
+        src = getattr(rendered, "local_src", None)
+        if not isinstance(src, str):
+            raise InvalidArgumentError(
+                f"Expected a circuitsvis RenderedHTML (with local_src), got {type(rendered).__name__}."
+            )
+        return cls(heading + src)
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __html__(self) -> str:
+        return self.html
+
+    def __str__(self) -> str:
+        return self.html
+
+    def save(self, path: str | Path) -> Path:
+        """Write a standalone page (UTF-8) and return its path."""
+        path = Path(path)
+        path.write_text(
+            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head><body>\n{self.html}\n</body></html>\n',
+            encoding="utf-8",
+        )
+        return path
+
+
+__all__ = ["HTMLView"]
