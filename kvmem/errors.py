@@ -58,9 +58,13 @@ class RunLogError(KvmemError):
     log, or cannot be written."""
 
 
-# Stress-run logs are run logs (`kvmem.runs.RunLog`): a mismatched one is a RunLogError.
-StressLogMismatchError = RunLogError
-
-
 class DuplicateRequestError(KvmemError, ValueError):
     """Two edit requests edit the same fact (same subject and relation, or same subject and prompt)."""
+
+
+class ModelMismatchError(InvalidArgumentError):
+    """Statistics or an edit made for other weights than the model's."""
+
+
+class SingularStatisticsError(InvalidArgumentError):
+    """C is singular or numerically not positive definite, so C⁻¹k cannot be trusted."""

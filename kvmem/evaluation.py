@@ -143,10 +143,10 @@ def record_metrics(
     """ES, EM, PS, PM, NS, NM (fractions / probability differences) and GE for one record."""
     rq = record.request
     new, true = rq.target("new"), rq.target("true")
-    groups = {
-        "rewrite": [rq.prompt],
-        "paraphrase": list(record.paraphrase_prompts),
-        "neighborhood": list(record.neighborhood_prompts),
+    groups = {  # metric letter: E(fficacy), P(araphrase), N(eighbourhood)
+        "E": [rq.prompt],
+        "P": list(record.paraphrase_prompts),
+        "N": list(record.neighborhood_prompts),
     }
     items = [(p, t) for ps in groups.values() for p in ps for t in (new, true)]
     sums, counts = target_logprobs(model, items, batch_size=batch_size)
@@ -154,18 +154,17 @@ def record_metrics(
     score = score.view(-1, 2)  # [prompt, (new, true)]
     out: dict = {}
     start = 0
-    for name, ps in groups.items():
+    for key, ps in groups.items():
         s = score[start : start + len(ps)]
         start += len(ps)
-        if not ps:
-            out.update({f"{name}_success": float("nan"), f"{name}_diff": float("nan")})
+        if not ps:  # a record without paraphrases (or neighbours) has no PS, PM (or NS, NM)
+            out.update({f"{key}S": float("nan"), f"{key}M": float("nan")})
             continue
         p_new, p_true = s[:, 0].exp(), s[:, 1].exp()
-        if name == "neighborhood":
+        if key == "N":  # neighbours must keep the true object
             out["NS"] = float((s[:, 1] > s[:, 0]).double().mean())
             out["NM"] = float((p_true - p_new).mean())
         else:
-            key = "E" if name == "rewrite" else "P"
             out[f"{key}S"] = float((s[:, 0] > s[:, 1]).double().mean())
             out[f"{key}M"] = float((p_new - p_true).mean())
     if generation and record.generation_prompts:
@@ -379,12 +378,7 @@ def evaluate_counterfact(
     hp = None
     if editor is None:
         hp = hparams or rome_hparams(model)
-        if hp.mom2_adjustment and stats is None:
-            raise InvalidArgumentError(
-                "evaluate_counterfact with ROME needs stats=second_moment(model, layer, corpus) "
-                "or a custom editor=..."
-            )
-        editor = rome_editor(model, stats=stats, hparams=hp)
+        editor = rome_editor(model, stats=stats, hparams=hp)  # raises without the statistics ROME needs
 
     kw = dict(per_token=per_token, generation=generation, gen_prompts=gen_prompts, gen_tokens=gen_tokens,
               seed=seed, batch_size=batch_size)
@@ -394,7 +388,7 @@ def evaluate_counterfact(
                                    stats, method, unedited, kw)
     out = []
     conds = (["unedited"] if unedited else []) + ([method] if editor is not False else [])
-    show = config.PROGRESS if progress is None else progress
+    show = config.show_progress(progress)
     bar = tqdm(total=len(records) * len(conds), disable=not show, desc="CounterFact")
     for rec in records:
         key = str(rec.case_id)

@@ -69,7 +69,7 @@ def fact_recall(
     tokenized = [tokenize_fact(spec, f, target=target) for f in facts]
     ranks, probs, preds = [], [], []
     device = model.cfg.device
-    show = config.PROGRESS if progress is None else progress
+    show = config.show_progress(progress)
     for i in tqdm(range(0, len(facts), batch_size), disable=not show, desc="recall"):
         chunk = tokenized[i : i + batch_size]
         batch = pad_batch([t.tokens for t in chunk], spec.pad_id)

@@ -226,22 +226,3 @@ def logged_keys(path: str | os.PathLike) -> set[str]:
 def log_settings(path: str | os.PathLike) -> dict:
     """The settings a run log was started with (its header)."""
     return _read_header(Path(path))["settings"]
-
-
-def add_shard_arguments(ap, items: str) -> None:
-    """The command-line flags of a batch script that splits over processes or machines, and `--device`."""
-    ap.add_argument("--device", default=None,
-                    help="torch device (default: TransformerLens's choice, cuda when available)")
-    ap.add_argument("--shard", default=None, help=f"I/N: compute every N-th of the {items} from the I-th, log only")
-    ap.add_argument("--merge", type=int, default=None, metavar="N",
-                    help=f"join the N shard logs into the run log, then summarise the logged {items}")
-    ap.add_argument("--logged-only", action="store_true",
-                    help=f"summarise the logged {items} without computing more")
-
-
-def check_shard_arguments(ap, args) -> None:
-    """Refuse flag combinations that would compute when asked to summarise, or discard the log."""
-    if args.shard and (args.merge or args.logged_only):
-        ap.error("--shard computes; it does not combine with --merge or --logged-only")
-    if getattr(args, "restart", False) and (args.merge or args.logged_only):
-        ap.error("--restart would discard the log that --merge / --logged-only summarise")

@@ -4,6 +4,7 @@ the shipped factworld model (the default) with its world."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 # Every kvmem function's jaxtyping shapes and type hints are checked at run time in the tests
@@ -18,7 +19,9 @@ import torch  # noqa: E402
 
 from kvmem.models.tokenizers import gpt2_tokenizer  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Evaluation data that is not shipped (known facts, CounterFact, PARAREL, corpora): $KVMEM_DATA, as
+# for the benchmarks, else the project's shared data folder beside the checkout.
+SHARED_DATA = Path(os.environ.get("KVMEM_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def shared_data(*parts: str) -> Path:

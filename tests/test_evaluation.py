@@ -3,6 +3,7 @@ benchmark script's tests: tests/benchmarks/test_bench_editing.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -73,6 +74,11 @@ def test_record_metrics_definitions(tiny_gpt2):
     assert m["NS"] == pytest.approx(float((s[3:, 1] > s[3:, 0]).double().mean()))
     assert m["NM"] == pytest.approx(float((s[3:, 1].exp() - s[3:, 0].exp()).mean()))
     assert m["GE"] > 0
+    # without paraphrases and neighbours: those metrics are NaN, under their own names
+    bare = record_metrics(tiny_gpt2, dataclasses.replace(rec, paraphrase_prompts=(), neighborhood_prompts=()),
+                          generation=False)
+    assert set(bare) == {"ES", "EM", "PS", "PM", "NS", "NM", "GE"}
+    assert bare["ES"] == m["ES"] and all(math.isnan(bare[k]) for k in ("PS", "PM", "NS", "NM", "GE"))
 
 
 def test_evaluate_counterfact_unedited_and_edited(tiny_gated):
@@ -126,6 +132,8 @@ def test_rome_editor_samples_prefixes_once(tiny_gated, monkeypatch):
     torch.testing.assert_close(edits[0].delta(), want.delta(), rtol=0, atol=0)
     with pytest.raises(InvalidArgumentError, match="stats"):
         rome_editor(tiny_gated, hparams=RomeHparams(layer=1))
+    with pytest.raises(InvalidArgumentError, match="stats"):  # the default editor: checked before any record
+        evaluate_counterfact(tiny_gated, [_record(0)], hparams=RomeHparams(layer=1), progress=False)
 
 
 def test_evaluate_counterfact_resumes_from_its_log(tiny_gated, tmp_path):

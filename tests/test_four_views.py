@@ -96,9 +96,11 @@ def test_bad_input(factworld, tiny_gpt2, record):
     fact = record.request
     with pytest.raises(InvalidArgumentError, match="target_new"):
         four_views(factworld, Fact(fact.prompt, fact.subject, target_true=fact.target_true), **FAST)
+    big_ben = Fact("Big Ben is in the city of", "Big Ben", target_true=" London", target_new=" Paris")
     with pytest.raises(InvalidArgumentError, match="corpus"):  # no statistics, and no text to compute them
-        four_views(tiny_gpt2, Fact("Big Ben is in the city of", "Big Ben", target_true=" London",
-                                   target_new=" Paris"), **FAST)
+        four_views(tiny_gpt2, big_ben, **FAST)
+    with pytest.raises(InvalidArgumentError, match="window"):  # checked first, before any statistics
+        four_views(tiny_gpt2, big_ben, window=99, **FAST)
     with pytest.raises((InvalidArgumentError, TypeError), match="Fact"):  # beartype may see it first
         four_views(factworld, fact.prompt, **FAST)
 

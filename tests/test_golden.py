@@ -103,6 +103,20 @@ def factworld_stats(factworld):
 
 # --- the cases --------------------------------------------------------------------------------
 
+def test_golden_inputs_are_the_librarys_factworld_data():
+    """cases.py writes out the factworld corpus and CounterFact records it uses; they must be what
+    kvmem's public functions give (else the golden values would guard other inputs than kvmem's)."""
+    import dataclasses
+
+    from kvmem.factworld import corpus, counterfact_records
+
+    world = cases.world()
+    assert cases.factworld_corpus(world) == corpus(world)
+    library = counterfact_records(world, n_neighbours=cases.N_NEIGHBOURS)
+    for golden in cases.factworld_records(world):
+        assert dataclasses.replace(golden, generation_prompts=()) == library[golden.case_id]
+
+
 def test_golden_factworld_causal_trace(factworld):
     check_case("trace_factworld", cases.trace_factworld(*factworld))
 

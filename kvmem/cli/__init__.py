@@ -11,7 +11,7 @@ over the library: each command reads its options, calls kvmem's functions and wr
     kvmem neurons --facts facts.json --out runs/neurons  # knowledge neurons per fact
     kvmem edit --facts facts.json --out runs/edit        # ROME edit + CounterFact metrics per fact
     kvmem stats --layers 1 --out runs/stats              # second-moment statistics for ROME
-    kvmem recall --model gemma-3-270m --facts ../shared/data/known_1000.json --limit 200
+    kvmem recall --model gemma-3-270m --facts known_1000.json --limit 200
 
 Batch commands read fact files (`kvmem.data.read_fact_file`: known_1000, CounterFact or simple
 `{"prompt", "subject", "target", ...}` records); they log each finished fact to

@@ -14,7 +14,7 @@ from kvmem.cli import common, options
 
 def _fact_and_prompts(args: argparse.Namespace):
     """(fact, paraphrases, neighbours, knowledge-neuron prompts or None) of the demo's options."""
-    if options.is_factworld(args.model) and not args.prompt:
+    if options.names_factworld(args.model) and not args.prompt:
         record = options.factworld_record(args.fact_index)
         fact = record.request if args.new is None else replace(record.request, target_new=args.new)
         from kvmem.factworld import shipped_world
@@ -40,21 +40,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = common.check_out(args.out)
-    _, corpus_name = options.corpus(args, "kvmem demo")  # a missing --corpus fails before the model loads
+    corpus, corpus_name = options.corpus(args, "kvmem demo")  # a missing --corpus fails before the model loads
     fact, paraphrases, neighbours, neuron_prompts = _fact_and_prompts(args)
     model = common.load_model(args.model, args.quiet)
     t_load = time.perf_counter() - t0
     hp = rome_settings(model, layer=args.layer, facts=[fact], progress=not args.quiet)
-    t = time.perf_counter()
-    stats = options.stats(args, model, hp.layer, "kvmem demo")
-    t_stats = time.perf_counter() - t
+    # four_views computes ROME's statistics over the corpus (cached under --cache-dir) and times them
     report = four_views(model, fact, paraphrases=paraphrases, neighbours=neighbours, neuron_prompts=neuron_prompts,
-                        stats=stats, hparams=hp, window=args.window, samples=args.samples, steps=args.steps,
-                        seed=args.seed, progress=not args.quiet)
-    report = replace(report, timings={"load model": t_load, "ROME statistics": t_stats, **report.timings})
+                        corpus=corpus, n_tokens=args.n_tokens, cache_dir=args.cache_dir, hparams=hp,
+                        window=args.window, samples=args.samples, steps=args.steps, seed=args.seed,
+                        progress=not args.quiet)
+    report = replace(report, timings={"load model": t_load, **report.timings})
 
     page = fact_report(report, title=f"kvmem: one fact, four views ({args.model})",
-                       meta={"model": args.model, "ROME statistics": f"{stats.n_tokens} tokens of {corpus_name}"})
+                       meta={"model": args.model, "ROME statistics": f"{report.stats_tokens} tokens of {corpus_name}"})
     page.save(out / "report.html")
     summary = {"model": args.model, **report.summary()}
     summary["seconds"] = {k: round(v, 2) for k, v in report.timings.items()}

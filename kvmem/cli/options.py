@@ -14,7 +14,8 @@ from kvmem.errors import InvalidArgumentError
 FACTWORLD_CORPUS = "factworld training sentences"
 
 
-def is_factworld(name: str) -> bool:
+def names_factworld(name: str) -> bool:
+    """Whether a --model value names the shipped factworld model (known before it loads)."""
     return str(name) == "factworld"
 
 
@@ -23,7 +24,7 @@ def corpus(args: argparse.Namespace, what: str) -> tuple[Any, str]:
     loads, so a missing `--corpus` fails at once."""
     given = getattr(args, "corpus", None)
     if given in (None, "factworld"):
-        if given is None and not is_factworld(args.model):
+        if given is None and not names_factworld(args.model):
             raise InvalidArgumentError(
                 f"{what} on {args.model} needs --corpus (a text file, or 'wiki') for ROME's key statistics."
             )
@@ -66,7 +67,7 @@ def single_fact(args: argparse.Namespace) -> Fact:
         return Fact(args.prompt, args.subject, target_true=args.target, target_new=new)
     if args.subject or args.target:
         raise InvalidArgumentError("--subject / --target go with --prompt; pass all of them, or none.")
-    if is_factworld(args.model):
+    if names_factworld(args.model):
         fact = factworld_record(args.fact_index).request
     else:
         from kvmem.data import builtin_facts

@@ -28,7 +28,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     traces = trace_all(model, fact, window=args.window, kinds=args.kinds, samples=args.samples, seed=args.seed,
                        progress=not args.quiet)
     common.write_figure(out / "trace.png", traces.plot(title=f"{fact.prompt!r} -> {traces.traces[0].answer!r}"))
-    common.write(out / "trace.html", f"<!DOCTYPE html>\n<html><body>\n{traces.show().html}\n</body></html>\n")
+    common.write(out / "trace.html", traces.show().page())
     common.write(out / "trace.csv", traces.to_frame().to_csv(index=False))
     summary = {"model": args.model, "prompt": fact.prompt, "subject": fact.subject, "answer": traces.traces[0].answer,
                "p_clean": traces.p_clean, "p_corrupt": traces.p_corrupt, "seconds": round(time.perf_counter() - t0, 2)}

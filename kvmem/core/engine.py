@@ -58,7 +58,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kvmem import config
-from kvmem.core.hooks import capture, restore_at
+from kvmem.core.hooks import capture, has_hook, restore_at
 from kvmem.core.readout import final_logits
 from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
 
@@ -140,8 +140,12 @@ def _cache_entry_class():
     return TransformerLensKeyValueCacheEntry
 
 
-def _has_hook(model, name: str) -> bool:
-    return name in getattr(model, "hook_dict", {})
+def new_kv_cache(model, n_rows: int, device=None):
+    """An empty TransformerLens key/value cache for `n_rows` rows, for incremental decoding:
+    `model(tokens, past_kv_cache=cache)` attends to what earlier calls cached, then appends."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    return TransformerLensKeyValueCache.init_cache(model.cfg, device, n_rows)
 
 
 @torch.no_grad()
@@ -167,8 +171,8 @@ def record_run(
             f"{tokens.shape[1]} tokens exceed the model's context of {model.cfg.n_ctx}; shorten the prompt."
         )
     n_layers = model.cfg.n_layers
-    has_mlp = all(_has_hook(model, f"blocks.{i}.hook_mlp_out") for i in range(n_layers))
-    has_attn = all(_has_hook(model, f"blocks.{i}.hook_attn_out") for i in range(n_layers))
+    has_mlp = all(has_hook(model, f"blocks.{i}.hook_mlp_out") for i in range(n_layers))
+    has_attn = all(has_hook(model, f"blocks.{i}.hook_attn_out") for i in range(n_layers))
     mlp_out: dict[int, Tensor] = {}
     attn_out: dict[int, Tensor] = {}
     # cloned: the recorded outputs outlive the pass, and later hooks may write in place
@@ -360,6 +364,8 @@ def run_interventions(
     answer's probability). Returns `[len(interventions), base.n_rows]`. `batch_size`: rows per
     forward pass (None: as many as fit `memory_budget` bytes). `reuse_prefix=False` recomputes
     every position from 0 instead of continuing the base run's keys/values (a check, not faster).
+    `progress`: a bar over the chunks, off by default: this is the inner loop of the analyses,
+    which show their own bars.
     """
     _validate(model, base, source, interventions)
     n_layers, n_pos, n_base = model.cfg.n_layers, base.n_pos, base.n_rows
@@ -525,6 +531,6 @@ def patch_prompts(
     values = run_interventions(
         model, base, source, cells, metric, read_pos=read_pos, batch_size=batch_size,
         memory_budget=memory_budget, reuse_prefix=reuse_prefix,
-        progress=config.PROGRESS if progress is None else progress,
+        progress=config.show_progress(progress),
     )
     return values[:, 0].reshape(n_layers, n_pos)

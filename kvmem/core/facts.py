@@ -78,14 +78,13 @@ class Fact:
         return value
 
 
-
 def occurrences(text: str, sub: str) -> list[int]:
+    """Character offsets of every occurrence of `sub` in `text` (overlapping ones included)."""
     starts, i = [], text.find(sub)
     while i != -1:
         starts.append(i)
         i = text.find(sub, i + 1)
     return starts
-
 
 
 @dataclass(frozen=True)
@@ -216,5 +215,3 @@ def tokenize_fact(
         )
     str_tokens = tuple(spec.tokenizer.decode([i]) for i in ids)
     return TokenizedFact(fact, torch.tensor(ids, dtype=torch.long), str_tokens, span, tids)
-
-

@@ -10,6 +10,9 @@ Each factory returns a function `hook(activation, hook) -> activation` that work
 - `freeze`         hold a hook point at recorded values (severing a path, ROME fig. 3)
 - `scale_neurons`  multiply chosen `hook_post` neurons (x0 suppress, x2 amplify)
 
+`has_hook` / `check_has_embed_hook` say which hook points a model has; `add_mlp_output_hook` hooks
+an MLP module's raw output (before a post-MLP norm), the one place no TransformerLens hook point sits.
+
 Positions index the activation's `pos` axis as the model sees it (BOS included when the model
 prepends one), exactly like `TokenizedFact.subject`. Hooks never modify their inputs' storage
 other than the activation they are given, and never keep state between calls.
@@ -246,11 +249,23 @@ def scale_neurons(
     return hook
 
 
+def has_hook(model, name: str) -> bool:
+    """Whether the model has the hook point `name` (e.g. no `hook_mlp_out` on attention-only models)."""
+    return name in getattr(model, "hook_dict", {})
+
+
 def check_has_embed_hook(model) -> None:
     """Raise unless the model exposes `hook_embed` (token embeddings without positions)."""
-    hook_dict = getattr(model, "hook_dict", {})
-    if EMBED_HOOK not in hook_dict:
+    if not has_hook(model, EMBED_HOOK):
         raise InvalidArgumentError(
             "This model has no 'hook_embed' hook point, so its token embeddings cannot be corrupted; "
             "use a transformer_lens.HookedTransformer."
         )
+
+
+def add_mlp_output_hook(model, layer: int, fn: Callable[[Tensor], Tensor]):
+    """Register `fn(output) -> output` on layer `layer`'s MLP module itself and return the handle
+    (call `.remove()`). `fn` sees the MLP's own output, `post @ W_out + b_out`, before any post-MLP
+    norm (Gemma-2/3's `ln2_post`); `hook_mlp_out` sees it after that norm. ROME's v* optimisation
+    adds its δ here, where the edited `W_out` writes."""
+    return model.blocks[layer].mlp.register_forward_hook(lambda module, inputs, output: fn(output))

@@ -54,6 +54,7 @@ def spec_for(model_or_spec: Any) -> TokenizerSpec:
 
 
 def encode_raw(spec: TokenizerSpec, text: str) -> list[int]:
+    """Token ids of `text` alone: no start token, no special tokens."""
     return list(spec.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -104,7 +105,6 @@ def char_offsets(spec: TokenizerSpec, text: str) -> tuple[list[int], list[tuple[
         offsets.append((prev, max(prev, min(end, len(text)))))
         prev = offsets[-1][1]
     return ids, offsets
-
 
 
 @dataclass(frozen=True)

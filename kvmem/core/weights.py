@@ -4,6 +4,9 @@ A TransformerLens MLP computes `post = act(x W_in + b_in)` (GPT-2) or
 `post = act(x W_gate) * (x W_in + b_in)` (gated: Gemma, Llama), then `out = post W_out + b_out`.
 Either way `hook_post` holds the key coefficients and row i of `W_out` is value i, so analyses
 written against this module never branch on the model type.
+
+Also here: layer checks, the norms around the MLP and before the unembedding (`mlp_post_norm`,
+`final_norm_layer` and the hooks of their per-position scales) and token embeddings.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from kvmem.core.hooks import has_hook
 from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
 
 
@@ -60,10 +64,6 @@ def hook_post_name(model, layer: int) -> str:
     return f"blocks.{check_layer(model, layer)}.mlp.hook_post"
 
 
-def hook_mlp_out_name(model, layer: int) -> str:
-    return f"blocks.{check_layer(model, layer)}.hook_mlp_out"
-
-
 def is_gated(model) -> bool:
     return bool(getattr(model.cfg, "gated_mlp", False))
 
@@ -108,15 +108,6 @@ def mlp_weights(model, layer: int) -> MLPWeights:
     )
 
 
-def W_out(model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
-    return mlp_weights(model, layer).W_out
-
-
-def W_U(model) -> Float[Tensor, "d_model d_vocab"]:
-    """The unembedding as TransformerLens holds it (final-norm weights folded in if fold_ln was used)."""
-    return model.W_U
-
-
 def mlp_post_norm(model, layer: int):
     """The norm a block applies to its MLP output before the residual add, or None."""
     block = model.blocks[layer]
@@ -133,3 +124,27 @@ def mlp_post_norm(model, layer: int):
     if norm is None or not hasattr(norm, "hook_scale"):
         return None
     return norm
+
+
+def post_norm_scale_name(model, layer: int) -> str | None:
+    """Hook of the post-MLP norm's per-position scale (None where the block has no post-norm)."""
+    norm = mlp_post_norm(model, layer)
+    if norm is None:
+        return None
+    name = getattr(norm.hook_scale, "name", None)
+    return name if name is not None and has_hook(model, name) else None
+
+
+def final_norm_layer(model):
+    """The final norm before the unembedding (`ln_final`), or None for models without one."""
+    return getattr(model, "ln_final", None)
+
+
+def final_scale_name(model) -> str | None:
+    """The hook holding the final norm's per-position scale, or None for models without one."""
+    return "ln_final.hook_scale" if has_hook(model, "ln_final.hook_scale") else None
+
+
+def token_embeddings(model, tokens: Int[Tensor, "pos"]) -> Float[Tensor, "pos d_model"]:
+    """The token embeddings of `tokens`, without positions: what `hook_embed` sees."""
+    return model.embed(tokens[None])[0]

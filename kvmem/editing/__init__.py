@@ -8,7 +8,7 @@
 
 from kvmem.editing.apply import apply_edit, edited
 from kvmem.editing.layer import choose_edit_layer, tracing_peak_layer
-from kvmem.editing.fingerprint import ModelMismatchError, model_fingerprint
+from kvmem.editing.fingerprint import model_fingerprint
 from kvmem.editing.rome import (
     PRESETS,
     Edit,
@@ -20,7 +20,8 @@ from kvmem.editing.rome import (
     rome_hparams,
     rome_statistics,
 )
-from kvmem.editing.stats import SecondMoment, SingularStatisticsError, load_second_moment, second_moment
+from kvmem.editing.stats import SecondMoment, load_second_moment, second_moment
+from kvmem.errors import ModelMismatchError, SingularStatisticsError
 
 __all__ = [
     "Edit", "RomeHparams", "PRESETS", "rome_hparams", "edit_layer", "compute_rome_edit",

@@ -12,9 +12,9 @@ from typing import Iterator
 
 import torch
 
-from kvmem.editing.fingerprint import ModelMismatchError, model_fingerprint
+from kvmem.editing.fingerprint import model_fingerprint
 from kvmem.editing.rome import Edit
-from kvmem.errors import InvalidArgumentError
+from kvmem.errors import InvalidArgumentError, ModelMismatchError
 from kvmem.core.weights import check_layer, mlp_weights
 
 # On the model object: [(fingerprint before, fingerprint after)] of each edit applied by kvmem.

@@ -15,12 +15,6 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from kvmem.errors import InvalidArgumentError
-
-
-class ModelMismatchError(InvalidArgumentError):
-    """Statistics or an edit made for other weights than the model's."""
-
 # Configuration fields that do not change the function a model computes.
 _CFG_IGNORED = {"device", "n_devices", "seed", "model_name", "tokenizer_name", "checkpoint_index",
                 "checkpoint_label_type", "checkpoint_value", "dtype", "use_hook_tokens",

@@ -10,9 +10,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kvmem.errors import InvalidArgumentError
+from kvmem.core.engine import new_kv_cache
 from kvmem.core.mlp_layout import pretransposed_mlps
 from kvmem.core.readout import final_logits
+from kvmem.errors import InvalidArgumentError
 
 
 @torch.no_grad()
@@ -26,8 +27,6 @@ def sample_tokens(
 ) -> Int[Tensor, "n new"]:
     """`n` continuations of `prompt`, each `max_new_tokens` long, sampled from the top `top_k`
     next tokens (ROME's `generate_fast` samples top-5). Randomness only from `generator`."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     if n < 1 or max_new_tokens < 0 or top_k < 1:
         raise InvalidArgumentError("Need n ≥ 1, max_new_tokens ≥ 0 and top_k ≥ 1.")
     if prompt.numel() + max_new_tokens > model.cfg.n_ctx:
@@ -41,7 +40,7 @@ def sample_tokens(
         return out
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, n)
+    cache = new_kv_cache(model, n, device)
     tokens = prompt.to(device)[None].expand(n, -1).contiguous()
     n_layers = model.cfg.n_layers
     # one token per forward: TransformerLens's per-call weight copies would dominate (bit-identical without)

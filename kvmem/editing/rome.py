@@ -27,12 +27,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kvmem.editing.fingerprint import ModelMismatchError, model_fingerprint, tensors_checksum
+from kvmem import config
+from kvmem.editing.fingerprint import model_fingerprint, tensors_checksum
 from kvmem.editing.generate import sample_tokens
 from kvmem.editing.stats import SecondMoment, check_invertible
-from kvmem.errors import CacheError, InvalidArgumentError
-from kvmem.core.facts import Fact, subject_span, tokenize_fact
-from kvmem.core.facts import occurrences
+from kvmem.errors import CacheError, InvalidArgumentError, ModelMismatchError
+from kvmem.core.facts import Fact, occurrences, subject_span, tokenize_fact
+from kvmem.core.hooks import add_mlp_output_hook, capture
 from kvmem.core.tokenize import encode, pad_batch, spec_for
 from kvmem.core.readout import final_logits
 from kvmem.core.weights import check_layer, hook_post_name, mlp_weights
@@ -98,7 +99,7 @@ class RomeHparams:
     early_stop_loss: float = 0.05
     mom2_adjustment: bool = True
     mom2_corpus: str = "wiki"
-    mom2_n_tokens: int = 200_000
+    mom2_n_tokens: int = config.STATS_TOKENS
     layer_source: str = "default"
     update_key: Literal["averaged", "prompt"] = "averaged"
 
@@ -266,7 +267,7 @@ class Edit:
 
 # --- k*: contexts ---------------------------------------------------------------------------
 
-def context_prefixes(model, hparams: RomeHparams | None = None, seed: int | None = None) -> list[str]:
+def context_prefixes(model, hparams: RomeHparams | None = None, *, seed: int | None = None) -> list[str]:
     """ROME's random context prefixes: "" (the plain prompt) plus model samples, each ending ". ".
 
     Sampled top-k from the model's start token with a fresh generator seeded by `seed`
@@ -314,12 +315,12 @@ def _check_request(model, request) -> tuple[str, str]:
 def compute_rome_edit(
     model,
     request: Fact,
+    *,
     layer: int | None = None,
     stats: SecondMoment | Tensor | None = None,
     hparams: RomeHparams | None = None,
-    *,
     prefixes: Sequence[str] | None = None,
-    progress: bool = False,
+    verbose: bool = False,
     _fingerprint: str | None = None,
 ) -> Edit:
     """The ROME edit that makes `model` answer `request.target_new` for `request`. Does not
@@ -329,6 +330,7 @@ def compute_rome_edit(
     tensor; required unless `hparams.mom2_adjustment` is False. `hparams`: defaults to the
     model's preset (`rome_hparams(model)`); `layer` overrides its layer. `prefixes`: the context
     prefixes to use (default `context_prefixes(model, hparams)`; pass them to reuse across edits).
+    `verbose`: print each v* optimisation step's loss (the same numbers as `Edit.loss_trace`).
     """
     t0 = time.perf_counter()
     hparams = hparams or rome_hparams(model)
@@ -383,16 +385,11 @@ def compute_rome_edit(
 
     # layers below the edit never change: run them once
     got: dict[str, Tensor] = {}
-
-    def keep(act, hook):
-        got[hook.name] = act.detach()
-        return act
-
     resid_name = f"blocks.{layer}.hook_resid_pre"
     with torch.no_grad():
         model.run_with_hooks(
             tokens, stop_at_layer=layer + 1,
-            fwd_hooks=[(resid_name, keep), (hook_post_name(model, layer), keep)],
+            fwd_hooks=[(resid_name, capture(got)), (hook_post_name(model, layer), capture(got))],
         )
     resid_pre = got[resid_name]
     keys = got[hook_post_name(model, layer)]
@@ -421,12 +418,12 @@ def compute_rome_edit(
     delta = torch.zeros(v_init.shape[0], dtype=torch.float32, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
 
-    def add_delta(module, inputs, output):
+    def add_delta(output):
         return output + mask * delta.to(output.dtype)
 
     trace: list[list[float]] = []
     kl_init: Tensor | None = None
-    handle = model.blocks[layer].mlp.register_forward_hook(add_delta)
+    handle = add_mlp_output_hook(model, layer, add_delta)
     try:
         with torch.enable_grad():
             for it in range(hparams.v_num_grad_steps):
@@ -446,7 +443,7 @@ def compute_rome_edit(
                 wd = hparams.v_weight_decay * delta.norm() / (v_norm.float() ** 2)
                 loss = nll + kl + wd
                 trace.append([loss.item(), nll.item(), kl.item(), wd.item(), tok_logp.exp().mean().item()])
-                if progress:
+                if verbose:
                     print(f"step {it}: loss {loss.item():.3f} = nll {nll.item():.3f} + kl {kl.item():.3f} + wd {wd.item():.3f}")
                 if loss.item() < hparams.early_stop_loss or it == hparams.v_num_grad_steps - 1:
                     break
@@ -549,7 +546,7 @@ def reinsert(model, edit: Edit, stats: SecondMoment | Tensor | None = None, stre
                    hparams=replace(edit.hparams, mom2_adjustment=stats is not None))
 
 
-def rome_statistics(model, hparams: RomeHparams | None = None, layer: int | None = None, **kwargs) -> SecondMoment:
+def rome_statistics(model, hparams: RomeHparams | None = None, *, layer: int | None = None, **kwargs) -> SecondMoment:
     """`second_moment` for the preset's layer, corpus and token count (kwargs pass through)."""
     from kvmem.editing.stats import second_moment
 

@@ -29,19 +29,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem import config
 from kvmem.config import cache_root
 from kvmem.data import ensure_nonempty, read_corpus
 from kvmem.editing.fingerprint import model_fingerprint, tensors_checksum
-from kvmem.errors import CacheError, InvalidArgumentError
+from kvmem.errors import CacheError, InvalidArgumentError, SingularStatisticsError
 from kvmem.core.hooks import capture
 from kvmem.core.tokenize import encode, pad_batch, spec_for
 from kvmem.core.weights import check_layer, hook_post_name
 
 FORMAT_VERSION = "1"
-
-
-class SingularStatisticsError(InvalidArgumentError):
-    """C is singular or numerically not positive definite, so C⁻¹k cannot be trusted."""
 
 
 @dataclass(frozen=True)
@@ -250,15 +247,15 @@ def second_moment(
     model,
     layer: int,
     corpus: str | Path | Iterable[str],
-    n_tokens: int = 200_000,
     *,
+    n_tokens: int = config.STATS_TOKENS,
     max_len: int = 256,
     batch_tokens: int = 4096,
     n_checkpoints: int = 20,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     recompute: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> SecondMoment:
     """Uncentred second moment C = E[k kᵀ] of layer `layer`'s MLP keys (`hook_post`) over text.
 
@@ -271,6 +268,7 @@ def second_moment(
     Results are cached under `cache_dir` (else `$KVMEM_CACHE`, else `~/.cache/kvmem`) keyed by
     model fingerprint, layer, corpus fingerprint and `n_tokens`; `use_cache=False` neither reads
     nor writes, `recompute=True` overwrites. A corrupt cache file raises `CacheError`.
+    `progress`: a bar over the tokens (None: `kvmem.config.PROGRESS`).
     """
     layer = check_layer(model, layer)
     if not isinstance(n_tokens, int) or n_tokens < 1:
@@ -305,7 +303,7 @@ def second_moment(
     changes: list[float] = []
     kept: dict[str, Tensor] = {}  # this batch's hook_post activations, kept by the hook
     start = time.perf_counter()
-    bar = tqdm(total=total, disable=not progress, desc=f"C layer {layer}", unit="tok")
+    bar = tqdm(total=total, disable=not config.show_progress(progress), desc=f"C layer {layer}", unit="tok")
     with torch.no_grad(), model.hooks(fwd_hooks=[(hook_post_name(model, layer), capture(kept, "post"))]):
         # batches no larger than a checkpoint step, so that small runs still show convergence
         for rows_b in length_batches(rows, min(batch_tokens, max(step, max_len))):

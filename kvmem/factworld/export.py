@@ -193,19 +193,6 @@ def _model_cfg_of(compact_model) -> dict:
     )
 
 
-def expand_to_full(compact_model, used_token_ids: list[int]):
-    """The full-vocabulary `GPT2LMHeadModel` (50257 tokens) equal to `compact_model`: unused
-    token embeddings (= unembeddings, tied) are zero, so their logits are exactly 0."""
-    from transformers import GPT2LMHeadModel
-
-    full = GPT2LMHeadModel(gpt2_config(_model_cfg_of(compact_model), FULL_VOCAB, EOT_ID, EOT_ID))
-    missing, unexpected = full.load_state_dict(_full_state_dict(compact_model, used_token_ids), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    full.tie_weights()
-    full.eval()
-    return full
-
-
 def write_hf_folder(folder: Path | str, weights_dir: Path | str | None = None) -> Path:
     """Write the full Hugging Face folder (config, model.safetensors, tokenizer, manifest).
 

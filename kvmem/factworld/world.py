@@ -63,7 +63,7 @@ class WorldFact:
     """A fact asked with one template (ROME style: `template` holds one `{}` for the subject).
 
     `target` is the object with its leading space (`" Paris"`): the prompt ends right before it.
-    Converting to `kvmem.core.tokenize.Fact`: `Fact(f.prompt, f.subject, target_true=f.target,
+    Converting to `kvmem.Fact`: `Fact(f.prompt, f.subject, target_true=f.target,
     relation_id=f.relation)`.
     """
 

@@ -32,9 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from kvmem.core.weights import check_neurons, final_norm_layer, mlp_post_norm, mlp_weights
 from kvmem.errors import InvalidArgumentError
-from kvmem.core.weights import check_neurons
-from kvmem.core.weights import mlp_post_norm  # noqa: F401  (re-exported for the memory views)
 
 FinalNorm = Literal["linear", "none"]
 
@@ -67,23 +66,12 @@ def resolve_neurons(model, neurons: Sequence[int] | Tensor | None) -> Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def post_norm_scale_name(model, layer: int) -> str | None:
-    """Hook of the post-MLP norm's per-position scale (None where the block has no post-norm)."""
-    norm = mlp_post_norm(model, layer)
-    if norm is None:
-        return None
-    name = getattr(norm.hook_scale, "name", None)
-    return name if name in model.hook_dict else None
-
-
 def value_directions(
     model, layer: int, rows: Float[Tensor, "n d_model"] | None = None
 ) -> Float[Tensor, "n d_model"]:
     """What each value writes into the residual per unit of coefficient, up to the post-MLP
     norm's positive per-position 1/scale: `W_out` rows (all, or `rows`) times the post-norm's
     gain (centred first for LayerNorm). Unchanged (a view) for blocks without a post-MLP norm."""
-    from kvmem.core.weights import mlp_weights
-
     v = mlp_weights(model, layer).W_out if rows is None else rows
     norm = mlp_post_norm(model, layer)
     if norm is None:
@@ -97,12 +85,12 @@ def value_directions(
 
 
 def _centers(model) -> bool:
-    ln = getattr(model, "ln_final", None)
+    ln = final_norm_layer(model)
     return ln is not None and type(ln).__name__ in ("LayerNorm", "LayerNormPre")
 
 
 def _gain(model) -> Tensor | None:
-    ln = getattr(model, "ln_final", None)
+    ln = final_norm_layer(model)
     w = getattr(ln, "w", None) if ln is not None else None
     return w if isinstance(w, Tensor) else None
 
@@ -140,11 +128,6 @@ def unembed_column(model, token: int, final_norm: FinalNorm = "linear") -> Float
     if _centers(model):
         r = r - r.mean()
     return r
-
-
-def final_scale_name(model) -> str | None:
-    """The hook holding the final norm's per-position scale, or None for models without one."""
-    return "ln_final.hook_scale" if "ln_final.hook_scale" in model.hook_dict else None
 
 
 def decode_tokens(tokenizer, ids: Sequence[int]) -> list[str]:

@@ -7,8 +7,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kvmem.core.hooks import capture
-from kvmem.core.weights import check_layer, hook_post_name, mlp_weights
-from kvmem.memories._common import mlp_post_norm
+from kvmem.core.weights import check_layer, hook_post_name, mlp_post_norm, mlp_weights
 
 
 @torch.no_grad()

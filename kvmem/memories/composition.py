@@ -126,7 +126,7 @@ def composition_stats(
     store: dict[str, Tensor] = {}
     hooks = [(n, capture(store)) for n in sorted(wanted)]  # keyed by hook name
     stats = {k: [] for k in ("npos", "nact", "comp", "midf", "postf", "kept", "over", "compose")}
-    show_bar = config.PROGRESS if progress is None else progress
+    show_bar = config.show_progress(progress)
     bar = tqdm(total=max_tokens, disable=not show_bar, desc="composition", unit="tok")
     try:
         for batch in corpus_windows(model, corpus, window=window, batch_size=batch_size, max_tokens=max_tokens):

@@ -206,7 +206,7 @@ def top_contexts_by_layer(
     hooks = [(names[l], capture(store)) for l in layers]  # keyed by hook name
     stop = max(layers) + 1
     n_tokens = 0
-    show_bar = config.PROGRESS if progress is None else progress
+    show_bar = config.show_progress(progress)
     bar = tqdm(total=max_tokens, disable=not show_bar, desc=f"top contexts L{layers[0]}-{layers[-1]}", unit="tok")
     try:
         for batch in corpus_windows(model, corpus, window=window, batch_size=batch_size, max_tokens=max_tokens):

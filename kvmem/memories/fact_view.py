@@ -27,14 +27,12 @@ from kvmem.memories._common import (
     check_final_norm,
     check_k,
     decode_tokens,
-    final_scale_name,
-    post_norm_scale_name,
     readout_logits,
     unembed_column,
     value_directions,
 )
 from kvmem.core.facts import Fact, tokenize_fact
-from kvmem.core.weights import check_layers, hook_post_name
+from kvmem.core.weights import check_layers, final_scale_name, hook_post_name, post_norm_scale_name
 from kvmem.viz import HTMLView
 
 POSITION_LABELS = ("subject_last", "last")

@@ -116,7 +116,7 @@ def value_tokens(
     W_out = mlp_weights(model, layer).W_out
     chunk = max(1, int(max_elements) // d_vocab)
     tops, top_s, bots, bot_s = [], [], [], []
-    show_bar = config.PROGRESS if progress is None else progress
+    show_bar = config.show_progress(progress)
     for start in tqdm(range(0, len(idx), chunk), disable=not show_bar, desc=f"values L{layer}"):
         sel = idx[start : start + chunk].to(W_out.device)
         logits = readout_logits(model, value_directions(model, layer, W_out[sel]), final_norm).float()

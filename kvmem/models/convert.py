@@ -259,4 +259,3 @@ def instantiate(cfg_json: dict[str, Any], params: dict[str, torch.Tensor], token
     _fix_tokenizer_label(model)
     model.eval()
     return model
-

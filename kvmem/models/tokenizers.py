@@ -149,4 +149,3 @@ def save_portable_tokenizer(tokenizer, folder: Path) -> None:
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config["add_bos_token"] = True
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-

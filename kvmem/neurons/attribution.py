@@ -186,5 +186,5 @@ def integrated_gradients(
     riemann_nodes(steps, rule)  # validate early
     return attribute(
         model, tf, chosen, steps=steps, baseline=baseline, rule=rule, site=site, batch_size=batch_size,
-        memory_budget=memory_budget, progress=config.PROGRESS if progress is None else progress,
+        memory_budget=memory_budget, progress=config.show_progress(progress),
     )

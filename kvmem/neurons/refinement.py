@@ -106,7 +106,7 @@ def knowledge_neurons(
     prepared = [teacher_forced(model, p, tgt) for p in texts]
     rule = resolve_rule(model, rule, chosen)
     riemann_nodes(steps, rule)
-    show_bar = config.PROGRESS if progress is None else progress
+    show_bar = config.show_progress(progress)
     attrs = tuple(
         attribute(model, tf, chosen, steps=steps, baseline=baseline, rule=rule, site=site, batch_size=batch_size,
                   memory_budget=memory_budget, progress=False)

@@ -1,6 +1,6 @@
 """Where is a fact stored? One report joining layer-level and neuron-level evidence.
 
-    loc = kvmem.pipelines.diagnose(model, fact, paraphrases=["Where does X live? In the city of", ...])
+    loc = kvmem.diagnose(model, fact, paraphrases=["Where does X live? In the city of", ...])
     loc.peak_layer, loc.score, loc.neurons
     loc.to_frame(); loc.plot(); loc.show()
 
@@ -50,14 +50,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvmem import config
+from kvmem.core.facts import Fact
 from kvmem.errors import InvalidArgumentError, UnknownFactError
 from kvmem.memories.fact_view import fact_memories
-from kvmem.neurons import knowledge_neurons
-from kvmem.core.facts import Fact
+from kvmem.neurons import Neuron, knowledge_neurons
 from kvmem.recall import fact_recall
 from kvmem.tracing import causal_trace, noise_level
 
-Neuron = tuple[int, int]
 PROFILES = ("trace_single", "trace_window", "memory_subject", "memory_last", "ig_layer")
 
 
@@ -266,11 +265,12 @@ def diagnose(
 
     `fact` needs `target_true`. `paraphrases`: other prompts for the same fact (strings containing
     `fact.subject`, or Facts with the same target). `window`: ROME's MLP window (default
-    `kvmem.config.localization_window(n_layers)`, 10 of 48 layers scaled). `noise`: default `noise_level` over all
-    prompts. `samples`, `seed`: causal-tracing noise samples. `steps`, `threshold`, `share`:
-    integrated gradients and Dai et al.'s refinement. `memory_k`: memories kept per layer by the
-    memory view (the layer totals use all of them). Raises `UnknownFactError` for a fact the model
-    does not answer (unless `require_known=False`).
+    `kvmem.config.localization_window(n_layers)`, 10 of 48 layers scaled). `noise`: default
+    `noise_level` over all prompts. `samples`, `seed`: causal-tracing noise samples. `steps`,
+    `threshold`, `share`: integrated gradients and Dai et al.'s refinement. `memory_k`: memories
+    kept per layer by the memory view (the layer totals use all of them). `progress`: a bar over
+    the knowledge-neuron prompts, the slow step (None: `kvmem.config.PROGRESS`). Raises
+    `UnknownFactError` for a fact the model does not answer (unless `require_known=False`).
     """
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"Expected a kvmem.Fact, got {type(fact).__name__}.")
@@ -301,15 +301,14 @@ def diagnose(
     for f in use:
         for w, out in ((1, single), (window, windowed)):
             tr = causal_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed,
-                              positions="subject_last")  # only that column is read
+                              positions="subject_last", progress=False)  # only that column is read
             out.append(tr.indirect_effect[:, tr.subject.last].double())
         p_clean.append(tr.p_clean)
         p_corrupt.append(tr.p_corrupt)
         fm = fact_memories(model, f, k=memory_k)
         mem_s.append(fm.total[:, 0].double())
         mem_l.append(fm.total[:, 1].double())
-    kn = knowledge_neurons(model, use, threshold=threshold, share=share, steps=steps,
-                           progress=config.PROGRESS if progress is None else progress)
+    kn = knowledge_neurons(model, use, threshold=threshold, share=share, steps=steps, progress=progress)
     ig = torch.stack([a.scores.double().clamp(min=0).sum(-1) for a in kn.attributions])
     sets = tuple(tuple(a.neurons_above(threshold)) for a in kn.attributions)
 

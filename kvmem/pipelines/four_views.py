@@ -27,7 +27,7 @@ from kvmem.memories.fact_view import FactMemories
 from kvmem.neurons import KnowledgeNeurons, NeuronEffect, knowledge_neurons, neuron_effect
 from kvmem.pipelines.neuron_survey import FACTORS
 from kvmem.pipelines.rome_settings import is_factworld, rome_settings, stats_tokens
-from kvmem.tracing import TraceSet, trace_all
+from kvmem.tracing import KINDS, TraceSet, kind_windows, trace_all
 
 # How many paraphrase and neighbour prompts the before/after answer table shows.
 N_ANSWERS = 3
@@ -173,12 +173,14 @@ def four_views(
     (default on factworld: its training text, `kvmem.factworld.corpus()`) with `n_tokens` tokens
     (default `stats_tokens(model)`). `window`: causal tracing's MLP / attention window (default
     `kvmem.config.trace_window`); `samples` noise samples; `steps` integrated-gradients steps.
+    Arguments are checked before any computation.
     """
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"four_views takes a kvmem.Fact, got {type(fact).__name__}.")
     if fact.target_true is None or fact.target_new is None:
         raise InvalidArgumentError("four_views needs the fact's target_true (the answer) and target_new "
                                    "(the object the ROME edit writes).")
+    kind_windows(model, KINDS, window)  # a bad window fails here, not after the statistics
     needs_stats = stats is None and (hparams is None or hparams.mom2_adjustment)
     if needs_stats and corpus is None and not is_factworld(model):  # before any work
         raise InvalidArgumentError("four_views needs ROME's key statistics: pass stats=second_moment(...) "

@@ -479,7 +479,7 @@ def stress_edits(
     try:
         baseline = measure(0)
         checkpoints.append(baseline)
-        bar = tqdm(keep, disable=not (config.PROGRESS if progress is None else progress), desc=f"stress {method}")
+        bar = tqdm(keep, disable=not config.show_progress(progress), desc=f"stress {method}")
         for n, i in enumerate(bar):
             req = requests[i]
             layer = layer_list[n % len(layer_list)]

@@ -185,7 +185,7 @@ def average_indirect_effect(
         run_log = RunLog(log, settings, restart=restart)
     records: dict[str, dict] = dict(run_log.records()) if run_log is not None else {}
     iterator = list(zip(keys, facts))
-    if config.PROGRESS if progress is None else progress:
+    if config.show_progress(progress):
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="causal tracing", unit="fact", initial=0)

@@ -17,7 +17,8 @@ from torch import Tensor
 from kvmem import config
 from kvmem.core.engine import Intervention, RecordedRun, Site, record_run, run_interventions
 from kvmem.core.facts import Fact, TokenizedFact, tokenize_fact
-from kvmem.core.hooks import EMBED_HOOK, add_noise, check_has_embed_hook
+from kvmem.core.hooks import EMBED_HOOK, add_noise, check_has_embed_hook, has_hook
+from kvmem.core.weights import token_embeddings
 from kvmem.errors import EmptyTargetError, InvalidArgumentError
 from kvmem.tracing.results import CausalTrace, TraceSet
 
@@ -52,7 +53,7 @@ def _check_kind(model, kind: str, window: int | None) -> None:
         raise InvalidArgumentError(
             f"window must be an int in [1, {n}] (the model has {n} layers), got {window!r}."
         )
-    if kind == "mlp" and "blocks.0.hook_mlp_out" not in model.hook_dict:
+    if kind == "mlp" and not has_hook(model, "blocks.0.hook_mlp_out"):
         raise InvalidArgumentError("This model has no MLP outputs (hook_mlp_out) to trace; use kind='resid' or 'attn'.")
 
 
@@ -87,7 +88,7 @@ def noise_level(model, facts: Sequence[Fact] | Fact, *, factor: float = 3.0) -> 
         ids.append(tf.tokens[tf.subject.start : tf.subject.end])
     tokens = torch.cat(ids).to(model.cfg.device)
     with torch.no_grad():
-        emb = model.embed(tokens[None])[0].float()
+        emb = token_embeddings(model, tokens).float()
     return float(factor * emb.std())
 
 
@@ -273,7 +274,7 @@ def causal_trace(
     (trace,) = trace_prepared(
         model, prepared, [(kind, window, sever)], noise=noise, samples=samples, seed=seed,
         batch_size=batch_size, memory_budget=memory_budget,
-        progress=config.PROGRESS if progress is None else progress, positions=positions,
+        progress=config.show_progress(progress), positions=positions,
     )
     return trace
 
@@ -303,7 +304,7 @@ def trace_all(
         noise = noise_level(model, [fact])
     return TraceSet(tuple(trace_prepared(
         model, prepared, spec, noise=noise, samples=samples, seed=seed, batch_size=batch_size,
-        memory_budget=memory_budget, progress=config.PROGRESS if progress is None else progress,
+        memory_budget=memory_budget, progress=config.show_progress(progress),
     )))
 
 

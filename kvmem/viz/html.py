@@ -15,7 +15,7 @@ from kvmem.errors import InvalidArgumentError
 
 class HTMLView:
     """Self-contained HTML: renders in Jupyter offline, `str()` and `.html` give the source,
-    `save(path)` writes it as a complete page."""
+    `page()` / `save(path)` give it as a complete page."""
 
     def __init__(self, html: str):
         if not isinstance(html, str):
@@ -42,13 +42,14 @@ class HTMLView:
     def __str__(self) -> str:
         return self.html
 
+    def page(self) -> str:
+        """The view as a complete standalone HTML page (what `save` writes)."""
+        return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head><body>\n{self.html}\n</body></html>\n'
+
     def save(self, path: str | Path) -> Path:
         """Write a standalone page (UTF-8) and return its path."""
         path = Path(path)
-        path.write_text(
-            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head><body>\n{self.html}\n</body></html>\n',
-            encoding="utf-8",
-        )
+        path.write_text(self.page(), encoding="utf-8")
         return path
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kvmem.errors import InvalidArgumentError
+from kvmem.viz.html import HTMLView
 
 # Everything the page needs is inline; nothing may be fetched (images are data: URLs). The
 # circuitsvis bundle carries TensorFlow.js, which probes WebAssembly: allowed, it is no fetch.
@@ -67,16 +68,15 @@ def figure_png(fig, dpi: int = 110) -> bytes:
 
 
 def _source(view: Any) -> str:
-    """The offline HTML of a kvmem view (HTMLView, OfflineHTML, ...) or circuitsvis RenderedHTML."""
+    """The offline HTML of a kvmem view (`HTMLView`, what every `.show()` returns), a circuitsvis
+    RenderedHTML (its inlined source), an HTML string, or anything else with `_repr_html_`."""
     if isinstance(view, str):
         return view
+    if isinstance(view, HTMLView):
+        return view.html
     local = getattr(view, "local_src", None)  # circuitsvis RenderedHTML: never its CDN str()
     if isinstance(local, str):
         return local
-    for attr in ("html", "src"):
-        value = getattr(view, attr, None)
-        if isinstance(value, str):
-            return value
     if hasattr(view, "_repr_html_"):
         return view._repr_html_()
     raise InvalidArgumentError(

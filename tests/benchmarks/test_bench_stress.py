@@ -56,12 +56,12 @@ def test_counterfact_tracked_facts(tiny_gpt2, monkeypatch):
     corpus = shared_data("corpus", "wiki_vital_en.txt")
     args = argparse.Namespace(counterfact=str(shared_data("counterfact", "counterfact_dev_250.json")),
                               known=str(shared_data("known_1000.json")), corpus=str(corpus), n_edits=150, n_eval=100)
-    requests, neighborhood, known, gen, text, source = bench.counterfact_setup(tiny_gpt2, args)
+    requests, neighbours, known, gen, text, source = bench.counterfact_setup(tiny_gpt2, args)
     assert len(requests) == 150 and len({(r.subject, r.relation_id) for r in requests}) == 150
     at_risk = {(r.relation_id, r.target_true) for r in requests}
     edited = {r.subject for r in requests}
-    assert len(neighborhood) == 100 and len(known) == 100 and gen
-    assert all((f.relation_id, f.target_true) in at_risk and f.subject not in edited for f in neighborhood)
+    assert len(neighbours) == 100 and len(known) == 100 and gen
+    assert all((f.relation_id, f.target_true) in at_risk and f.subject not in edited for f in neighbours)
     assert all((f.relation_id, f.target_true) not in at_risk and f.subject not in edited for f in known)
     assert text == str(corpus) and source.startswith("counterfact_dev_250.json")
 

@@ -4,9 +4,11 @@
 Only kvmem's public API is used: names importable from top-level `kvmem` and the public names of
 `kvmem.factworld`. Two things kvmem does not export at top level are written out here instead:
 
-- `factworld_corpus` and `factworld_records` are plain equivalents of `kvmem.cli`'s
-  `factworld_sentences` and `factworld_item(...).counterfact()` (the CLI module is about to move),
-  so the golden values do not depend on where the CLI lives;
+- `factworld_corpus` and `factworld_records` are plain equivalents of what the pre-refactor CLI
+  built (`kvmem.cli.factworld_sentences`, `factworld_item(...).counterfact()`), written out so the
+  golden values do not depend on where that code lives; today they equal `kvmem.factworld.corpus`
+  and `kvmem.factworld.counterfact_records` (plus one generation prompt), checked by
+  `tests/test_golden.py::test_golden_inputs_are_the_librarys_factworld_data`;
 - the CounterFact record class is found by `counterfact_record_class()` (top-level `kvmem`, else
   `kvmem.data`, else the type hint of `kvmem.evaluate_counterfact`).
 
@@ -83,7 +85,7 @@ def world_fact_as_fact(wf) -> kvmem.Fact:
 
 def factworld_corpus(w) -> list[str]:
     """The world's training sentences, shuffled with random.Random(0): ROME's "ordinary text" for
-    factworld. Same as `kvmem.cli.factworld_sentences` (written out: the CLI module is moving)."""
+    factworld. Same as `kvmem.factworld.corpus(w)` (written out: see the module docstring)."""
     sents = [w.sentence(p.subject, p.relation, p.template) for p in w.all_prompts("train")]
     random.Random(0).shuffle(sents)
     return sents
@@ -91,7 +93,7 @@ def factworld_corpus(w) -> list[str]:
 
 def new_object(w, wf) -> str:
     """A deterministic false object of the same relation: the next one in the relation's list
-    (as `kvmem.cli._factworld_new_object`)."""
+    (the rule of `kvmem.factworld.counterfact_records` with seed=None)."""
     objects = w.relation(wf.relation).objects
     return objects[(objects.index(wf.target) + 1) % len(objects)]
 
@@ -112,8 +114,8 @@ def counterfact_record_class():
 
 
 def factworld_records(w, indices=RECORD_FACT_INDICES) -> list:
-    """CounterFact-style records from the fact world, as `kvmem.cli.factworld_item(...).counterfact()`
-    builds them: request = the fact under its first training template with target_new the next
+    """CounterFact-style records from the fact world, as `kvmem.factworld.counterfact_records` builds
+    them: request = the fact under its first training template with target_new the next
     object; paraphrases = its held-out templates; neighbours = the first N_NEIGHBOURS other subjects
     with the same object; plus one generation prompt (the request's prompt) so GE is covered too."""
     Record = counterfact_record_class()
