@@ -21,7 +21,7 @@ from pathlib import Path
 from common import command_line
 
 SKIP = {"command", "date", "machine", "commit", "wall_s", "eval_s", "stats_s", "tok_per_s", "tokens_per_s",
-        "seconds", "peak_rss_mb", "rss_mb", "threads", "torch_threads", "note", "log"}
+        "seconds", "peak_rss_mb", "rss_mb", "threads", "torch_threads", "note", "log", "resumed"}
 
 
 def _skipped(key: str) -> bool:
