@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -22,8 +22,8 @@ class RecallResult:
     """Per fact: rank (0 = top-1) and probability of the target's first token, and the top-1 token."""
 
     facts: tuple[Fact, ...]
-    ranks: Int[Tensor, "fact"]
-    probs: Float[Tensor, "fact"]
+    ranks: Int[Tensor, "fact"] = field(repr=False)
+    probs: Float[Tensor, "fact"] = field(repr=False)
     predictions: tuple[str, ...]
 
     def top_k(self, k: int = 1) -> float:

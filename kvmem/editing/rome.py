@@ -189,14 +189,14 @@ class Edit:
     """
 
     layer: int
-    u: Float[Tensor, "d_mlp"]
-    lam: Float[Tensor, "d_model"]
-    k_star: Float[Tensor, "d_mlp"]
-    v_star: Float[Tensor, "d_model"]
+    u: Float[Tensor, "d_mlp"] = field(repr=False)
+    lam: Float[Tensor, "d_model"] = field(repr=False)
+    k_star: Float[Tensor, "d_mlp"] = field(repr=False)
+    v_star: Float[Tensor, "d_model"] = field(repr=False)
     request: Fact
     model_fingerprint: str
     hparams: RomeHparams = field(default_factory=RomeHparams)
-    loss_trace: Float[Tensor, "step 5"] = field(default_factory=lambda: torch.zeros(0, 5))
+    loss_trace: Float[Tensor, "step 5"] = field(default_factory=lambda: torch.zeros(0, 5), repr=False)
     seconds: float = float("nan")
 
     TRACE_COLUMNS = ("loss", "nll", "kl", "weight_decay", "p_target")

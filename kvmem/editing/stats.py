@@ -50,12 +50,12 @@ class SecondMoment:
     """
 
     layer: int
-    C: Float[Tensor, "d_mlp d_mlp"]
+    C: Float[Tensor, "d_mlp d_mlp"] = field(repr=False)
     n_tokens: int
     model_fingerprint: str
     corpus_fingerprint: str
-    tokens_seen: Int[Tensor, "checkpoint"]
-    rel_change: Float[Tensor, "checkpoint"]
+    tokens_seen: Int[Tensor, "checkpoint"] = field(repr=False)
+    rel_change: Float[Tensor, "checkpoint"] = field(repr=False)
     eigmin: float
     eigmax: float
     seconds: float = float("nan")

@@ -11,7 +11,7 @@ sides and so is the chance level to beat).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -36,13 +36,13 @@ class Agreement:
     """
 
     layers: tuple[int, ...]
-    agreement: Float[Tensor, "layer"]
-    agreement_all: Float[Tensor, "layer"]
-    in_value_topk: Float[Tensor, "layer"]
-    shuffled: Float[Tensor, "layer"]
-    shuffled_in_topk: Float[Tensor, "layer"]
+    agreement: Float[Tensor, "layer"] = field(repr=False)
+    agreement_all: Float[Tensor, "layer"] = field(repr=False)
+    in_value_topk: Float[Tensor, "layer"] = field(repr=False)
+    shuffled: Float[Tensor, "layer"] = field(repr=False)
+    shuffled_in_topk: Float[Tensor, "layer"] = field(repr=False)
     uniform: float
-    n_memories: Int[Tensor, "layer"]
+    n_memories: Int[Tensor, "layer"] = field(repr=False)
     k_values: int
     n_tokens: int
 

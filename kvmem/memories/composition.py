@@ -20,7 +20,7 @@ runs on `positions_per_window` random text positions of each window (seeded).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -49,15 +49,15 @@ class Composition:
     n_positions: int
     d_mlp: int
     mass: float
-    n_positive: Float[Tensor, "layer"]
-    n_active: Float[Tensor, "layer"]
-    compositional: Float[Tensor, "layer"]
-    mid_matches_final: Float[Tensor, "layer"]
-    post_matches_final: Float[Tensor, "layer"]
-    kept: Float[Tensor, "layer"]  # resid_post top == resid_mid top
-    override: Float[Tensor, "layer"]  # changed, and == the MLP output's top token
-    compose: Float[Tensor, "layer"]  # changed, and == neither
-    n_active_per_position: Int[Tensor, "position layer"]
+    n_positive: Float[Tensor, "layer"] = field(repr=False)
+    n_active: Float[Tensor, "layer"] = field(repr=False)
+    compositional: Float[Tensor, "layer"] = field(repr=False)
+    mid_matches_final: Float[Tensor, "layer"] = field(repr=False)
+    post_matches_final: Float[Tensor, "layer"] = field(repr=False)
+    kept: Float[Tensor, "layer"] = field(repr=False)  # resid_post top == resid_mid top
+    override: Float[Tensor, "layer"] = field(repr=False)  # changed, and == the MLP output's top token
+    compose: Float[Tensor, "layer"] = field(repr=False)  # changed, and == neither
+    n_active_per_position: Int[Tensor, "position layer"] = field(repr=False)
 
     def to_frame(self):
         import pandas as pd

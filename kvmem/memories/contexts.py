@@ -100,12 +100,12 @@ class TopContexts:
     """
 
     layer: int
-    neurons: Int[Tensor, "neuron"]
-    coefficients: Float[Tensor, "neuron k"]
-    contexts: Int[Tensor, "neuron k context"]
-    next_tokens: Int[Tensor, "neuron k"]
-    rows: Int[Tensor, "neuron k"]
-    positions: Int[Tensor, "neuron k"]
+    neurons: Int[Tensor, "neuron"] = field(repr=False)
+    coefficients: Float[Tensor, "neuron k"] = field(repr=False)
+    contexts: Int[Tensor, "neuron k context"] = field(repr=False)
+    next_tokens: Int[Tensor, "neuron k"] = field(repr=False)
+    rows: Int[Tensor, "neuron k"] = field(repr=False)
+    positions: Int[Tensor, "neuron k"] = field(repr=False)
     n_tokens: int
     window: int
     special_ids: tuple[int, ...] = ()

@@ -54,11 +54,11 @@ class FactMemories:
     target: str
     layers: tuple[int, ...]
     positions: tuple[int, ...]
-    neurons: Int[Tensor, "layer position k"]
-    coefficients: Float[Tensor, "layer position k"]
-    push: Float[Tensor, "layer position k"]
-    total: Float[Tensor, "layer position"]
-    value_top_ids: Int[Tensor, "layer position k n_tokens"]
+    neurons: Int[Tensor, "layer position k"] = field(repr=False)
+    coefficients: Float[Tensor, "layer position k"] = field(repr=False)
+    push: Float[Tensor, "layer position k"] = field(repr=False)
+    total: Float[Tensor, "layer position"] = field(repr=False)
+    value_top_ids: Int[Tensor, "layer position k n_tokens"] = field(repr=False)
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def top_memories(self, n: int | None = None, position: str = "subject_last") -> list[tuple[int, int, float]]:

@@ -38,11 +38,11 @@ class ValueTokens:
     """
 
     layer: int
-    neurons: Int[Tensor, "neuron"]
-    top_ids: Int[Tensor, "neuron k"]
-    top_scores: Float[Tensor, "neuron k"]
-    bottom_ids: Int[Tensor, "neuron k"]
-    bottom_scores: Float[Tensor, "neuron k"]
+    neurons: Int[Tensor, "neuron"] = field(repr=False)
+    top_ids: Int[Tensor, "neuron k"] = field(repr=False)
+    top_scores: Float[Tensor, "neuron k"] = field(repr=False)
+    bottom_ids: Int[Tensor, "neuron k"] = field(repr=False)
+    bottom_scores: Float[Tensor, "neuron k"] = field(repr=False)
     final_norm: str
     tokenizer: Any = field(default=None, repr=False, compare=False)
 

@@ -11,7 +11,7 @@ position's next token is read across window boundaries (-1 only at the very end 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,9 +31,9 @@ Corpus = str | Path | Iterable[str]
 class WindowBatch:
     """Consecutive windows of the token stream, right-padded (only the corpus's last window)."""
 
-    tokens: Int[Tensor, "batch pos"]
-    next_tokens: Int[Tensor, "batch pos"]  # the stream's next token after each position; -1 unknown
-    valid: Bool[Tensor, "batch pos"]  # text tokens (not start token, separator or padding)
+    tokens: Int[Tensor, "batch pos"] = field(repr=False)
+    next_tokens: Int[Tensor, "batch pos"] = field(repr=False)  # the stream's next token after each position; -1 unknown
+    valid: Bool[Tensor, "batch pos"] = field(repr=False)  # text tokens (not start token, separator or padding)
     first_row: int  # index of the first window in the stream
     n_tokens: int  # text and separator tokens in this batch (start tokens and padding excluded)
 

@@ -5,7 +5,7 @@ Figure) and `show()` (an offline `kvmem.viz.HTMLView`), and prints as one short 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -42,11 +42,11 @@ class NeuronAttribution:
     str_tokens: tuple[str, ...]
     target_ids: tuple[int, ...]
     layers: tuple[int, ...]
-    scores: Float[Tensor, "layer d_mlp"]
-    activations: Float[Tensor, "layer d_mlp"]
-    baseline: Float[Tensor, "layer d_mlp"]
+    scores: Float[Tensor, "layer d_mlp"] = field(repr=False)
+    activations: Float[Tensor, "layer d_mlp"] = field(repr=False)
+    baseline: Float[Tensor, "layer d_mlp"] = field(repr=False)
     prob: float
-    baseline_probs: Float[Tensor, "layer"]
+    baseline_probs: Float[Tensor, "layer"] = field(repr=False)
     steps: int
     rule: str
     site: str
@@ -138,7 +138,7 @@ class KnowledgeNeurons:
     counts: dict
     attributions: tuple[NeuronAttribution, ...]
     str_tokens: tuple[tuple[str, ...], ...]
-    activations: Float[Tensor, "prompt pos neuron"]
+    activations: Float[Tensor, "prompt pos neuron"] = field(repr=False)
 
     def __repr__(self) -> str:
         where = f" in layers {_layer_list(self.layers)}" if self.neurons else ""
@@ -219,10 +219,10 @@ class NeuronEffect:
     neurons: tuple[Neuron, ...]
     factor: float
     positions: str
-    p_before: Float[Tensor, "prompt"]
-    p_after: Float[Tensor, "prompt"]
+    p_before: Float[Tensor, "prompt"] = field(repr=False)
+    p_after: Float[Tensor, "prompt"] = field(repr=False)
     control_neurons: tuple[tuple[Neuron, ...], ...]
-    p_control: Float[Tensor, "draw prompt"]
+    p_control: Float[Tensor, "draw prompt"] = field(repr=False)
 
     def __repr__(self) -> str:
         control = f", random neurons {self.control_relative_change:+.1%}" if self.p_control.shape[0] else ""

@@ -103,18 +103,18 @@ class Localization:
     noise: float
     samples: int
     seed: int
-    p_clean: Float[Tensor, "prompt"]
-    p_corrupt: Float[Tensor, "prompt"]
-    trace_single: Float[Tensor, "prompt layer"]
-    trace_window: Float[Tensor, "prompt layer"]
-    memory_subject: Float[Tensor, "prompt layer"]
-    memory_last: Float[Tensor, "prompt layer"]
-    ig_layer: Float[Tensor, "prompt layer"]
+    p_clean: Float[Tensor, "prompt"] = field(repr=False)
+    p_corrupt: Float[Tensor, "prompt"] = field(repr=False)
+    trace_single: Float[Tensor, "prompt layer"] = field(repr=False)
+    trace_window: Float[Tensor, "prompt layer"] = field(repr=False)
+    memory_subject: Float[Tensor, "prompt layer"] = field(repr=False)
+    memory_last: Float[Tensor, "prompt layer"] = field(repr=False)
+    ig_layer: Float[Tensor, "prompt layer"] = field(repr=False)
     neuron_sets: tuple[tuple[Neuron, ...], ...]
     neurons: tuple[Neuron, ...]
     threshold: float
     share: float
-    layer_share: Float[Tensor, "layer"]
+    layer_share: Float[Tensor, "layer"] = field(repr=False)
     peak_layer: int
     peak_share: float
     entropy: float

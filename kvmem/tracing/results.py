@@ -20,7 +20,7 @@ class CausalTrace:
     """One fact, one kind of state: `scores[l, t]` = answer probability with (l, t) restored."""
 
     kind: str
-    scores: Float[Tensor, "layer pos"]
+    scores: Float[Tensor, "layer pos"] = field(repr=False)
     p_clean: float
     p_corrupt: float
     str_tokens: tuple[str, ...]
@@ -131,9 +131,9 @@ class AverageEffect:
 
     kinds: tuple[str, ...]
     buckets: tuple[str, ...]
-    aie: Float[Tensor, "kind bucket layer"]
-    mean_score: Float[Tensor, "kind bucket layer"]
-    counts: Int[Tensor, "bucket"]
+    aie: Float[Tensor, "kind bucket layer"] = field(repr=False)
+    mean_score: Float[Tensor, "kind bucket layer"] = field(repr=False)
+    counts: Int[Tensor, "bucket"] = field(repr=False)
     n_facts: int
     n_skipped: int
     p_clean: float
