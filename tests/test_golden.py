@@ -90,14 +90,16 @@ def check_case(name: str, computed: tuple[dict, dict]) -> None:
 # --- fixtures: a factworld model that does not load is a failure here, never a skip --------------
 
 @pytest.fixture(scope="module")
-def factworld(_one_thread):
+def golden_factworld(_one_thread):
+    """Its own frozen copy (cases.load_factworld), not the shared `factworld` fixture: the golden
+    cases must see the model exactly as loaded, whatever other tests did to theirs."""
     return cases.load_factworld(), cases.world()
 
 
 @pytest.fixture(scope="module")
-def factworld_stats(factworld):
+def factworld_stats(golden_factworld):
     assert torch.get_num_threads() == 1
-    model, world = factworld
+    model, world = golden_factworld
     return cases.factworld_stats(model, world)
 
 
@@ -117,16 +119,16 @@ def test_golden_inputs_are_the_librarys_factworld_data():
         assert dataclasses.replace(golden, generation_prompts=()) == library[golden.case_id]
 
 
-def test_golden_factworld_causal_trace(factworld):
-    check_case("trace_factworld", cases.trace_factworld(*factworld))
+def test_golden_factworld_causal_trace(golden_factworld):
+    check_case("trace_factworld", cases.trace_factworld(*golden_factworld))
 
 
-def test_golden_factworld_integrated_gradients(factworld):
-    check_case("ig_factworld", cases.ig_factworld(*factworld))
+def test_golden_factworld_integrated_gradients(golden_factworld):
+    check_case("ig_factworld", cases.ig_factworld(*golden_factworld))
 
 
-def test_golden_factworld_rome_edit(factworld, factworld_stats):
-    model, world = factworld
+def test_golden_factworld_rome_edit(golden_factworld, factworld_stats):
+    model, world = golden_factworld
     check_case("rome_factworld", cases.rome_factworld(model, world, factworld_stats))
     # ΔW_out = u Λᵀ in float64, bit for bit from the golden u and Λ
     golden = cases.load("rome_factworld")["values"]
@@ -134,8 +136,8 @@ def test_golden_factworld_rome_edit(factworld, factworld_stats):
     assert cases.sha256(delta) == golden["delta.sha256"]
 
 
-def test_golden_factworld_counterfact(factworld, factworld_stats):
-    model, world = factworld
+def test_golden_factworld_counterfact(golden_factworld, factworld_stats):
+    model, world = golden_factworld
     check_case("counterfact_factworld", cases.counterfact_factworld(model, world, factworld_stats))
 
 
