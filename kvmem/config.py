@@ -9,6 +9,8 @@
 - `STATS_TOKENS`: how many keys ROME's second-moment statistics average over by default.
 - `PROGRESS`: whether long work shows a tqdm bar when a caller does not say (`progress=None`,
   resolved by `show_progress`).
+- `PREDICTED_TOP_K`, `PREDICTED_MIN_P`: when a model counts as predicting a fact's target
+  (`predicts`); analyses of a fact it does not predict warn (`kvmem.errors.UnpredictedFactWarning`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,23 @@ PROGRESS = True
 # ROME (Meng et al. 2022) restores MLP or attention outputs over a window of 10 consecutive layers
 # around the centre layer (GPT-2 XL, 48 layers): a single layer's MLP changes little by itself.
 ROME_WINDOW = 10
+
+
+# A fact the model does not predict says little about how the model recalls it: causal tracing
+# then measures the restoration of a probability near zero (ROME and Dai et al. study facts the
+# model answers). Top-1 (ROME's `correct`) is too strict for small models, whose answer is often
+# second or third behind a generic token ("the"); so the rule asks for the target's first token in
+# the top 5 next tokens (the top-5 of `kvmem.fact_recall`) with a probability of at least 1%: below
+# that, the indirect effects of tracing are differences of tiny numbers (Gemma-3-270m gives
+# " Rio" of "Rio de Janeiro" 8e-9).
+PREDICTED_TOP_K = 5
+PREDICTED_MIN_P = 0.01
+
+
+def predicts(rank: int, p: float) -> bool:
+    """Whether a model predicts a target whose first token is its `rank`-th next token (0: the
+    top token) with probability `p`: within the top `PREDICTED_TOP_K` and `p >= PREDICTED_MIN_P`."""
+    return rank < PREDICTED_TOP_K and p >= PREDICTED_MIN_P
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

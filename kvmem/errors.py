@@ -1,4 +1,5 @@
-"""Every error kvmem raises on bad input; each message says what to change."""
+"""Every error kvmem raises on bad input, each message saying what to change, and the warnings
+kvmem gives about results that may mislead (`KvmemWarning`)."""
 
 
 class KvmemError(Exception):
@@ -68,3 +69,21 @@ class ModelMismatchError(InvalidArgumentError):
 
 class SingularStatisticsError(InvalidArgumentError):
     """C is singular or numerically not positive definite, so C⁻¹k cannot be trusted."""
+
+
+class TargetCheckError(KvmemError, ValueError):
+    """`--strict`: a target traced on its first token only, or a fact the model does not predict
+    (a `KvmemWarning` turned into an error)."""
+
+
+class KvmemWarning(UserWarning):
+    """Base class of kvmem's warnings: results computed, but they may not mean what they seem.
+    `warnings.simplefilter("error", KvmemWarning)` turns them into exceptions (the CLI's --strict)."""
+
+
+class MultiTokenTargetWarning(KvmemWarning):
+    """An analysis scores only the first token of a target of several tokens."""
+
+
+class UnpredictedFactWarning(KvmemWarning):
+    """The model does not predict the fact's target (`kvmem.config.predicts`)."""

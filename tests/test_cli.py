@@ -30,7 +30,7 @@ def one_model(monkeypatch, request):
     it would cost seconds per command here). Tests of failures before loading don't need it."""
     if "factworld" in request.fixturenames:
         model = request.getfixturevalue("factworld")
-        monkeypatch.setattr(common, "load_model", lambda name, quiet=False: model)
+        monkeypatch.setattr(common, "load_model", lambda name, quiet=False, device=None: model)
 
 
 @pytest.fixture(scope="module")

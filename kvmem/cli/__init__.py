@@ -26,15 +26,19 @@ the options), one module per command.
 
 from __future__ import annotations
 
+import warnings
+
+from kvmem.cli import runtime
 from kvmem.cli.common import warn
 from kvmem.cli.parser import build_parser
-from kvmem.errors import KvmemError
+from kvmem.errors import KvmemError, KvmemWarning, TargetCheckError
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # bad arguments: usage + message, exit 2
     try:
-        return args.func(args)
+        runtime.resolve(args)  # default --out per model, --device checked, --threads set
+        return _run(args)
     except KvmemError as e:
         warn(e)
         return 2
@@ -46,6 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a disk or permission problem outside kvmem's own checks
         warn(f"{e.strerror or e}: {getattr(e, 'filename', '') or ''}. Check the paths and free space.")
         return 2
+
+
+def _run(args) -> int:
+    """The command, its `KvmemWarning`s printed as one "kvmem: warning: ..." line each, or, under
+    --strict, raised as a `TargetCheckError`."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, KvmemWarning):
+            warn(f"warning: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        if getattr(args, "strict", False):
+            warnings.simplefilter("error", KvmemWarning)
+        try:
+            return args.func(args)
+        except KvmemWarning as w:
+            raise TargetCheckError(f"{w} (an error under --strict; without it, kvmem goes on with a "
+                                   "warning).") from None
 
 
 __all__ = ["main", "build_parser"]

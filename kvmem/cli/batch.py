@@ -66,7 +66,7 @@ def start(args: argparse.Namespace, *, need_new: bool = False, check: Callable[[
     records, skipped = read_facts(args, need_new=need_new)
     if check is not None:
         check()
-    model = common.load_model(args.model, args.quiet)
+    model = common.load_model(args.model, args.quiet, args.device)
     return out, model, check_against_model(args, model, records, skipped, need_new=need_new), skipped
 
 

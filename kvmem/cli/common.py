@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -51,8 +52,26 @@ def write(path: Path, data: str | bytes) -> None:
     write_atomic(path, data)
 
 
+def nan_to_null(obj: Any) -> Any:
+    """`obj` with every float that is NaN or infinite replaced by None (JSON null: bare NaN is
+    not JSON, and most parsers reject it); numpy / torch scalars become floats first."""
+    if isinstance(obj, dict):
+        return {k: nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_null(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    value = float(obj)  # numpy / torch scalars (what json.dumps(default=float) did)
+    return value if math.isfinite(value) else None
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON of `obj` (a metric that cannot be computed is null), indented."""
+    return json.dumps(nan_to_null(obj), indent=1, allow_nan=False) + "\n"
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write(path, json.dumps(obj, indent=1, default=float) + "\n")
+    write(path, json_text(obj))
 
 
 def write_figure(path: Path, fig) -> None:
@@ -86,14 +105,15 @@ def progress_bar(args: argparse.Namespace, total: int, initial: int, desc: str, 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=args.quiet, file=sys.stderr)
 
 
-def load_model(name: str, quiet: bool = False):
+def load_model(name: str, quiet: bool = False, device: str | None = None):
+    """The model of `--model` on `--device` (None: the loader's default)."""
     import kvmem
 
     if not quiet:
-        return kvmem.load_model(name)
+        return kvmem.load_model(name, device=device)
     # TransformerLens and transformers print loading chatter; --quiet means quiet (errors still raise).
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        return kvmem.load_model(name)
+        return kvmem.load_model(name, device=device)
 
 
 def fingerprint(model) -> str:

@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = common.check_out(args.out)
     corpus, corpus_name = options.corpus(args, "kvmem demo")  # a missing --corpus fails before the model loads
     fact, paraphrases, neighbours, neuron_prompts = _fact_and_prompts(args)
-    model = common.load_model(args.model, args.quiet)
+    model = common.load_model(args.model, args.quiet, args.device)
     t_load = time.perf_counter() - t0
     hp = rome_settings(model, layer=args.layer, facts=[fact], progress=not args.quiet)
     # four_views computes ROME's statistics over the corpus (cached under --cache-dir) and times them

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from kvmem import __version__
 from kvmem.cli.demo import cmd_demo
 from kvmem.cli.edit import cmd_edit
 from kvmem.cli.facts import cmd_facts
@@ -12,6 +13,7 @@ from kvmem.cli.models import cmd_models
 from kvmem.cli.neurons import cmd_neurons
 from kvmem.cli.recall import cmd_recall
 from kvmem.cli.stats import cmd_stats
+from kvmem.cli.runtime import add_out_option, add_runtime_options
 from kvmem.cli.trace import cmd_trace
 
 MODEL_HELP = "factworld (default), gemma-3-270m, smollm2-135m or a folder"
@@ -63,17 +65,30 @@ def kinds(text: str) -> list[str]:
     return values
 
 
-def _batch_options(p: argparse.ArgumentParser, out_default: str, facts_required: bool = True) -> None:
+SEED_HELP = "random seed (noise samples, controls) (default: 0)"
+QUIET_HELP = "no progress bars or summary"
+RESTART_HELP = "discard the run log in --out and start over"
+STRICT_HELP = ("stop with an error, not a warning, when only the first token of a several-token target is "
+               "traced or the model does not predict the target (kvmem.config.predicts)")
+
+
+def _model_options(p: argparse.ArgumentParser, command: str) -> None:
+    """--model, --out (default per model and command), --threads, --device."""
     p.add_argument("--model", default="factworld", help=MODEL_HELP)
+    add_out_option(p, command)
+    add_runtime_options(p)
+
+
+def _batch_options(p: argparse.ArgumentParser, command: str, facts_required: bool = True) -> None:
+    _model_options(p, command)
     p.add_argument("--facts", required=facts_required, metavar="FILE",
                    help="JSON list of facts: known_1000, CounterFact or {prompt, subject, target, ...} records")
-    p.add_argument("--out", default=out_default, help=f"output folder (default: {out_default})")
     p.add_argument("--limit", type=positive_int, help="use only the first N records")
     p.add_argument("--on-error", choices=("skip", "stop"), default="stop",
                    help="a malformed or unusable record: stop (default) or skip it and go on")
-    p.add_argument("--restart", action="store_true", help="discard the run log in --out and start over")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument("--restart", action="store_true", help=RESTART_HELP)
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
 
 def _statistics_options(p: argparse.ArgumentParser, corpus_help: str) -> None:
@@ -83,15 +98,15 @@ def _statistics_options(p: argparse.ArgumentParser, corpus_help: str) -> None:
 
 
 def _fact_options(p: argparse.ArgumentParser, target_help: str) -> None:
-    p.add_argument("--prompt")
-    p.add_argument("--subject")
+    p.add_argument("--prompt", help="the fact's prompt, ending where the answer starts (needs --subject)")
+    p.add_argument("--subject", help="the subject as written in --prompt")
     p.add_argument("--target", help=target_help)
     p.add_argument("--fact-index", type=nonneg_int, default=0, help="which built-in fact when no --prompt")
 
 
 def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="one fact, four analyses, one offline HTML report")
-    d.add_argument("--model", default="factworld", help=MODEL_HELP)
+    _model_options(d, "demo")
     _fact_options(d, "the true answer")
     d.add_argument("--new", help="the object the ROME edit writes (default for factworld: another object)")
     d.add_argument("--paraphrase", action="append", help="another prompt of the same fact (repeatable)")
@@ -103,25 +118,26 @@ def _add_demo(sub) -> None:
                    help="MLP/attention tracing window (default: kvmem.config.trace_window)")
     d.add_argument("--samples", type=positive_int, default=10, help="noise samples for causal tracing")
     d.add_argument("--steps", type=positive_int, default=20, help="integrated-gradients steps")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="kvmem-demo")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--strict", action="store_true", help=STRICT_HELP)
+    d.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    d.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     d.set_defaults(func=cmd_demo)
 
 
 def _add_batch_commands(sub) -> None:
     t = sub.add_parser("trace", help="causal trace of one fact, or average indirect effect over --facts FILE")
-    _batch_options(t, "kvmem-trace", facts_required=False)
+    _batch_options(t, "trace", facts_required=False)
     _fact_options(t, "expected answer (default: the model's own top token)")
     t.add_argument("--kinds", type=kinds, default=["resid", "mlp", "attn"], help="comma-separated: resid,mlp,attn")
     t.add_argument("--window", type=positive_int, default=None,
                    help="mlp/attn window (default: kvmem.config.trace_window: 10, or n_layers//2 if smaller)")
-    t.add_argument("--samples", type=positive_int, default=10)
+    t.add_argument("--samples", type=positive_int, default=10, help="noise samples per fact (default: 10, as ROME)")
+    t.add_argument("--strict", action="store_true", help=STRICT_HELP)
     t.set_defaults(func=cmd_trace)
 
     n = sub.add_parser("neurons", help="knowledge neurons of each fact (+ suppress / amplify effects)")
-    _batch_options(n, "kvmem-neurons")
-    n.add_argument("--steps", type=positive_int, default=20)
+    _batch_options(n, "neurons")
+    n.add_argument("--steps", type=positive_int, default=20, help="integrated-gradients steps (default: 20)")
     n.add_argument("--threshold", type=share, default=0.2, help="t: share of the maximum attribution")
     n.add_argument("--share", type=share, default=0.7, help="p: share of a fact's prompts a neuron must pass t in")
     n.add_argument("--layers", type=int_list, help="comma-separated layers (default: all)")
@@ -129,8 +145,8 @@ def _add_batch_commands(sub) -> None:
     n.set_defaults(func=cmd_neurons)
 
     e = sub.add_parser("edit", help="ROME edit of each fact and its CounterFact metrics")
-    _batch_options(e, "kvmem-edit")
-    e.add_argument("--layer", type=nonneg_int)
+    _batch_options(e, "edit")
+    e.add_argument("--layer", type=nonneg_int, help="the MLP layer to edit (default: the model's preset)")
     _statistics_options(e, "text for the key statistics (default for factworld: its training sentences)")
     e.add_argument("--generation", action="store_true", help="also measure generation entropy (GE; slower)")
     e.set_defaults(func=cmd_edit)
@@ -138,34 +154,36 @@ def _add_batch_commands(sub) -> None:
 
 def _add_small_commands(sub) -> None:
     s = sub.add_parser("stats", help="second-moment statistics of MLP keys (ROME's C), cached")
-    s.add_argument("--model", default="factworld", help=MODEL_HELP)
+    _model_options(s, "stats")
     s.add_argument("--layers", type=int_list, help="comma-separated layers (default: the ROME edit layer)")
     _statistics_options(s, "a text file or 'wiki' (default for factworld: its training sentences)")
-    s.add_argument("--out", default="kvmem-stats")
-    s.add_argument("--restart", action="store_true")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--restart", action="store_true", help=RESTART_HELP)
+    s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     s.set_defaults(func=cmd_stats)
 
     f = sub.add_parser("facts", help="write fact-world facts as a CounterFact-format JSON file")
-    f.add_argument("--n", type=positive_int, default=20)
-    f.add_argument("--start", type=nonneg_int, default=0)
+    f.add_argument("--n", type=positive_int, default=20, help="how many facts (default: 20)")
+    f.add_argument("--start", type=nonneg_int, default=0, help="index of the first fact (default: 0)")
     f.add_argument("--stride", type=positive_int, default=1, help="take every k-th fact (mixes subjects)")
-    f.add_argument("--out", default="factworld_facts.json")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--out", default="factworld_facts.json",
+                   help="the JSON file to write (default: factworld_facts.json)")
+    f.add_argument("--quiet", action="store_true", help="print nothing")
     f.set_defaults(func=cmd_facts)
 
     r = sub.add_parser("recall", help="top-1/top-5 recall of facts (known_1000.json format)")
     r.add_argument("--model", default="factworld", help=MODEL_HELP)
+    add_runtime_options(r)
     r.add_argument("--facts", help="path to known_1000.json (default: kvmem's built-in facts)")
-    r.add_argument("--limit", type=positive_int)
-    r.add_argument("--batch-size", type=positive_int, default=16)
-    r.add_argument("--csv")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--limit", type=positive_int, help="use only the first N facts")
+    r.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass (default: 16)")
+    r.add_argument("--csv", metavar="FILE", help="also write the per-fact results to this CSV file")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_recall)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmem", description="MLP layers as key-value memories of facts.")
+    p.add_argument("--version", action="version", version=f"kvmem {__version__}", help="print kvmem's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(sub)
     sub.add_parser("models", help="list the models kvmem loads offline").set_defaults(func=cmd_models)

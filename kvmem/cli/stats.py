@@ -18,7 +18,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     common.no_display()
     out = common.check_out(args.out)
     corpus, corpus_name = options.corpus(args, "kvmem stats")
-    model = common.load_model(args.model, args.quiet)
+    model = common.load_model(args.model, args.quiet, args.device)
     layers = [check_layer(model, l) for l in (args.layers or [rome_settings(model).layer])]
     n_tokens = options.n_tokens(args, model)
     settings = {"analysis": "second_moment", "model": common.fingerprint(model), "corpus": corpus_name,

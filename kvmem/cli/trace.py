@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from kvmem.data import CounterFactRecord
@@ -23,7 +22,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     out = common.check_out(args.out)
     t0 = time.perf_counter()
-    model = common.load_model(args.model, args.quiet)
+    model = common.load_model(args.model, args.quiet, args.device)
     fact = options.single_fact(args)
     traces = trace_all(model, fact, window=args.window, kinds=args.kinds, samples=args.samples, seed=args.seed,
                        progress=not args.quiet)
@@ -36,7 +35,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         layer, pos, ie = trace_peak(t)
         summary[f"{t.kind}_peak"] = {"layer": layer, "token": t.str_tokens[pos], "pos": pos, "indirect_effect": ie}
     common.write_json(out / "summary.json", summary)
-    common.say(args, json.dumps(summary, indent=1))
+    common.say(args, common.json_text(summary).rstrip())
     common.say(args, f"wrote {out}/trace.png, trace.html, trace.csv, summary.json")
     return 0
 

@@ -9,7 +9,9 @@ renders the result as an offline HTML page.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -20,7 +22,7 @@ from kvmem.core.tokenize import encode
 from kvmem.data import CounterFactRecord
 from kvmem.editing import compute_rome_edit, edited, second_moment
 from kvmem.editing.rome import Edit, RomeHparams
-from kvmem.errors import InvalidArgumentError
+from kvmem.errors import InvalidArgumentError, KvmemWarning
 from kvmem.evaluation import CounterFactEval, evaluate_counterfact
 from kvmem.memories import fact_memories
 from kvmem.memories.fact_view import FactMemories
@@ -28,6 +30,10 @@ from kvmem.neurons import KnowledgeNeurons, NeuronEffect, knowledge_neurons, neu
 from kvmem.pipelines.neuron_survey import FACTORS
 from kvmem.pipelines.rome_settings import is_factworld, rome_settings, stats_tokens
 from kvmem.tracing import KINDS, TraceSet, kind_windows, trace_all
+from kvmem.tracing.checks import check_target
+
+# The views that score only a target's first token (knowledge neurons and ROME use all of it).
+FIRST_TOKEN_VIEWS = "causal tracing and the memory view"
 
 # How many paraphrase and neighbour prompts the before/after answer table shows.
 N_ANSWERS = 3
@@ -46,7 +52,8 @@ class FactReport:
     """The four views of one fact (`four_views`). `effects` holds the knowledge neurons'
     suppress (×0) and amplify (×2) `NeuronEffect`s (empty when none were found); `answers` the
     model's top-1 answer to the fact's prompt, paraphrases and neighbours before and after the
-    edit; `timings` seconds per step."""
+    edit; `timings` seconds per step; `remarks` the warnings about the target (several tokens of
+    which some views score the first; not predicted by the model), also shown in the report."""
 
     fact: Fact
     paraphrases: tuple[str, ...]
@@ -61,6 +68,7 @@ class FactReport:
     samples: int
     stats_tokens: int
     timings: dict = field(default_factory=dict, compare=False)
+    remarks: tuple[str, ...] = ()
 
     @property
     def mlp_trace(self):
@@ -72,12 +80,34 @@ class FactReport:
         """The edited model's CounterFact row (S, ES, PS, NS, ... ×100)."""
         return self.evaluation.summary().loc["ROME"]
 
+    def not_computed(self) -> dict[str, str]:
+        """{CounterFact metric: why it could not be computed} for the metrics that are NaN (PS, PM
+        without paraphrases, NS, NM without neighbours, S without these): shown as "n/a (<reason>)"
+        and written to JSON as null."""
+        s, reasons = self.scores, {}
+        for m, given, what in (("ES", True, ""), ("EM", True, ""), ("PS", self.paraphrases, "paraphrases"),
+                               ("PM", self.paraphrases, "paraphrases"), ("NS", self.neighbours, "neighbours"),
+                               ("NM", self.neighbours, "neighbours")):
+            if m in s and math.isnan(float(s[m])):
+                reasons[m] = f"no {what} given" if not given else "could not be computed"
+        if math.isnan(float(s["S"])):
+            reasons["S"] = "needs ES, PS and NS (" + (", ".join(m for m in ("ES", "PS", "NS") if m in reasons)
+                                                       or "one of them") + " n/a)"
+        return reasons
+
+    def metric_text(self, m: str, fmt: str = ".0f") -> str:
+        """A CounterFact metric as text: its value, or "n/a (<reason>)"."""
+        reason = self.not_computed().get(m)
+        return f"n/a ({reason})" if reason else format(float(self.scores[m]), fmt)
+
     def summary(self) -> dict:
-        """The results as JSON-ready numbers (what `kvmem demo` writes to summary.json)."""
+        """The results as JSON-ready numbers (what `kvmem demo` writes to summary.json); a metric
+        that cannot be computed is None, with its reason under "not_computed"."""
         f, mlp = self.fact, self.mlp_trace
         layer, pos, ie = trace_peak(mlp)
         top = self.memories.top_memories(1, "subject_last")[0]
         eff = {name: e.relative_change for (name, _), e in zip(FACTORS, self.effects)}
+        missing = self.not_computed()
         return {
             "prompt": f.prompt, "subject": f.subject, "target_true": f.target_true, "target_new": f.target_new,
             "answer": self.traces.traces[0].answer, "p_clean": self.traces.p_clean, "p_corrupt": self.traces.p_corrupt,
@@ -86,13 +116,15 @@ class FactReport:
             "suppress_relative_change": eff.get("suppress"), "amplify_relative_change": eff.get("amplify"),
             "top_memory_subject_last": {"layer": top[0], "neuron": top[1], "push": top[2]},
             "edit_layer": self.edit.layer,
-            "counterfact": {m: float(self.scores[m]) for m in ("S", "ES", "PS", "NS")},
+            "counterfact": {m: None if m in missing else float(self.scores[m]) for m in ("S", "ES", "PS", "NS")},
+            "not_computed": missing,
             "answers": [dict(a) for a in self.answers],
+            "remarks": list(self.remarks),
         }
 
     def lines(self) -> list[str]:
         """One sentence per view, for a terminal."""
-        f, mlp, s = self.fact, self.mlp_trace, self.scores
+        f, mlp = self.fact, self.mlp_trace
         layer, pos, ie = trace_peak(mlp)
         top = self.memories.top_memories(1, "subject_last")[0]
         eff = self.effects
@@ -104,8 +136,8 @@ class FactReport:
                f"amplifying {eff[1].relative_change:+.0%}" if eff else ""),
             f"3. memories: strongest push at the subject's last token: L{top[0]}.N{top[1]} ({top[2]:+.2f})",
             f"4. ROME at layer {self.edit.layer}: {f.target_true!r} -> {f.target_new!r}: "
-            f"ES {s['ES']:.0f}, PS {s['PS']:.0f}, NS {s['NS']:.0f}, S {s['S']:.0f}",
-        ]
+            + ", ".join(f"{m} {self.metric_text(m)}" for m in ("ES", "PS", "NS", "S")),
+        ] + [f"warning: {r}" for r in self.remarks]
 
     def to_frame(self):
         """The top-1 answers before and after the edit: prompt, kind, before, after."""
@@ -173,7 +205,9 @@ def four_views(
     (default on factworld: its training text, `kvmem.factworld.corpus()`) with `n_tokens` tokens
     (default `stats_tokens(model)`). `window`: causal tracing's MLP / attention window (default
     `kvmem.config.trace_window`); `samples` noise samples; `steps` integrated-gradients steps.
-    Arguments are checked before any computation.
+    Arguments are checked before any computation. A target of several tokens (causal tracing and
+    the memory view score its first token; knowledge neurons and ROME all of it) or one the model
+    does not predict (`kvmem.config.predicts`) gives a `KvmemWarning`, kept in `remarks`.
     """
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"four_views takes a kvmem.Fact, got {type(fact).__name__}.")
@@ -186,6 +220,8 @@ def four_views(
         raise InvalidArgumentError("four_views needs ROME's key statistics: pass stats=second_moment(...) "
                                    "or corpus= (a text file, 'wiki' or strings).")
     paraphrases, neighbours = tuple(paraphrases), tuple(neighbours)
+    # warned once here, for all views (an error under warnings.simplefilter("error", KvmemWarning))
+    remarks = check_target(model, fact).warn(FIRST_TOKEN_VIEWS)
     hp = hparams or rome_settings(model, facts=[fact], progress=progress)
     timings: dict[str, float] = {}
     if stats is None and hp.mom2_adjustment:
@@ -199,7 +235,9 @@ def four_views(
         timings["ROME statistics"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    traces = trace_all(model, fact, window=window, samples=samples, seed=seed, progress=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KvmemWarning)  # already said above, for every view
+        traces = trace_all(model, fact, window=window, samples=samples, seed=seed, progress=progress)
     timings["causal tracing"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -224,7 +262,7 @@ def four_views(
     return FactReport(
         fact=fact, paraphrases=paraphrases, neighbours=neighbours, traces=traces, neurons=kn, effects=effects,
         memories=memories, edit=edit, evaluation=evaluation, answers=answers, samples=samples,
-        stats_tokens=int(stats.n_tokens) if stats is not None else 0, timings=timings,
+        stats_tokens=int(stats.n_tokens) if stats is not None else 0, timings=timings, remarks=remarks,
     )
 
 

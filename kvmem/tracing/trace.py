@@ -20,6 +20,7 @@ from kvmem.core.facts import Fact, TokenizedFact, tokenize_fact
 from kvmem.core.hooks import EMBED_HOOK, add_noise, check_has_embed_hook, has_hook
 from kvmem.core.weights import token_embeddings
 from kvmem.errors import EmptyTargetError, InvalidArgumentError
+from kvmem.tracing.checks import target_check_from_logits
 from kvmem.tracing.results import CausalTrace, TraceSet
 
 Kind = Literal["resid", "mlp", "attn"]
@@ -141,6 +142,19 @@ def prepare_fact(model, fact: Fact, *, require_target: bool = False) -> Prepared
     return PreparedFact(tf, clean, answer_id, model.tokenizer.decode([answer_id]), correct, p_clean)
 
 
+@torch.no_grad()
+def warn_target(model, prepared: PreparedFact) -> None:
+    """Warn when causal tracing scores only the first token of the fact's target, or the model
+    does not predict the target (`kvmem.tracing.checks`); nothing when the fact has no target
+    (the model's own top token is traced)."""
+    tf = prepared.tf
+    if tf.fact.target_true is None:
+        return
+    check = target_check_from_logits(model, tf.fact.prompt, tf.fact.target_true, tf.target_ids,
+                                     prepared.clean.final_logits(model)[0])
+    check.warn("causal tracing", stacklevel=5)  # the caller of causal_trace / trace_all
+
+
 def trace_interventions(
     kind: str, window: int, n_layers: int, positions: Sequence[int], sever: str | None = None
 ) -> list[Intervention]:
@@ -251,7 +265,8 @@ def causal_trace(
     `noise_level(model, facts)` over a data set to match ROME). `sever="mlp"` / `"attn"` (with
     kind="resid") holds that sublayer's outputs at the restored token at their corrupted values.
     The answer is `fact.target_true`'s first token if given (`correct` says whether the model's top
-    token agrees), otherwise the model's top token. `positions`: restore only these token
+    token agrees; a target of several tokens, or one the model does not predict by
+    `kvmem.config.predicts`, gives a `KvmemWarning`), otherwise the model's top token. `positions`: restore only these token
     positions, or "subject_last" (the other cells of `scores` are NaN); the cost is proportional
     to the number of positions, so one column costs ~1/n_tokens of the full grid.
     `batch_size`: rows per forward pass (None: as many as fit `memory_budget` bytes).
@@ -268,6 +283,7 @@ def causal_trace(
             raise InvalidArgumentError("Severed tracing restores the residual: use kind='resid' with sever=....")
         _check_kind(model, sever, 1)
     prepared = prepare_fact(model, fact)
+    warn_target(model, prepared)
     positions = _positions(prepared, positions)
     if noise is None:
         noise = noise_level(model, [fact])
@@ -296,10 +312,12 @@ def trace_all(
 
     `window` applies to "mlp" and "attn" (default `kvmem.config.default_window`: 10 on models of
     10 layers or more, as in ROME's figure 1); "resid" always restores one layer (as ROME does).
+    Like `causal_trace`, warns (`KvmemWarning`) about a several-token or unpredicted target.
     """
     check_trace_args(model, samples, noise, seed)
     spec = kind_windows(model, kinds, window)
     prepared = prepare_fact(model, fact)
+    warn_target(model, prepared)
     if noise is None:
         noise = noise_level(model, [fact])
     return TraceSet(tuple(trace_prepared(

@@ -222,7 +222,7 @@ class Report:
 
 def _fmt(value: Any, floatfmt: str) -> str:
     if isinstance(value, float):
-        return "" if math.isnan(value) else format(value, floatfmt)
+        return "n/a" if math.isnan(value) else format(value, floatfmt)
     if isinstance(value, (list, tuple)):
         return ", ".join(_fmt(v, floatfmt) for v in value)
     return str(value)
@@ -250,6 +250,8 @@ def fact_report(report, *, title: str | None = None, meta: dict | None = None) -
                        ("ROME statistics", f"{report.stats_tokens} tokens")):
         run.setdefault(key, value)
     rep.table([{"": k, "value": v} for k, v in run.items()], caption="Run")
+    for remark in getattr(report, "remarks", ()):
+        rep.text(f"Warning: {remark}.")
     _tracing_section(rep, report.traces, trace_peak)
     _neurons_section(rep, report.neurons, report.effects)
     _memories_section(rep, report.memories)
@@ -326,6 +328,9 @@ def _edit_section(rep: Report, report) -> None:
     summ = report.evaluation.summary().reset_index(names="condition")
     cols = ["condition", "S", "ES", "PS", "NS", "EM", "PM", "NM", "n"]
     rep.table(summ[[c for c in cols if c in summ]], caption="CounterFact metrics (×100)", floatfmt=".1f")
+    missing = report.not_computed()
+    if missing:
+        rep.text("n/a: " + "; ".join(f"{m}: {why}" for m, why in missing.items()) + ".")
     rep.text(
         "ES: the rewrite prompt prefers the new object; PS: its paraphrases do; NS: other subjects "
         "keep their true object; S: their harmonic mean."
