@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from kvmem.datafiles import DATA_ENV, data_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
@@ -46,7 +48,9 @@ def results_dir(analysis: str) -> Path:
 
 # --- evaluation data ---------------------------------------------------------------------------
 
-DATA_ENV = "KVMEM_DATA"
+# The folder rule is the library's (`kvmem.datafiles.data_folder`: $KVMEM_DATA); the project's own
+# runs fall back on the shared folder beside the repository, which users do not have.
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # The files the scripts read, relative to the data folder (its layout: ../shared/data/README.md).
 DATA_FILES = {
@@ -62,11 +66,11 @@ class MissingDataError(SystemExit):
 
 
 def data_dir(data: str | os.PathLike | None = None) -> Path:
-    """The data folder: `data` if given, else `$KVMEM_DATA`, else `../shared/data` beside the repository."""
+    """The data folder: `data` if given, else `$KVMEM_DATA` (`kvmem.datafiles.data_folder`), else
+    `../shared/data` beside the repository. Not checked here: `data_file` says what is missing."""
     if data is not None:
         return Path(data).expanduser()
-    env = os.environ.get(DATA_ENV)
-    return Path(env).expanduser() if env else ROOT.parent / "shared" / "data"
+    return data_folder(SHARED_DATA, must_exist=False)
 
 
 def add_data_arguments(ap: argparse.ArgumentParser, *names: str) -> None:

@@ -1,7 +1,9 @@
 """Loaders for the evaluation data kvmem works with, and a small built-in fact set.
 
-Every loader takes a path: the data files are not part of the package. Records come back as
-`Fact`s (or records holding `Fact`s), so every analysis reads them the same way.
+The data files are not part of the package. Every loader takes a path, or a name in the data
+folder `$KVMEM_DATA` such as "known_1000.json" or "corpus/wiki_vital_en.txt"
+(`kvmem.datafiles.data_path`; `data_folder`, `data_path` and `DATA_ENV` are here too). Records
+come back as `Fact`s (or records holding `Fact`s), so every analysis reads them the same way.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from typing import Iterable, Iterator
 
 from kvmem.errors import DataFormatError, InvalidArgumentError, KvmemError, MissingDependencyError
 from kvmem.core.facts import Fact
+from kvmem.datafiles import DATA_ENV, data_folder, data_path  # noqa: F401  (re-exported: kvmem.data.data_path)
 
 
-def _read_json(path: str | Path):
-    path = Path(path)
-    if not path.exists():
-        raise DataFormatError(f"No such file: {path}. Pass the path to the data file.")
+def _read_json(path: str | Path, what: str = "data file"):
+    path = data_path(path, what)  # a path, or a name in the data folder ($KVMEM_DATA)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -36,8 +37,9 @@ def _require(record: dict, keys: Iterable[str], where: str) -> None:
 # --- ROME's known facts --------------------------------------------------------------------
 
 def load_known_facts(path: str | Path, *, limit: int | None = None) -> list[Fact]:
-    """ROME's `known_1000.json`: facts GPT-2 XL knew, as `Fact(prompt, subject, target_true=attribute)`."""
-    records = _read_json(path)
+    """ROME's `known_1000.json`: facts GPT-2 XL knew, as `Fact(prompt, subject, target_true=attribute)`.
+    `path`: a path, or a name in the data folder (`load_known_facts("known_1000.json")`)."""
+    records = _read_json(path, "facts file")
     if not isinstance(records, list):
         raise DataFormatError(f"{path}: expected a JSON list of facts, got {type(records).__name__}.")
     facts = []
@@ -92,7 +94,7 @@ class CounterFactRecord:
 def load_counterfact(path: str | Path, *, limit: int | None = None) -> list[CounterFactRecord]:
     """CounterFact records (ROME): `requested_rewrite` becomes a `Fact` with both targets.
     Strict: every record must have CounterFact's fields (`read_fact_file` reads looser files)."""
-    records = _read_json(path)
+    records = _read_json(path, "CounterFact file")
     if not isinstance(records, list):
         raise DataFormatError(f"{path}: expected a JSON list of CounterFact records.")
     out = []
@@ -219,9 +221,9 @@ def read_fact_file(
     """
     if on_error not in ("stop", "skip"):
         raise InvalidArgumentError(f"on_error must be 'stop' or 'skip', got {on_error!r}.")
-    path = Path(path)
+    path = data_path(path, "facts file")  # a path, or a name in the data folder ($KVMEM_DATA)
     if not path.is_file():
-        raise DataFormatError(f"No such facts file: {path}. Pass the path to a JSON file of facts.")
+        raise DataFormatError(f"{path} is not a file. Pass the path to a JSON file of facts.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -342,7 +344,7 @@ def load_pararel(
     """
     if min_prompts < 1:
         raise InvalidArgumentError("min_prompts must be at least 1.")
-    data = _read_json(path)
+    data = _read_json(path, "PARAREL file")
     if not isinstance(data, dict):
         raise DataFormatError(f"{path}: expected {{relation: [bags]}}, got {type(data).__name__}.")
     wanted = set(relations) if relations is not None else None
@@ -457,13 +459,12 @@ def read_corpus(source: str | Path | Iterable[str], *, min_chars: int = 1) -> It
     """Documents of a corpus, one string each, lazily.
 
     `source` is a text file (paragraphs separated by blank lines; a file without blank lines is
-    read one line per document), the word "wiki" for the offline Wikipedia summaries, a `.json`
+    read one line per document; a path, or a name in the data folder such as
+    "corpus/wiki_vital_en.txt"), the word "wiki" for the offline Wikipedia summaries, a `.json`
     file in that package's format, or any iterable of strings.
     """
     if isinstance(source, (str, Path)):
-        path = wiki_summaries_path() if str(source) == "wiki" else Path(source)
-        if not path.exists():
-            raise DataFormatError(f"Corpus file {path} does not exist; pass a text file, 'wiki', or strings.")
+        path = wiki_summaries_path() if str(source) == "wiki" else data_path(source, "corpus file")
         if path.suffix == ".json":
             data = _read_json(path)
             values = data.values() if isinstance(data, dict) else data

@@ -87,3 +87,9 @@ class MultiTokenTargetWarning(KvmemWarning):
 
 class UnpredictedFactWarning(KvmemWarning):
     """The model does not predict the fact's target (`kvmem.config.predicts`)."""
+
+
+class MissingDataError(DataFormatError, FileNotFoundError):
+    """An evaluation data file (or the data folder, `$KVMEM_DATA`) that is not there
+    (`kvmem.datafiles.data_path`). A `DataFormatError`, as a missing data file always was, and a
+    `FileNotFoundError`."""

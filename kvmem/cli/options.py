@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from kvmem.core.facts import Fact
+from kvmem.datafiles import data_path
 from kvmem.errors import InvalidArgumentError
 
 FACTWORLD_CORPUS = "factworld training sentences"
@@ -31,9 +31,13 @@ def corpus(args: argparse.Namespace, what: str) -> tuple[Any, str]:
         from kvmem.factworld import corpus as factworld_corpus
 
         return factworld_corpus(), FACTWORLD_CORPUS
-    if given != "wiki" and not Path(given).is_file():
-        raise InvalidArgumentError(f"No such corpus file: {given}. Pass --corpus PATH to a text file, or 'wiki'.")
-    return given, str(given)
+    if given == "wiki":
+        return given, given
+    # a path, or a name in the data folder ($KVMEM_DATA): "corpus/wiki_vital_en.txt"
+    path = data_path(given, "corpus file")
+    if not path.is_file():
+        raise InvalidArgumentError(f"--corpus {given} is not a file. Pass --corpus PATH to a text file, or 'wiki'.")
+    return str(path), str(given)
 
 
 def n_tokens(args: argparse.Namespace, model) -> int:

@@ -82,7 +82,8 @@ def _model_options(p: argparse.ArgumentParser, command: str) -> None:
 def _batch_options(p: argparse.ArgumentParser, command: str, facts_required: bool = True) -> None:
     _model_options(p, command)
     p.add_argument("--facts", required=facts_required, metavar="FILE",
-                   help="JSON list of facts: known_1000, CounterFact or {prompt, subject, target, ...} records")
+                   help="JSON list of facts: known_1000, CounterFact or {prompt, subject, target, ...} records; "
+                        "a path, or a name in the data folder $KVMEM_DATA (e.g. known_1000.json)")
     p.add_argument("--limit", type=positive_int, help="use only the first N records")
     p.add_argument("--on-error", choices=("skip", "stop"), default="stop",
                    help="a malformed or unusable record: stop (default) or skip it and go on")
@@ -92,7 +93,8 @@ def _batch_options(p: argparse.ArgumentParser, command: str, facts_required: boo
 
 
 def _statistics_options(p: argparse.ArgumentParser, corpus_help: str) -> None:
-    p.add_argument("--corpus", help=corpus_help)
+    p.add_argument("--corpus", help=f"{corpus_help}; a path, or a name in the data folder $KVMEM_DATA "
+                                    "(e.g. corpus/wiki_vital_en.txt)")
     p.add_argument("--n-tokens", type=positive_int, help="tokens for the statistics (default max(20000, 40 d_mlp))")
     p.add_argument("--cache-dir", help="where statistics are cached (default $KVMEM_CACHE or ~/.cache/kvmem)")
 
@@ -173,7 +175,8 @@ def _add_small_commands(sub) -> None:
     r = sub.add_parser("recall", help="top-1/top-5 recall of facts (known_1000.json format)")
     r.add_argument("--model", default="factworld", help=MODEL_HELP)
     add_runtime_options(r)
-    r.add_argument("--facts", help="path to known_1000.json (default: kvmem's built-in facts)")
+    r.add_argument("--facts", help="facts in known_1000.json's format: a path, or a name in the data folder "
+                                   "$KVMEM_DATA, e.g. known_1000.json (default: kvmem's built-in facts)")
     r.add_argument("--limit", type=positive_int, help="use only the first N facts")
     r.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass (default: 16)")
     r.add_argument("--csv", metavar="FILE", help="also write the per-fact results to this CSV file")

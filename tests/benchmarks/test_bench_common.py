@@ -182,6 +182,11 @@ def test_data_files_come_from_the_flag_the_environment_or_beside_the_repository(
     (tmp_path / "corpus" / "wiki_vital_en.txt").write_text("text\n")
     monkeypatch.delenv(common.DATA_ENV, raising=False)
     assert common.data_dir() == common.ROOT.parent / "shared" / "data"
+    # the environment rule is the library's (kvmem.datafiles), not a copy
+    from kvmem import datafiles
+    assert common.DATA_ENV == datafiles.DATA_ENV and common.data_folder is datafiles.data_folder
+    monkeypatch.setenv(common.DATA_ENV, "")
+    assert common.data_dir() == common.SHARED_DATA
     args = ap.parse_args(["--data", str(tmp_path)])
     assert common.data_file(args, "corpus") == str(tmp_path / "corpus" / "wiki_vital_en.txt")
     monkeypatch.setenv(common.DATA_ENV, str(tmp_path))
