@@ -36,6 +36,11 @@ class HTMLView:
     def _repr_html_(self) -> str:
         return self.html
 
+    def __repr__(self) -> str:
+        # outside Jupyter (a script, a terminal) this is what a user sees: say how to look at it
+        return (f"HTMLView({len(self.html.encode('utf-8')) / 1024:.0f} KB of self-contained HTML: it displays in "
+                "Jupyter; elsewhere .save('view.html') writes a page, .open() shows it in a browser)")
+
     def __html__(self) -> str:
         return self.html
 
@@ -50,6 +55,20 @@ class HTMLView:
         """Write a standalone page (UTF-8) and return its path."""
         path = Path(path)
         path.write_text(self.page(), encoding="utf-8")
+        return path
+
+    def open(self, path: str | Path | None = None) -> Path:
+        """Save the page (to `path`, else a new temporary file), open it in the default browser
+        where there is one, print where it is, and return the path."""
+        import tempfile
+        import webbrowser
+
+        if path is None:
+            with tempfile.NamedTemporaryFile("w", suffix=".html", prefix="kvmem-view-", delete=False) as fh:
+                path = fh.name
+        path = self.save(path).resolve()
+        opened = webbrowser.open(path.as_uri())
+        print(f"kvmem view written to {path}" + ("" if opened else " (no browser here: open that file)"))
         return path
 
 
