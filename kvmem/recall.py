@@ -14,7 +14,7 @@ from kvmem import config
 from kvmem.errors import InvalidArgumentError
 from kvmem.core.facts import Fact, tokenize_fact
 from kvmem.core.tokenize import pad_batch, spec_for
-from kvmem.core.readout import last_token_logits
+from kvmem.core.readout import last_token_logits, token_rank
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,9 @@ def fact_recall(
         chunk = tokenized[i : i + batch_size]
         batch = pad_batch([t.tokens for t in chunk], spec.pad_id)
         logits = last_token_logits(model, batch.tokens.to(device), batch.last_pos)
-        logp = logits.float().log_softmax(-1)
-        first = torch.tensor([t.target_ids[0] for t in chunk], device=logp.device)
-        target_logp = logp.gather(1, first[:, None])[:, 0]
-        ranks.append((logp > target_logp[:, None]).sum(-1).cpu())
-        probs.append(target_logp.exp().cpu())
+        rank, p, logp = token_rank(logits, torch.tensor([t.target_ids[0] for t in chunk]))
+        ranks.append(rank.cpu())
+        probs.append(p.cpu())
         preds.extend(spec.tokenizer.decode([j]) for j in logp.argmax(-1).tolist())
     empty = torch.zeros(0)
     return RecallResult(

@@ -36,3 +36,13 @@ def last_token_logits(
     else:
         picked = resid[torch.arange(resid.shape[0], device=resid.device), last_pos.to(resid.device)]
     return final_logits(model, picked)
+
+
+def token_rank(
+    logits: Float[Tensor, "batch d_vocab"], token_ids: Int[Tensor, "batch"]
+) -> tuple[Int[Tensor, "batch"], Float[Tensor, "batch"], Float[Tensor, "batch d_vocab"]]:
+    """Each row's `token_ids` entry among its next-token logits: its rank (0: the top token; ties
+    rank with it), its probability, and the row's log-probabilities (float32 or wider)."""
+    logp = logits.float().log_softmax(-1)
+    token_logp = logp.gather(1, token_ids.to(logp.device)[:, None])[:, 0]
+    return (logp > token_logp[:, None]).sum(-1), token_logp.exp(), logp

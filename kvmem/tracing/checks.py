@@ -17,6 +17,7 @@ import torch
 
 from kvmem import config
 from kvmem.core.facts import Fact, tokenize_fact
+from kvmem.core.readout import last_token_logits, token_rank
 from kvmem.errors import MultiTokenTargetWarning, UnpredictedFactWarning
 
 
@@ -65,12 +66,9 @@ class TargetCheck:
 
 def target_check_from_logits(model, prompt: str, target: str, target_ids, logits) -> TargetCheck:
     """The `TargetCheck` of next-token `logits` [vocab] after `prompt` (no forward pass)."""
-    first = int(target_ids[0])
-    logits = logits.detach().float()
-    p = float(torch.softmax(logits, -1)[first])
-    rank = int((logits > logits[first]).sum())
+    rank, p, _ = token_rank(logits.detach()[None], torch.tensor([int(target_ids[0])]))
     tokens = tuple(model.tokenizer.decode([int(t)]) for t in target_ids)
-    return TargetCheck(prompt, target, tokens, p, rank)
+    return TargetCheck(prompt, target, tokens, float(p[0]), int(rank[0]))
 
 
 @torch.no_grad()
@@ -79,7 +77,7 @@ def check_target(model, fact: Fact, which: str = "true") -> TargetCheck | None:
     if (fact.target_true if which == "true" else fact.target_new) is None:
         return None
     tf = tokenize_fact(model, fact, target=which)
-    logits = model(tf.tokens[None].to(model.cfg.device))[0, -1]
+    logits = last_token_logits(model, tf.tokens[None].to(model.cfg.device))[0]  # unembeds the last position only
     return target_check_from_logits(model, fact.prompt, fact.target(which), tf.target_ids, logits)
 
 
