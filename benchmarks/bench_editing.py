@@ -33,30 +33,18 @@ import time
 from pathlib import Path
 
 from common import (RunPlan, add_data_arguments, add_run_arguments, check_run_arguments, data_file, data_name,
-                    peak_rss_mb, provenance, provenance_line, results_dir)
+                    peak_rss_mb, provenance, provenance_line, results_dir, tiny_random_model)
 
 
 # --- models and records -------------------------------------------------------------------
 
 def load(name: str, device: str | None = None):
     if name == "tiny":  # a random 3-layer GPT-2-style model: exercises the pipeline only
-        import torch
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        from kvmem.models.tokenizers import gpt2_tokenizer
-
-        cfg = HookedTransformerConfig(
-            n_layers=3, d_model=32, n_ctx=128, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257,
-            default_prepend_bos=True, seed=0, dtype=torch.float32, act_fn="gelu_new",
-            normalization_type="LN", positional_embedding_type="standard",
-        )
-        model = HookedTransformer(cfg, tokenizer=gpt2_tokenizer())
-        model.eval()
-        return model.to(device) if device else model
+        return tiny_random_model(n_ctx=128, device=device)
     if name == "factworld":
-        from kvmem.factworld import factworld_hooked_transformer
+        from kvmem.factworld import factworld_model
 
-        return factworld_hooked_transformer(device=device)
+        return factworld_model(device=device)
     import kvmem.models
 
     return kvmem.models.load_model(name, device=device)

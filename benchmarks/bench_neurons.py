@@ -100,14 +100,9 @@ def load(name: str):
     from kvmem.models import load_model
 
     if name == "tiny-random":
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from common import tiny_random_model
 
-        from kvmem.models.tokenizers import gpt2_tokenizer
-
-        cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64,
-                                      d_vocab=50257, act_fn="gelu_new", normalization_type="LN",
-                                      default_prepend_bos=True, seed=0)
-        model = HookedTransformer(cfg, tokenizer=gpt2_tokenizer())
+        model = tiny_random_model(n_ctx=64)
     else:
         model = load_model(name)
     model.eval()
@@ -131,25 +126,18 @@ def random_gpt2_folder(folder: Path, seed: int = 0) -> Path:
 
 
 def hf_pair(name: str, tmp: Path):
-    """(HookedTransformer, Hugging Face folder) holding the same GPT-2 weights."""
+    """(kvmem model on the installed backend, Hugging Face folder) holding the same GPT-2 weights."""
     if name == "factworld":
         from kvmem.factworld import factworld_hf_folder
 
         return load("factworld"), factworld_hf_folder()
     if name != "random-gpt2":
         raise SystemExit("the peer runs on Hugging Face GPT-2 folders: --model factworld or random-gpt2")
-    from transformer_lens import HookedTransformer
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-    from transformers import GPT2LMHeadModel
-
-    from kvmem.factworld import hooked_config_from_hf
+    from kvmem.models.folder import load_hf_folder
     from kvmem.models.tokenizers import gpt2_tokenizer
 
     folder = random_gpt2_folder(tmp / "random-gpt2")
-    hf = GPT2LMHeadModel.from_pretrained(str(folder))
-    cfg = hooked_config_from_hf(hf.config)
-    model = HookedTransformer(cfg, tokenizer=gpt2_tokenizer(), move_to_device=False)
-    model.load_and_process_state_dict({k: v.detach().clone() for k, v in convert_gpt2_weights(hf, cfg).items()})
+    model = load_hf_folder(folder, tokenizer=gpt2_tokenizer())
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -33,22 +33,13 @@ from pathlib import Path
 
 import torch
 
-from common import provenance, reference, results_dir
+from common import provenance, reference, results_dir, tiny_random_model
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's patching loop draws a bar per call
 
 
 def tiny_model():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from kvmem.models.tokenizers import gpt2_tokenizer
-
-    cfg = HookedTransformerConfig(
-        n_layers=6, d_model=128, n_ctx=64, d_head=32, n_heads=4, d_mlp=512, d_vocab=50257,
-        act_fn="gelu_new", normalization_type="LN", default_prepend_bos=True, seed=0,
-    )
-    model = HookedTransformer(cfg, tokenizer=gpt2_tokenizer())
-    return model.eval()
+    return tiny_random_model(n_ctx=64, n_layers=6, d_model=128, n_heads=4, d_mlp=512)
 
 
 def load(name: str):

@@ -400,3 +400,33 @@ def pearson(a, b) -> float:
     a, b = a - a.mean(), b - b.mean()
     den = float(a.norm() * b.norm())
     return float((a * b).sum()) / den if den > 0 else float("nan")
+
+
+# --- a tiny random model, on either TransformerLens backend ----------------------------------------
+
+def tiny_random_model(n_ctx: int = 128, seed: int = 0, device: Any = None, *, n_layers: int = 3,
+                      d_model: int = 32, n_heads: int = 4, d_mlp: int = 64):
+    """A seeded random GPT-2 (default 3 layers, d_model 32, 4 heads, d_mlp 64; the real GPT-2
+    vocabulary and tokenizer) loaded through `kvmem.load_model`'s folder path, so it is a HookedTransformer on
+    TransformerLens 3.9 and a TransformerBridge on 4.x. For end-to-end runs of the scripts' plumbing
+    (`--model tiny`); its numbers mean nothing. Weights drawn at HookedTransformer's scale
+    (0.8/sqrt(d_model)) so its outputs are not near uniform."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from kvmem.models.folder import load_hf_folder
+    from kvmem.models.tokenizers import gpt2_tokenizer
+
+    config = transformers.GPT2Config(vocab_size=50257, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+                                     n_inner=d_mlp, n_positions=n_ctx, activation_function="gelu_new",
+                                     initializer_range=0.8 / d_model ** 0.5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = transformers.GPT2LMHeadModel(config).eval()
+    with tempfile.TemporaryDirectory(prefix="kvmem-tiny-") as folder:
+        hf.save_pretrained(folder)
+        model = load_hf_folder(folder, device=device, tokenizer=gpt2_tokenizer())
+    model.eval()
+    return model

@@ -6,8 +6,11 @@
     kvmem.trace_all(model, fact).plot()               # causal tracing (ROME's windows by default)
     kvmem.four_views(model, fact)                     # tracing, neurons, memories and a ROME edit
 
+Models: a TransformerBridge (TransformerLens >= 4.3, compatibility mode) or a HookedTransformer
+(TransformerLens 3.9); `load_model` returns the installed version's kind.
+
 Layers, imports only downward: kvmem.errors / kvmem.config <- kvmem.core (facts, tokenize, hooks,
-engine, weights, readout: the only code touching TransformerLens internals) <- the analyses
+engine, weights, readout, backend, bridge: the only code touching TransformerLens internals) <- the analyses
 (tracing, neurons, memories, editing, evaluation, recall) <- kvmem.pipelines (diagnose, stress,
 four_views) <- kvmem.cli and kvmem.viz.report. kvmem.models, kvmem.data and kvmem.factworld load
 models and data beside the core.

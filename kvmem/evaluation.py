@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem.core.backend import run_to_layer
 from kvmem import config
 from kvmem.data import CounterFactRecord
 from kvmem.editing.apply import edited
@@ -76,7 +77,7 @@ def target_logprobs(
     n_layers = model.cfg.n_layers
     for s in range(0, len(rows), batch_size):
         batch = pad_batch(rows[s : s + batch_size], spec.pad_id)
-        resid = model(batch.tokens.to(device), stop_at_layer=n_layers)
+        resid = run_to_layer(model, batch.tokens.to(device), n_layers)
         r_idx = [i for i, rd in enumerate(reads[s : s + batch_size]) for _ in rd]
         p_idx = [p for rd in reads[s : s + batch_size] for p, _ in rd]
         t_idx = torch.tensor([t for rd in reads[s : s + batch_size] for _, t in rd], device=device)

@@ -1,5 +1,16 @@
-"""Shared fixtures: tiny random models of the two architecture families kvmem must support, and
-the shipped factworld model (the default) with its world."""
+"""Shared fixtures: tiny random models of the architecture families kvmem must support, and the
+shipped factworld model (the default) with its world; and which tests run on which backend.
+
+kvmem runs on TransformerLens 3.9 (`HookedTransformer`, backend "hooked") and TransformerLens >= 4.3
+(`TransformerBridge` in compatibility mode, backend "bridge"); the installed one decides
+(`kvmem.core.backend.installed_backend`). The tiny models are built on it: HookedTransformers from
+a `HookedTransformerConfig` on 3.9 (exactly as before: golden values depend on them), bridges over
+a seeded random Hugging Face model of the same sizes on 4.x (`_tiny_bridge`).
+
+Markers (set here, in `pytest_collection_modifyitems`, from `CORE_TESTS` and `ONLY_ON`):
+- `core`: the subset CI also runs on the other backend (`pytest -m core` in .ci/run's second venv);
+- tests that can only run on one backend are skipped on the other, the reason in the message.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +28,77 @@ install_import_hook("kvmem", "beartype.beartype")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from kvmem.core.backend import installed_backend  # noqa: E402
 from kvmem.datafiles import data_folder  # noqa: E402
 from kvmem.models.tokenizers import gpt2_tokenizer  # noqa: E402
+
+BACKEND = installed_backend()  # "hooked" (TransformerLens 3.9) or "bridge" (TransformerLens >= 4.3)
+
+# --- which tests run where ----------------------------------------------------------------------
+
+# The core subset (marker `core`): what CI also runs on the other TransformerLens, in a second
+# virtual environment (.ci/run). Entries are test modules (file stem) or "module::test_name" for a
+# few tests of a module (the parametrised variants included). One list, here.
+CORE_TESTS: tuple[str, ...] = (
+    "test_hooks",             # kvmem's hooks in run_with_hooks
+    "test_patching",          # the batched intervention engine, activation patching
+    "test_tracing",           # causal tracing: kinds, severing, windows, positions
+    "test_neurons",           # integrated gradients, knowledge neurons
+    "test_editing",           # ROME: statistics, k*, v*, the update, restore, save/load
+    "test_editing_factworld",
+    "test_evaluation",        # CounterFact metrics
+    "test_four_views",        # the demo's pipeline
+    "test_mlp_layout",        # (its HookedTransformer-only tests skip on a bridge; see ONLY_ON)
+    "test_backends",          # the two backends side by side (where both can be built)
+    "test_backends_loading",
+    "test_golden",            # golden values: bit for bit on 3.9, within tolerance on a bridge
+    "test_cli::test_demo",    # the demo command and its report
+    "test_cli::test_trace_single_fact",
+    "test_cli::test_edit",
+)
+
+# Tests that only apply to one backend, with the reason the other skips them. A test of the
+# default path must never be listed for the installed backend's default.
+_PRETRANSPOSED = ("pretransposed_mlps speeds up TransformerLens 3's GatedMLP "
+                  "(HookedTransformer); a TransformerBridge runs the Hugging Face MLP")
+ONLY_ON: dict[str, dict[str, str]] = {
+    "hooked": {
+        "test_mlp_layout::test_fast_path_runs_without_transformer_lens_forward": _PRETRANSPOSED,
+        "test_mlp_layout::test_identical_outputs_and_hooks": _PRETRANSPOSED,
+        "test_mlp_layout::test_restored_on_exception_and_gpt2_untouched": _PRETRANSPOSED,
+        "test_mlp_layout::test_falls_back_after_in_place_change_and_with_gradients": _PRETRANSPOSED,
+        "test_stress::test_first_format_log_resumes": (
+            "the committed first-format log records the HookedTransformer's own fingerprint of factworld, "
+            "which a bridge cannot verify (it is refused with that reason: kvmem.editing.fingerprint.same_weights)"),
+    },
+    "bridge": {},
+}
+
+
+def _key(item) -> tuple[str, str]:
+    """(module stem, test name without parameters) of a collected test."""
+    return Path(str(item.fspath)).stem, getattr(item, "originalname", None) or item.name.split("[")[0]
+
+
+def _listed(table, module: str, name: str):
+    """The entry of `table` (a collection or a dict) for the module or the test, else None."""
+    for k in (f"{module}::{name}", module):
+        if k in table:
+            return table[k] if isinstance(table, dict) else k
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    other = {"hooked": "bridge", "bridge": "hooked"}[BACKEND]
+    for item in items:
+        module, name = _key(item)
+        if _listed(CORE_TESTS, module, name):
+            item.add_marker(pytest.mark.core)
+        reason = _listed(ONLY_ON[other], module, name)
+        if reason and not _listed(ONLY_ON[BACKEND], module, name):
+            label = {"hooked": "HookedTransformer (TransformerLens 3.9)",
+                     "bridge": "TransformerBridge (TransformerLens >= 4.3)"}[other]
+            item.add_marker(pytest.mark.skip(reason=f"{label} only: {reason}"))
 
 # Evaluation data that is not shipped (known facts, CounterFact, PARAREL, corpora): the library's
 # data folder ($KVMEM_DATA, `kvmem.datafiles.data_folder`), as for users and the benchmarks, else the
@@ -33,12 +113,32 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
-def _tiny(kind: str, seed: int = 0):
+# The tiny models' sizes (HookedTransformerConfig's names).
+TINY_SIZES = dict(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257)
+TINY_KINDS = ("gpt2", "gated", "postnorm")
+
+
+def build_tiny(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               default_prepend_bos: bool = True, **sizes):
+    """A tiny random model on the installed backend, eval mode, weights frozen: `kind` "gpt2"
+    (LayerNorm, GELU, learned positions), "gated" (Llama-like: RMSNorm, rotary, gated SiLU MLP,
+    grouped-query attention) or, on a bridge, "postnorm" (Gemma-3-like). `sizes` override
+    `TINY_SIZES`. For a module's own tiny model (another dtype or size) on either backend."""
+    if BACKEND == "bridge":
+        return _tiny_bridge(kind, seed=seed, dtype=dtype, default_prepend_bos=default_prepend_bos, **sizes)
+    if kind not in ("gpt2", "gated"):
+        raise ValueError(f"build_tiny({kind!r}) on a HookedTransformer: the post-norm model is _tiny_postnorm")
+    return _tiny(kind, seed, dtype=dtype, default_prepend_bos=default_prepend_bos, **sizes)
+
+
+def _tiny(kind: str, seed: int = 0, *, dtype: torch.dtype = torch.float32, default_prepend_bos: bool = True,
+          **sizes):
+    if BACKEND == "bridge":
+        return _tiny_bridge(kind, seed=seed, dtype=dtype, default_prepend_bos=default_prepend_bos, **sizes)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     common = dict(
-        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64,
-        d_vocab=50257, default_prepend_bos=True, seed=seed, dtype=torch.float32,
+        **{**TINY_SIZES, **sizes}, default_prepend_bos=default_prepend_bos, seed=seed, dtype=dtype,
     )
     if kind == "gpt2":
         cfg = HookedTransformerConfig(
@@ -128,13 +228,15 @@ def _factworld_left_unchanged(request):
 
 @pytest.fixture(scope="session")
 def tiny_gpt2():
-    """3-layer random GPT-2-architecture HookedTransformer with the real GPT-2 tokenizer."""
+    """3-layer random GPT-2-architecture model (HookedTransformer, or a bridge over a Hugging Face
+    GPT-2 on TransformerLens 4) with the real GPT-2 tokenizer."""
     return _tiny("gpt2")
 
 
 @pytest.fixture(scope="session")
 def tiny_gated():
-    """3-layer random Llama-like HookedTransformer (RMSNorm, rotary, gated MLP, GQA)."""
+    """3-layer random Llama-like model (RMSNorm, rotary, gated MLP, GQA): a HookedTransformer, or
+    a bridge over a Hugging Face Llama on TransformerLens 4."""
     return _tiny("gated")
 
 
@@ -145,6 +247,8 @@ def tiny_model(request):
 
 def _tiny_postnorm():
     """Gemma-2/3-like: RMSNorm before *and after* attention and MLP (ln2_post, with a random gain)."""
+    if BACKEND == "bridge":
+        return _tiny_bridge("postnorm", seed=1)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from kvmem.models.tokenizers import gpt2_tokenizer
@@ -168,5 +272,68 @@ def _tiny_postnorm():
 
 @pytest.fixture(scope="session")
 def tiny_postnorm():
-    """3-layer random Gemma-2/3-like HookedTransformer (norms before and after attention and MLP)."""
+    """3-layer random Gemma-2/3-like model (norms before and after attention and MLP): a
+    HookedTransformer, or a bridge over a Hugging Face Gemma-3 on TransformerLens 4."""
     return _tiny_postnorm()
+
+
+# --- tiny bridges (TransformerLens >= 4.3) ------------------------------------------------------------
+
+def _hf_tiny(kind: str, *, seed: int, n_layers: int, d_model: int, n_ctx: int, d_head: int, n_heads: int,
+             d_mlp: int, d_vocab: int):
+    """A seeded random Hugging Face causal LM of the tiny sizes: GPT-2, Llama (GQA, 2 key/value
+    heads) or Gemma-3 (full attention in every layer, post-MLP norm gain drawn like the
+    HookedTransformer's ln2_post.w). Weights drawn with HookedTransformer's scale (0.8/sqrt(d_model))
+    rather than Hugging Face's 0.02, so the random models are as far from uniform outputs; norms'
+    eps 1e-5 as HookedTransformerConfig's (Gemma's own is 1e-6)."""
+    import transformers
+
+    shared = dict(vocab_size=d_vocab, hidden_size=d_model, num_hidden_layers=n_layers,
+                  num_attention_heads=n_heads, head_dim=d_head, intermediate_size=d_mlp,
+                  max_position_embeddings=n_ctx, initializer_range=0.8 / d_model ** 0.5)
+    if kind == "gpt2":
+        assert d_head * n_heads == d_model, "GPT-2's head size is d_model / n_heads"
+        config = transformers.GPT2Config(
+            vocab_size=d_vocab, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp,
+            n_positions=n_ctx, activation_function="gelu_new", initializer_range=shared["initializer_range"],
+        )
+        cls = transformers.GPT2LMHeadModel
+    elif kind == "gated":
+        config = transformers.LlamaConfig(**shared, num_key_value_heads=max(1, n_heads // 2), hidden_act="silu",
+                                          tie_word_embeddings=False, rms_norm_eps=1e-5)
+        cls = transformers.LlamaForCausalLM
+    elif kind == "postnorm":
+        config = transformers.Gemma3TextConfig(
+            **shared, num_key_value_heads=n_heads, hidden_activation="gelu_pytorch_tanh",
+            layer_types=["full_attention"] * n_layers, sliding_window=n_ctx, rms_norm_eps=1e-5,
+            architectures=["Gemma3ForCausalLM"],  # the bridge picks its adapter by this name
+        )
+        cls = transformers.Gemma3ForCausalLM
+    else:
+        raise ValueError(kind)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = cls(config)
+        if kind == "postnorm":  # Gemma's RMSNorm scales by (1 + weight): gains in [0.5, 1.5)
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for layer in hf.model.layers:
+                    layer.post_feedforward_layernorm.weight.copy_(torch.rand(d_model, generator=g) - 0.5)
+    return hf.eval()
+
+
+def _tiny_bridge(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 default_prepend_bos: bool = True, **sizes):
+    """A tiny random `TransformerBridge` in compatibility mode, booted offline from `_hf_tiny`'s model
+    (no hub), with the GPT-2 tokenizer; eval mode, weights frozen."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = _hf_tiny(kind, seed=seed, **{**TINY_SIZES, **sizes}).to(dtype)
+    name = {"gpt2": "gpt2", "gated": "tiny-llama", "postnorm": "tiny-gemma3"}[kind]
+    model = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=gpt2_tokenizer(), dtype=dtype)
+    model.enable_compatibility_mode()
+    model.cfg.default_prepend_bos = default_prepend_bos
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

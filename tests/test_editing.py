@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import build_tiny
 
 from kvmem.editing import (
     Edit,
@@ -106,7 +107,7 @@ def test_second_moment_counts_exactly_n_tokens_and_reports_convergence(tiny_gpt2
 
 
 def test_stats_cache_is_keyed_by_weights_layer_and_corpus(tiny_gpt2, tmp_path):
-    model = copy.deepcopy(tiny_gpt2)
+    model = build_tiny("gpt2")  # a fresh model with the same weights
     a = second_moment(model, LAYER, CORPUS, n_tokens=300, cache_dir=tmp_path, progress=False)
     assert not a.from_cache
     b = second_moment(model, LAYER, CORPUS, n_tokens=300, cache_dir=tmp_path, progress=False)
@@ -141,7 +142,8 @@ def test_update_maps_k_star_to_v_star_and_spares_orthogonal_keys(tiny_model, sta
     sm, e = stats_for(tiny_model), edit_for(tiny_model)
     mlp = tiny_model.blocks[LAYER].mlp
     W0 = mlp.W_out.detach().double().clone()
-    b = mlp.b_out.detach().double()
+    # a bridge's bias-free MLP has no b_out (a HookedTransformer holds zeros)
+    b = mlp.b_out.detach().double() if mlp.b_out is not None else torch.zeros(W0.shape[1], dtype=torch.float64)
     # u is C⁻¹k* (normalised), with the exact C
     Cinv_k = torch.linalg.solve(sm.C, e.k_star)
     torch.testing.assert_close(e.u, Cinv_k / Cinv_k.norm(), rtol=1e-8, atol=1e-10)
@@ -163,7 +165,8 @@ def test_reinsert_rebuilds_the_same_update_and_scales_or_drops_the_statistics(ti
     torch.testing.assert_close(same.lam, e.lam.double(), rtol=1e-7, atol=1e-9)
     mlp = tiny_model.blocks[LAYER].mlp
     W0 = mlp.W_out.detach().double().clone()
-    b = mlp.b_out.detach().double()
+    # a bridge's bias-free MLP has no b_out (a HookedTransformer holds zeros)
+    b = mlp.b_out.detach().double() if mlp.b_out is not None else torch.zeros(W0.shape[1], dtype=torch.float64)
     v_old = e.k_star.double() @ W0 + b
     # half strength: k* maps halfway to v*; identity statistics: u is k* itself
     for edit, expect_u in ((reinsert(tiny_model, e, sm, strength=0.5), same.u),
@@ -203,8 +206,9 @@ def test_edit_is_deterministic_and_leaves_model_unchanged(tiny_gated, stats_for,
 def test_edited_restores_bit_exactly_also_on_exception(tiny_gpt2, edit_for):
     e = edit_for(tiny_gpt2)
     before = {n: p.detach().clone() for n, p in tiny_gpt2.named_parameters()}
+    W0 = tiny_gpt2.blocks[LAYER].mlp.W_out.detach().clone()
     with edited(tiny_gpt2, e):
-        assert not torch.equal(tiny_gpt2.blocks[LAYER].mlp.W_out, before[f"blocks.{LAYER}.mlp.W_out"])
+        assert not torch.equal(tiny_gpt2.blocks[LAYER].mlp.W_out, W0)
     assert all(torch.equal(p, before[n]) for n, p in tiny_gpt2.named_parameters())
     with pytest.raises(RuntimeError, match="boom"):
         with edited(tiny_gpt2, e):
@@ -214,7 +218,7 @@ def test_edited_restores_bit_exactly_also_on_exception(tiny_gpt2, edit_for):
 
 
 def test_stacked_edits_and_apply_edit(tiny_gpt2, stats_for, edit_for):
-    model = copy.deepcopy(tiny_gpt2)
+    model = build_tiny("gpt2")  # a fresh model with the same weights
     e1 = edit_for(tiny_gpt2)  # same weights as the copy, so the fingerprint matches
     req2 = Fact("Lionel Messi plays the sport of", "Lionel Messi", target_true="soccer", target_new="tennis")
     e2 = compute_rome_edit(model, req2, layer=LAYER, stats=stats_for(tiny_gpt2), hparams=FAST)
@@ -307,24 +311,25 @@ def test_bad_requests_raise_and_leave_model_unchanged(tiny_gpt2, stats_for):
         edit(REQUEST, stats=torch.eye(10, dtype=torch.float64))
     with pytest.raises((InvalidArgumentError, TypeError)):  # beartype rejects it first in the tests
         edit("The Eiffel Tower is in Paris")
-    other = copy.deepcopy(tiny_gpt2)
+    other = build_tiny("gpt2")  # a fresh model with the same weights
     with torch.no_grad():
-        other.blocks[0].attn.W_Q[0, 0, 0] += 1.0
+        other.blocks[0].mlp.W_in[0, 0] += 1.0
     with pytest.raises(ModelMismatchError):
         compute_rome_edit(other, REQUEST, layer=LAYER, stats=sm, hparams=FAST)
     assert model_fingerprint(tiny_gpt2) == fp
 
 
-def test_target_equal_to_current_answer_is_rejected(tiny_gpt2):
-    prompt = "The Eiffel Tower is located in the city of"
-    logits = tiny_gpt2(torch.tensor([encode(tiny_gpt2, prompt)]))[0, -1]
-    answer = tiny_gpt2.tokenizer.decode([int(logits.argmax())])
-    if not answer.strip() or not answer.startswith(" "):
-        pytest.skip(f"random model's top token {answer!r} is not a word continuation")
-    req = Fact(prompt, "The Eiffel Tower", target_new=answer.strip())
+def test_target_equal_to_current_answer_is_rejected(factworld, world):
+    # a trained model, so its greedy answer is a word (a random model's need not be)
+    wf = world.facts()[0]
+    prompt = wf.prompt
+    logits = factworld(torch.tensor([encode(factworld, prompt)]))[0, -1]
+    answer = factworld.tokenizer.decode([int(logits.argmax())])
+    assert answer == wf.target, (answer, wf.target)
+    req = Fact(prompt, wf.subject, target_new=answer.strip())
     hp = dataclasses.replace(FAST, mom2_adjustment=False)
     with pytest.raises(InvalidArgumentError, match="already answers"):
-        compute_rome_edit(tiny_gpt2, req, layer=LAYER, hparams=hp)
+        compute_rome_edit(factworld, req, layer=0, hparams=hp)
 
 
 def test_all_rejections_are_kvmem_errors():

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from kvmem.core.backend import installed_backend
 from kvmem.errors import CacheError, InvalidArgumentError
 from kvmem.factworld import (
     WEIGHTS_DIR,
@@ -17,6 +18,7 @@ from kvmem.factworld import (
     factworld_hooked_transformer,
     factworld_tokenizer,
     load_compact,
+    factworld_model,
     load_factworld_hf,
     subject_token_span,
 )
@@ -201,12 +203,13 @@ def test_accuracy_of_shipped_model(hf, world, tok):
     assert para >= 0.80, para
 
 
-def test_hooked_transformer_matches_hf(hf, cache_dir, world, tok):
-    from transformer_lens import HookedTransformer
+def test_transformer_lens_model_matches_hf(hf, cache_dir, world, tok):
+    """The installed TransformerLens's model (HookedTransformer or TransformerBridge) equals HF's."""
+    from kvmem.core.backend import backend_of, installed_backend
 
     model, _ = hf
-    ht = factworld_hooked_transformer(cache_dir=cache_dir)
-    assert isinstance(ht, HookedTransformer) and ht.cfg.d_vocab == 50257
+    ht = factworld_model(cache_dir=cache_dir)
+    assert backend_of(ht) == installed_backend() and ht.cfg.d_vocab == 50257
     assert ht.cfg.default_prepend_bos and ht.tokenizer is not None
     f = world.facts("train")[3]
     tokens = ht.to_tokens(f.prompt)
@@ -219,6 +222,24 @@ def test_hooked_transformer_matches_hf(hf, cache_dir, world, tok):
     assert ht.to_single_token(f.target) == lp_ht[0, -1].argmax().item()
     # and it is as accurate as the HF model on a sample
     assert evaluate_accuracy(ht, world, "paraphrase", tokenizer=tok, max_prompts=200) >= 0.8
+
+
+@pytest.mark.skipif(installed_backend() != "hooked", reason="HookedTransformer exists only in "
+                    "TransformerLens 3.x; test_transformer_lens_model_matches_hf covers the bridge")
+def test_hooked_transformer_is_a_hooked_transformer(cache_dir):
+    from transformer_lens import HookedTransformer
+
+    ht = factworld_hooked_transformer(cache_dir=cache_dir, center_unembed=False)
+    assert isinstance(ht, HookedTransformer) and ht.cfg.model_name == "factworld"
+
+
+@pytest.mark.skipif(installed_backend() != "bridge", reason="TransformerLens 3.x has HookedTransformer: "
+                    "nothing to refuse (test_hooked_transformer_is_a_hooked_transformer loads it)")
+def test_hooked_transformer_on_transformer_lens_4_points_to_load_model():
+    from kvmem.errors import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError, match=r"factworld_model\(\)"):
+        factworld_hooked_transformer()
 
 
 # ---- cache ------------------------------------------------------------------------------------
@@ -251,7 +272,7 @@ def test_recall_goes_through_the_last_subject_token(world, cache_dir, tok):
     """ROME-style recall: with the subject's embeddings corrupted, restoring the clean residual
     at the subject's LAST token (after layer 1) brings back much of the answer; restoring its
     first token does not (the model was trained with the subject funnel, see train.py)."""
-    ht = factworld_hooked_transformer(cache_dir=cache_dir)
+    ht = factworld_model(cache_dir=cache_dir)
     g = torch.Generator().manual_seed(0)
     sub_ids = sorted({t for s in world.subjects for t in tok.encode(" " + s)})
     sigma = 3 * ht.W_E[torch.tensor(sub_ids)].std().item()

@@ -10,6 +10,14 @@ so no tolerance is needed anywhere. Repeated runs, in one process and in fresh o
 identical bits (checked when the files were made). The thread count is part of that: this module
 runs on one thread, as make_golden.py does.
 
+The golden files were made on TransformerLens 3.9's HookedTransformer. On a TransformerBridge
+(TransformerLens 4) the same cases run through other float32 kernels (Hugging Face's modules), so
+there the check is agreement within `BRIDGE_RTOL` of each tensor's largest magnitude (integers,
+strings and checksums of floats are not compared bit for bit: ΔW's checksum is replaced by its
+factors u and Λ, compared within tolerance): this is issue 17's "same numbers on both backends".
+Measured (factworld, one thread): traces 1e-6, IG 2e-6, ROME u/Λ/v* ≤ 9e-6, C 1e-8, CounterFact
+metrics 4e-9 relative.
+
 Bit-exact golden values are tied to the CPU kernels that made them: another torch version or
 another CPU (other SIMD paths) may move the last bits. If a failure shows only tiny differences
 (the message prints the largest) on another machine, regenerate with make_golden.py from the
@@ -22,6 +30,8 @@ import math
 
 import pytest
 import torch
+
+import kvmem
 
 from golden import cases  # tests/golden/cases.py (tests/ is on sys.path under pytest)
 
@@ -45,9 +55,38 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(int_of[t.element_size()]) if t.is_floating_point() else t
 
 
-def assert_identical(actual, expected, where: str = "value") -> None:
+from kvmem.core.backend import installed_backend
+
+# Relative tolerance on the bridge (see the module docstring); the largest measured gap is 10x below it.
+BRIDGE_RTOL = 1e-4
+EXACT = installed_backend() == "hooked"
+
+
+def assert_close(actual, expected, where: str) -> None:
+    """Within BRIDGE_RTOL of the expected tensor's (or float's) largest magnitude; NaN where NaN."""
+    a = torch.as_tensor(actual).detach().cpu().double()
+    e = torch.as_tensor(expected).double()
+    assert a.shape == e.shape, f"{where}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert bool((a.isnan() == e.isnan()).all()), f"{where}: NaN cells differ"
+    both = ~e.isnan()
+    if not both.any():
+        return
+    diff = float((a - e).abs()[both].max())
+    scale = float(e[both].abs().max())
+    assert diff <= BRIDGE_RTOL * max(scale, 1e-12), (
+        f"{where}: max |diff| {diff:.3g} exceeds {BRIDGE_RTOL:g} x {scale:.3g} (largest expected magnitude)"
+    )
+
+
+def assert_identical(actual, expected, where: str = "value", exact: bool = True) -> None:
     """Bit-identical tensors (same dtype and shape), floats (NaN == NaN), and equal everything else,
-    recursively through dicts, tuples and lists."""
+    recursively through dicts, tuples and lists. `exact=False`: floating tensors and floats within
+    tolerance (`assert_close`), checksums (keys ending in "sha256") not compared."""
+    if not exact and (isinstance(expected, float) or (isinstance(expected, torch.Tensor) and expected.is_floating_point())):
+        assert_close(actual, expected, where)
+        return
+    if not exact and where.endswith("sha256']"):
+        return
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), f"{where}: got {type(actual).__name__}, expected a tensor"
         assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
@@ -70,11 +109,11 @@ def assert_identical(actual, expected, where: str = "value") -> None:
             f"{where}: keys {sorted(actual) if isinstance(actual, dict) else actual!r} != {sorted(expected)}"
         )
         for k in expected:
-            assert_identical(actual[k], expected[k], f"{where}[{k!r}]")
+            assert_identical(actual[k], expected[k], f"{where}[{k!r}]", exact)
     elif isinstance(expected, (tuple, list)):
         assert isinstance(actual, (tuple, list)) and len(actual) == len(expected), f"{where}: {actual!r} != {expected!r}"
         for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_identical(a, e, f"{where}[{i}]")
+            assert_identical(a, e, f"{where}[{i}]", exact)
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
@@ -84,7 +123,7 @@ def check_case(name: str, computed: tuple[dict, dict]) -> None:
     inputs, values = computed
     # the inputs in cases.py must still be the ones the golden file was made with
     assert_identical(inputs, golden["inputs"], f"{name} inputs (cases.py changed? regenerate deliberately)")
-    assert_identical(values, golden["values"], name)
+    assert_identical(values, golden["values"], name, exact=EXACT)
 
 
 # --- fixtures: a factworld model that does not load is a failure here, never a skip --------------
@@ -134,6 +173,10 @@ def test_golden_factworld_rome_edit(golden_factworld, factworld_stats):
     golden = cases.load("rome_factworld")["values"]
     delta = torch.outer(golden["u"].double(), golden["lam"].double())
     assert cases.sha256(delta) == golden["delta.sha256"]
+    if not EXACT:  # ΔW itself, within tolerance, in the HookedTransformer's [d_mlp, d_model] layout
+        edit = kvmem.compute_rome_edit(model, cases.factworld_records(world)[0].request, stats=factworld_stats,
+                                       hparams=cases.rome_hparams())
+        assert_close(edit.delta().double(), delta, "rome_factworld ΔW")
 
 
 def test_golden_factworld_counterfact(golden_factworld, factworld_stats):

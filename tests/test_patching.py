@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from kvmem.core.backend import run_to_layer
 from transformer_lens import patching as tl_patching
 
 from kvmem.errors import InvalidArgumentError, KvmemError, LayerOutOfRangeError
@@ -167,7 +169,8 @@ def test_forward_rows_equals_full_forward(tiny_model):
     # the reference: whole prompts from the start, each row set to its noise sample's embedding
     def full(samples, hooks):
         start = ("blocks.0.hook_resid_pre", restore(run.resid[0][samples]))
-        return model.run_with_hooks(tokens[None].expand(len(samples), -1), fwd_hooks=[start, *hooks], stop_at_layer=n)
+        with model.hooks(fwd_hooks=[start, *hooks]):
+            return run_to_layer(model, tokens[None].expand(len(samples), -1), n)
 
     shift = restore_at(resid_a[:, 0], [0, 1], [t0, t0])
     want_a = full([2, 0], [("blocks.1.hook_resid_pre", shift)])

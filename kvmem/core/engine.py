@@ -58,6 +58,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from kvmem import config
+from kvmem.core import bridge
+from kvmem.core.backend import is_bridge
 from kvmem.core.hooks import capture, has_hook, restore_at
 from kvmem.core.readout import final_logits
 from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
@@ -140,14 +142,6 @@ def _cache_entry_class():
     return TransformerLensKeyValueCacheEntry
 
 
-def new_kv_cache(model, n_rows: int, device=None):
-    """An empty TransformerLens key/value cache for `n_rows` rows, for incremental decoding:
-    `model(tokens, past_kv_cache=cache)` attends to what earlier calls cached, then appends."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-    return TransformerLensKeyValueCache.init_cache(model.cfg, device, n_rows)
-
-
 @torch.no_grad()
 def record_run(
     model,
@@ -161,7 +155,6 @@ def record_run(
     per noise sample. Rows must be unpadded prompts of one length. `fwd_hooks` may also keep
     other activations of the run (`kvmem.core.hooks.capture`).
     """
-    Entry = _cache_entry_class()
     if tokens.dim() == 1:
         tokens = tokens[None].expand(n_rows or 1, -1)
     elif n_rows is not None and n_rows != tokens.shape[0]:
@@ -184,7 +177,25 @@ def record_run(
             keep.append((f"blocks.{i}.hook_attn_out", capture(attn_out, i, clone=True)))
     device = model.cfg.device
     tokens = tokens.to(device)
-    batch = tokens.shape[0]
+    shortformer = None
+    if is_bridge(model):
+        resids, keys, values = bridge.record(model, tokens, fwd_hooks, keep), (), ()
+    else:
+        resids, keys, values, shortformer = _record_hooked(model, tokens, fwd_hooks, keep)
+    return RecordedRun(
+        tokens=tokens[0].detach().cpu(),
+        resid=torch.stack(resids),
+        mlp_out=torch.stack([mlp_out[i] for i in range(n_layers)]) if has_mlp else None,
+        attn_out=torch.stack([attn_out[i] for i in range(n_layers)]) if has_attn else None,
+        keys=keys,
+        values=values,
+        shortformer_pos_embed=shortformer,
+    )
+
+
+def _record_hooked(model, tokens, fwd_hooks, keep):
+    Entry = _cache_entry_class()
+    n_layers, batch = model.cfg.n_layers, tokens.shape[0]
     with model.hooks(fwd_hooks=list(fwd_hooks) + keep):
         # No padding: the attention mask is all ones, so it is left out (as in a plain forward).
         resid, _, shortformer, _ = model.input_to_embed(tokens)
@@ -193,15 +204,7 @@ def record_run(
         for i, block in enumerate(model.blocks):
             resid = block(resid, past_kv_cache_entry=entries[i], shortformer_pos_embed=shortformer)
             resids.append(resid)
-    return RecordedRun(
-        tokens=tokens[0].detach().cpu(),
-        resid=torch.stack(resids),
-        mlp_out=torch.stack([mlp_out[i] for i in range(n_layers)]) if has_mlp else None,
-        attn_out=torch.stack([attn_out[i] for i in range(n_layers)]) if has_attn else None,
-        keys=tuple(e.past_keys for e in entries),
-        values=tuple(e.past_values for e in entries),
-        shortformer_pos_embed=shortformer,
-    )
+    return resids, tuple(e.past_keys for e in entries), tuple(e.past_values for e in entries), shortformer
 
 
 def rows_for_budget(
@@ -273,6 +276,8 @@ def forward_rows(
     kv_rows = [r for g in groups for r in g.kv_rows]
     if any(not 0 <= r < run.n_rows for r in kv_rows):
         raise InvalidArgumentError(f"kv_rows must index the recorded run's rows 0..{run.n_rows - 1}.")
+    if is_bridge(model):
+        return bridge.forward_rows(model, run, groups, start_pos, fwd_hooks)
     Entry = _cache_entry_class()
     shortformer = run.shortformer_pos_embed
     # which recorded row's prefix each batch row continues; a one-row run is broadcast, not copied

@@ -66,7 +66,9 @@ def capture(
     """Hook keeping the activation it sees in `store` and passing it on unchanged.
 
     Stored under `key`, or under the hook point's name when `key` is None (one factory serves a
-    list of hook points: `[(name, capture(store)) for name in names]`). `append=True` keeps every
+    list of hook points: `[(name, capture(store)) for name in names]`; on a TransformerBridge that
+    is the canonical name, e.g. `blocks.3.hook_in` for `blocks.3.hook_resid_pre`, so pass
+    `key=name` to keep the name you registered). `append=True` keeps every
     call's activation in a list at that key (a hook point that fires once per batch). The
     activation is detached; `clone=True` also copies it, for callers that keep it while the model
     writes the same storage again (in-place ops downstream).

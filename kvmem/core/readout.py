@@ -11,6 +11,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from kvmem.core.backend import run_to_layer
+
 
 def final_logits(model, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch d_vocab"]:
     """Logits from final-layer residual vectors: final norm, unembedding, soft-cap as the model does."""
@@ -30,7 +32,7 @@ def last_token_logits(
     model, tokens: Int[Tensor, "batch pos"], last_pos: Int[Tensor, "batch"] | None = None
 ) -> Float[Tensor, "batch d_vocab"]:
     """Next-token logits at `last_pos` of each row (default: the final column), unembedding only those."""
-    resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    resid = run_to_layer(model, tokens, model.cfg.n_layers)
     if last_pos is None:
         picked = resid[:, -1]
     else:

@@ -17,6 +17,7 @@ from typing import Sequence
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from kvmem.core.backend import is_bridge
 from kvmem.core.hooks import has_hook
 from kvmem.errors import InvalidArgumentError, LayerOutOfRangeError
 
@@ -112,7 +113,10 @@ def mlp_post_norm(model, layer: int):
     """The norm a block applies to its MLP output before the residual add, or None."""
     block = model.blocks[layer]
     norm = None
-    if getattr(model.cfg, "use_normalization_before_and_after", False):
+    if is_bridge(model):
+        # the bridge names a post-MLP norm `ln2_post` whatever its config says (Gemma-2/3)
+        norm = getattr(block, "ln2_post", None)
+    elif getattr(model.cfg, "use_normalization_before_and_after", False):
         norm = getattr(block, "ln2_post", None)
     else:
         try:
@@ -124,6 +128,35 @@ def mlp_post_norm(model, layer: int):
     if norm is None or not hasattr(norm, "hook_scale"):
         return None
     return norm
+
+
+def norm_centres(model, norm) -> bool:
+    """Whether `norm` subtracts the mean before scaling (LayerNorm) rather than not (RMSNorm)."""
+    if norm is None:
+        return False
+    if is_bridge(model):
+        name = type(norm.original_component).__name__
+        return "LayerNorm" in name and "RMS" not in name
+    return type(norm).__name__ in ("LayerNorm", "LayerNormPre")
+
+
+def norm_gain(model, norm) -> Tensor | None:
+    """The per-dimension gain `norm` multiplies the normalised vector by; None where it has none
+    (folded into the next weights). A bridge wraps the Hugging Face module as it is: Gemma's RMSNorm
+    stores w and multiplies by 1 + w (a HookedTransformer holds 1 + w); other norms multiply by w."""
+    if norm is None:
+        return None
+    if is_bridge(model):
+        module = norm.original_component
+        w = getattr(module, "weight", None)
+        if not isinstance(w, Tensor):
+            return None
+        name = type(module).__name__
+        if name.startswith("Gemma") and "RMSNorm" in name:
+            return (1.0 + w.float()).to(w.dtype)
+        return w
+    w = getattr(norm, "w", None)
+    return w if isinstance(w, Tensor) else None
 
 
 def post_norm_scale_name(model, layer: int) -> str | None:

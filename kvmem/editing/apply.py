@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from kvmem.editing.fingerprint import model_fingerprint
+from kvmem.editing.fingerprint import model_fingerprint, same_weights
 from kvmem.editing.rome import Edit
 from kvmem.errors import InvalidArgumentError, ModelMismatchError
 from kvmem.core.weights import check_layer, mlp_weights
@@ -51,10 +51,12 @@ def _check_model(model, edit: Edit) -> str:
     stack = _stack(model)
     if stack and stack[-1][1] == now and edit.model_fingerprint in {before for before, _ in stack}:
         return now
+    same, why = same_weights(model, edit.model_fingerprint, edit.weights_fingerprint, made_on=edit.backend)
+    if same:  # the same weights on the other TransformerLens backend
+        return now
     raise ModelMismatchError(
-        f"This edit (subject {edit.request.subject!r}) was computed on other weights than this model's "
-        f"(fingerprint {edit.model_fingerprint[:12]}… vs {now[:12]}…). Recompute it on this model with "
-        "compute_rome_edit, or apply it to the model it was made for."
+        f"This edit (subject {edit.request.subject!r}) was computed on other weights than this model's: "
+        f"{why}. Recompute it on this model with compute_rome_edit, or apply it to the model it was made for."
     )
 
 

@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from kvmem.core.engine import new_kv_cache
+from kvmem.core.backend import decoding
 from kvmem.core.mlp_layout import pretransposed_mlps
 from kvmem.core.readout import final_logits
 from kvmem.errors import InvalidArgumentError
@@ -40,14 +40,11 @@ def sample_tokens(
         return out
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    cache = new_kv_cache(model, n, device)
     tokens = prompt.to(device)[None].expand(n, -1).contiguous()
-    n_layers = model.cfg.n_layers
     # one token per forward: TransformerLens's per-call weight copies would dominate (bit-identical without)
-    with pretransposed_mlps(model):
+    with pretransposed_mlps(model), decoding(model, n, device) as step:
         for i in range(max_new_tokens):
-            # an explicit all-ones mask: no token is ever treated as padding
-            resid = model(tokens, stop_at_layer=n_layers, past_kv_cache=cache, attention_mask=torch.ones_like(tokens))
+            resid = step(tokens)
             logits = final_logits(model, resid[:, -1]).float()
             top, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
             probs = top.softmax(-1).cpu()

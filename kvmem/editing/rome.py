@@ -28,10 +28,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvmem import config
-from kvmem.editing.fingerprint import model_fingerprint, tensors_checksum
+from kvmem.editing.fingerprint import model_fingerprint, same_weights, tensors_checksum, weights_fingerprint
 from kvmem.editing.generate import sample_tokens
 from kvmem.editing.stats import SecondMoment, check_invertible
 from kvmem.errors import CacheError, InvalidArgumentError, ModelMismatchError
+from kvmem.core.backend import backend_of, continue_from, run_to_layer
 from kvmem.core.facts import Fact, occurrences, subject_span, tokenize_fact
 from kvmem.core.hooks import add_mlp_output_hook, capture
 from kvmem.core.tokenize import encode, pad_batch, spec_for
@@ -198,6 +199,11 @@ class Edit:
     hparams: RomeHparams = field(default_factory=RomeHparams)
     loss_trace: Float[Tensor, "step 5"] = field(default_factory=lambda: torch.zeros(0, 5), repr=False)
     seconds: float = float("nan")
+    # the backend-independent fingerprint and the backend it was made on ("hooked"/"bridge"), so
+    # that an edit saved on one TransformerLens applies to the same weights on the other
+    # (`kvmem.editing.fingerprint.same_weights`); None in edits saved before they were recorded
+    weights_fingerprint: str | None = None
+    backend: str | None = None
 
     TRACE_COLUMNS = ("loss", "nll", "kl", "weight_decay", "p_target")
 
@@ -230,6 +236,10 @@ class Edit:
             "hparams": json.dumps(asdict(self.hparams)),
             "seconds": repr(self.seconds),
         }
+        if self.weights_fingerprint is not None:
+            meta["weights_fingerprint"] = self.weights_fingerprint
+        if self.backend is not None:
+            meta["backend"] = self.backend
         meta["checksum"] = tensors_checksum(tensors, json.dumps(meta, sort_keys=True))
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
@@ -262,6 +272,8 @@ class Edit:
             hparams=RomeHparams(**hp),
             loss_trace=tensors["loss_trace"],
             seconds=float(meta["seconds"]),
+            weights_fingerprint=meta.get("weights_fingerprint"),
+            backend=meta.get("backend"),
         )
 
 
@@ -387,10 +399,8 @@ def compute_rome_edit(
     got: dict[str, Tensor] = {}
     resid_name = f"blocks.{layer}.hook_resid_pre"
     with torch.no_grad():
-        model.run_with_hooks(
-            tokens, stop_at_layer=layer + 1,
-            fwd_hooks=[(resid_name, capture(got)), (hook_post_name(model, layer), capture(got))],
-        )
+        with model.hooks(fwd_hooks=[(resid_name, capture(got, resid_name)), (hook_post_name(model, layer), capture(got, hook_post_name(model, layer)))]):
+            run_to_layer(model, tokens, layer + 1)
     resid_pre = got[resid_name]
     keys = got[hook_post_name(model, layer)]
     ctx_keys = torch.stack([keys[r, pos] for r, pos in lookup[:n_ctx]]).double()
@@ -427,7 +437,7 @@ def compute_rome_edit(
     try:
         with torch.enable_grad():
             for it in range(hparams.v_num_grad_steps):
-                resid = model(resid_pre, start_at_layer=layer, stop_at_layer=n_layers)
+                resid = continue_from(model, resid_pre, layer)
                 logp = final_logits(model, resid[nll_r, nll_p]).float().log_softmax(-1)
                 tok_logp = logp.gather(1, nll_t[:, None])[:, 0]
                 if it == 0 and first_ctx and bool((logp[first_ctx].argmax(-1) == nll_t[first_ctx]).all()):
@@ -475,7 +485,17 @@ def compute_rome_edit(
         hparams=replace(hparams, layer=layer),
         loss_trace=torch.tensor(trace, dtype=torch.float32).reshape(-1, 5),
         seconds=time.perf_counter() - t0,
+        weights_fingerprint=_weights_fp(model, fp),
+        backend=backend_of(model),
     )
+
+
+def _weights_fp(model, fp: str) -> str | None:
+    """The edit's backend-independent fingerprint: on a bridge `model_fingerprint` already is one;
+    on a HookedTransformer it is hashed once more (None for a session's unsaved edits, fp "")."""
+    if not fp:
+        return None
+    return fp if backend_of(model) == "bridge" else weights_fingerprint(model)
 
 
 def _check_stats(stats, layer: int, fp: str, d_mlp: int) -> None:
@@ -531,8 +551,9 @@ def reinsert(model, edit: Edit, stats: SecondMoment | Tensor | None = None, stre
         )
     if not (isinstance(strength, (int, float)) and strength == strength and strength > 0):
         raise InvalidArgumentError(f"strength must be a positive number, got {strength!r}.")
-    if model_fingerprint(model) != edit.model_fingerprint:
-        raise ModelMismatchError("This edit was computed for different model weights (fingerprint mismatch).")
+    same, why = same_weights(model, edit.model_fingerprint, edit.weights_fingerprint, made_on=edit.backend)
+    if not same:
+        raise ModelMismatchError(f"This edit was computed for different model weights: {why}.")
     if stats is not None:
         _check_stats(stats, edit.layer, edit.model_fingerprint, int(model.cfg.d_mlp))
     W = mlp_weights(model, edit.layer)

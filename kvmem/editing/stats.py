@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem.core.backend import run_to_layer
 from kvmem import config
 from kvmem.config import cache_root
 from kvmem.data import ensure_nonempty, read_corpus
@@ -309,7 +310,7 @@ def second_moment(
         for rows_b in length_batches(rows, min(batch_tokens, max(step, max_len))):
             batch = pad_batch(rows_b, spec.pad_id)
             tokens = batch.tokens.to(device)
-            model(tokens, stop_at_layer=layer + 1)
+            run_to_layer(model, tokens, layer + 1)
             act = kept.pop("post")
             pos = torch.arange(tokens.shape[1], device=device)
             mask = pos[None, :] < batch.lengths.to(device)[:, None]

@@ -1,8 +1,8 @@
 """The embedded ground-truth model: a synthetic fact world and a small GPT-2 trained on it.
 
-    from kvmem.factworld import shipped_world, factworld_hooked_transformer, evaluate_accuracy
+    from kvmem.factworld import shipped_world, factworld_model, evaluate_accuracy
     world = shipped_world()                       # the world the shipped model was trained on
-    model = factworld_hooked_transformer()        # a HookedTransformer, BOS prepended by default
+    model = factworld_model()                     # HookedTransformer (TL 3.9) / TransformerBridge (TL 4)
     fact = world.facts()[0]                       # WorldFact(subject, relation, template, target)
     evaluate_accuracy(model, world, "paraphrase") # top-1 on held-out templates
 
@@ -48,6 +48,7 @@ __all__ = [
     "factworld_tokenizer",
     "factworld_hf_folder",
     "load_factworld_hf",
+    "factworld_model",
     "factworld_hooked_transformer",
     "hooked_config_from_hf",
     "evaluate_accuracy",
@@ -136,7 +137,9 @@ def factworld_hooked_transformer(
     center_unembed: bool = True,
     fold_value_biases: bool = True,
 ):
-    """The factworld model as a `HookedTransformer`, built without contacting any hub.
+    """The factworld model as a `HookedTransformer` (TransformerLens 3.9), built without contacting
+    any hub. On TransformerLens 4, which has no HookedTransformer, use `factworld_model()` or
+    ``kvmem.load_model("factworld")`` (a TransformerBridge on the same weights).
 
     Processing defaults are those of `HookedTransformer.from_pretrained` (LayerNorm folded,
     writing weights and the unembedding centred, value biases folded): log-probabilities equal
@@ -145,6 +148,16 @@ def factworld_hooked_transformer(
     have logit exactly 0). `model.tokenizer` is set and `to_tokens` prepends BOS by default
     (`cfg.default_prepend_bos=True`), matching how the model was trained.
     """
+    from kvmem.errors import MissingDependencyError
+    from kvmem.models.registry import resolve_backend
+
+    try:
+        resolve_backend("hooked")
+    except MissingDependencyError as e:
+        raise MissingDependencyError(
+            f"{e} For the factworld model on the installed TransformerLens use "
+            "kvmem.load_model('factworld') or kvmem.factworld.factworld_model()."
+        ) from None
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
@@ -163,6 +176,32 @@ def factworld_hooked_transformer(
     model.to(cfg.device)
     model.eval()
     return model
+
+
+def factworld_model(
+    device: str | torch.device | None = None,
+    backend: str | None = None,
+    *,
+    cache_dir: Path | str | None = None,
+    weights_dir: Path | str | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """The factworld model for the installed TransformerLens (or `backend`): a `HookedTransformer`
+    on 3.9 (`factworld_hooked_transformer`), a `TransformerBridge` in compatibility mode on >= 4.3
+    (booted offline from `load_factworld_hf()`'s model and tokenizer by
+    `kvmem.models.bridge.boot_bridge`). Both fold LayerNorm and centre weights the same way, prepend
+    BOS (`<|endoftext|>`) in `to_tokens`, and have ``cfg.model_name == "factworld"``. `dtype` casts
+    the fp32-processed weights. What ``kvmem.load_model("factworld")`` returns."""
+    from kvmem.models.registry import resolve_backend
+
+    if resolve_backend(backend) == "hooked":
+        model = factworld_hooked_transformer(device, cache_dir=cache_dir, weights_dir=weights_dir)
+        return model if dtype is None else model.to(dtype)
+    from kvmem.models.bridge import boot_bridge
+
+    hf_model, tok = load_factworld_hf(cache_dir, weights_dir=weights_dir)
+    return boot_bridge(hf_model, tok, boot_name="factworld", model_name="factworld", device=device,
+                       dtype=dtype, start_token=tok.bos_token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +286,14 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _transformer_lens_kind(model) -> str | None:
+    """"hooked" / "bridge" for a TransformerLens model (`kvmem.core.backend.backend_of`, which
+    refuses a bridge outside compatibility mode), None for a Hugging Face one (no ``cfg``)."""
+    from kvmem.core.backend import backend_of
+
+    return backend_of(model) if hasattr(model, "cfg") else None
+
+
 @torch.inference_mode()
 def _next_token_predictions(
     model, sequences: Sequence[Sequence[int]], batch_size: int, used_token_ids: Sequence[int] | None
@@ -254,8 +301,7 @@ def _next_token_predictions(
     """Top-1 next-token (GPT-2 id) after each sequence. With `used_token_ids` the model is a
     compact model over those ids and every other token has logit 0; -1 stands for "some token
     outside `used_token_ids`"."""
-    from transformer_lens import HookedTransformer
-
+    kind = _transformer_lens_kind(model)
     device = _model_device(model)
     lookup = None
     if used_token_ids is not None:
@@ -279,9 +325,11 @@ def _next_token_predictions(
         # Right padding: causal attention keeps every real position independent of the padding.
         # Only the last real position is unembedded (the unembedding dominates the cost).
         rows, cols = torch.arange(len(chunk), device=device), (lengths - 1).to(device)
-        if isinstance(model, HookedTransformer):
+        if kind == "hooked":
             resid = model(ids, stop_at_layer=model.cfg.n_layers)[rows, cols][:, None]
             last = model.unembed(model.ln_final(resid))[:, 0]
+        elif kind == "bridge":
+            last = model(ids)[rows, cols]
         else:
             base = getattr(model, getattr(model, "base_model_prefix", ""), None)
             head = model.get_output_embeddings() if base is not None else None

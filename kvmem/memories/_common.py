@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from kvmem.core.weights import check_neurons, final_norm_layer, mlp_post_norm, mlp_weights
+from kvmem.core.weights import check_neurons, final_norm_layer, mlp_post_norm, mlp_weights, norm_centres, norm_gain
 from kvmem.errors import InvalidArgumentError
 
 FinalNorm = Literal["linear", "none"]
@@ -76,23 +76,20 @@ def value_directions(
     norm = mlp_post_norm(model, layer)
     if norm is None:
         return v
-    if type(norm).__name__ in ("LayerNorm", "LayerNormPre"):
+    if norm_centres(model, norm):
         v = v - v.mean(-1, keepdim=True)
-    w = getattr(norm, "w", None)
-    if isinstance(w, Tensor):
+    w = norm_gain(model, norm)
+    if w is not None:
         v = v * w.to(v.dtype)
     return v
 
 
 def _centers(model) -> bool:
-    ln = final_norm_layer(model)
-    return ln is not None and type(ln).__name__ in ("LayerNorm", "LayerNormPre")
+    return norm_centres(model, final_norm_layer(model))
 
 
 def _gain(model) -> Tensor | None:
-    ln = final_norm_layer(model)
-    w = getattr(ln, "w", None) if ln is not None else None
-    return w if isinstance(w, Tensor) else None
+    return norm_gain(model, final_norm_layer(model))
 
 
 def readout_directions(

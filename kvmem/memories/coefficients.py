@@ -6,6 +6,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from kvmem.core.backend import run_to_layer
 from kvmem.core.hooks import capture
 from kvmem.core.weights import check_layer, hook_post_name, mlp_post_norm, mlp_weights
 
@@ -17,7 +18,7 @@ def memory_coefficients(model, tokens: Int[Tensor, "batch pos"], layer: int) -> 
     name = hook_post_name(model, layer)
     store = {}
     with model.hooks(fwd_hooks=[(name, capture(store, "a", clone=True))]):
-        model(tokens.to(model.W_U.device), stop_at_layer=layer + 1)
+        run_to_layer(model, tokens.to(model.W_U.device), layer + 1)
     return store["a"]
 
 

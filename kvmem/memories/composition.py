@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem.core.backend import run_to_layer
 from kvmem import config
 from kvmem.core.hooks import capture
 from kvmem.core.readout import final_logits
@@ -124,7 +125,7 @@ def composition_stats(
     last_post = f"blocks.{n_layers - 1}.hook_resid_post"
     wanted = {n for trio in names.values() for n in trio} | {last_post}
     store: dict[str, Tensor] = {}
-    hooks = [(n, capture(store)) for n in sorted(wanted)]  # keyed by hook name
+    hooks = [(n, capture(store, n)) for n in sorted(wanted)]
     stats = {k: [] for k in ("npos", "nact", "comp", "midf", "postf", "kept", "over", "compose")}
     show_bar = config.show_progress(progress)
     bar = tqdm(total=max_tokens, disable=not show_bar, desc="composition", unit="tok")
@@ -145,7 +146,7 @@ def composition_stats(
             r = torch.tensor(rows, device=device)
             c = torch.tensor(cols, device=device)
             with model.hooks(fwd_hooks=hooks):
-                model(batch.tokens.to(device), stop_at_layer=n_layers)
+                run_to_layer(model, batch.tokens.to(device), n_layers)
             final_top = final_logits(model, store[last_post][r, c]).argmax(-1)
             per_layer = {k: [] for k in stats}
             for l in layers:

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem.core.backend import run_to_layer
 from kvmem import config
 from kvmem.core.hooks import capture
 from kvmem.core.weights import check_layers, check_layer, hook_post_name
@@ -203,7 +204,7 @@ def top_contexts_by_layer(
     all_neurons = len(idx) == model.cfg.d_mlp and bool((idx == torch.arange(model.cfg.d_mlp)).all())
     idx_dev = idx.to(device)
     store: dict[str, Tensor] = {}
-    hooks = [(names[l], capture(store)) for l in layers]  # keyed by hook name
+    hooks = [(names[l], capture(store, names[l])) for l in layers]
     stop = max(layers) + 1
     n_tokens = 0
     show_bar = config.show_progress(progress)
@@ -212,7 +213,7 @@ def top_contexts_by_layer(
         for batch in corpus_windows(model, corpus, window=window, batch_size=batch_size, max_tokens=max_tokens):
             tokens = batch.tokens.to(device)
             with model.hooks(fwd_hooks=hooks):
-                model(tokens, stop_at_layer=stop)
+                run_to_layer(model, tokens, stop)
             mask = ~batch.valid.reshape(-1).to(device)
             for l in layers:
                 act = store.pop(names[l])

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from kvmem.core.backend import run_to_layer
 from kvmem.core.hooks import capture
 from kvmem.core.weights import hook_post_name
 from kvmem.memories._common import decode_tokens
@@ -53,7 +54,7 @@ def key_contexts_html(model, top: "TopContexts", neuron: int, n: int = 10) -> HT
         shown = top.context_ids(neuron, s)
         store = {}
         with model.hooks(fwd_hooks=[(name, capture(store, "a"))]):
-            model(torch.tensor([full], device=model.W_U.device), stop_at_layer=top.layer + 1)
+            run_to_layer(model, torch.tensor([full], device=model.W_U.device), top.layer + 1)
         acts = store["a"][0, -len(shown):, neuron].float().tolist() if shown else []
         nxt = decode_tokens(top.tokenizer, [int(top.next_tokens[j, s])])[0]
         tokens.append(f"\n#{s} coef={coef:.3g} next={nxt!r}\n")

@@ -6,8 +6,11 @@
 - `cache`: cache folders, manifest, checksums, locks (`CacheWarning`, `clear_cache`).
 - `convert`: Hugging Face -> TransformerLens config and weights, without the hub.
 - `tokenizers`: GPT-2's BPE (factworld) and the real models' repaired, checked tokenizers.
-- `real`: the cache-or-convert loaders of the real models (`load_offline_model`, `verify_cache`).
+- `real`: the cache-or-convert loaders of the real models (`load_offline_model`, `verify_cache`;
+  `load_offline_bridge` on TransformerLens 4).
 - `folder`: any local Hugging Face folder (`load_hf_folder`).
+- `bridge`: a Hugging Face model in memory as a TransformerBridge in compatibility mode
+  (`boot_bridge`), the one way every path above builds one on TransformerLens 4.
 """
 
 from kvmem.models.cache import CACHE_FORMAT, CacheWarning, clear_cache, model_cache_dir
@@ -16,11 +19,12 @@ from kvmem.models.gguf import find_gguf
 from kvmem.models.real import (
     load_gemma_3_270m,
     load_gguf_hf_model,
+    load_offline_bridge,
     load_offline_model,
     load_smollm2_135m,
     verify_cache,
 )
-from kvmem.models.registry import ALIASES, BUILTIN_MODELS, load_model
+from kvmem.models.registry import ALIASES, BUILTIN_MODELS, load_model, resolve_backend
 from kvmem.models.specs import GEMMA_3_270M, MODELS, SMOLLM2_135M, START_TOKENS, OfflineModelSpec
 from kvmem.models.tokenizers import gpt2_tokenizer
 
@@ -41,8 +45,10 @@ __all__ = [
     "load_gguf_hf_model",
     "load_hf_folder",
     "load_model",
+    "load_offline_bridge",
     "load_offline_model",
     "load_smollm2_135m",
     "model_cache_dir",
+    "resolve_backend",
     "verify_cache",
 ]

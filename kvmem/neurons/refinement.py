@@ -11,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from kvmem.core.backend import run_to_layer
 from kvmem import config
 from kvmem.core.facts import Fact
 from kvmem.core.hooks import capture
@@ -138,8 +139,8 @@ def _neuron_activations(model, prompts: Sequence[str], neurons: Sequence[Neuron]
         by_layer[l].append((k, n))
     kept: dict = {}
     names = [site_hook(l, site) for l in by_layer]
-    with model.hooks(fwd_hooks=[(n, capture(kept)) for n in names]):
-        model(batch.tokens.to(model.cfg.device), stop_at_layer=max(by_layer) + 1)
+    with model.hooks(fwd_hooks=[(n, capture(kept, n)) for n in names]):
+        run_to_layer(model, batch.tokens.to(model.cfg.device), max(by_layer) + 1)
     for l, items in by_layer.items():
         act = kept[site_hook(l, site)].float().cpu()
         for k, n in items:
