@@ -406,7 +406,7 @@ def evaluate_counterfact(
 
 
 def _stats_identity(stats):
-    from kvmem.editing.fingerprint import tensors_checksum
+    from kvmem.core.fingerprint import tensors_checksum
 
     if stats is None:
         return None
@@ -418,7 +418,7 @@ def _stats_identity(stats):
 def _counterfact_log(model, path, restart, editor_is_default, hp, stats, method, unedited, kw):
     import dataclasses
 
-    from kvmem.editing.fingerprint import model_fingerprint
+    from kvmem.core.fingerprint import model_fingerprint
     from kvmem.runs import RunLog
 
     if not editor_is_default:

@@ -69,7 +69,7 @@ ONLY_ON: dict[str, dict[str, str]] = {
         "test_mlp_layout::test_falls_back_after_in_place_change_and_with_gradients": _PRETRANSPOSED,
         "test_stress::test_first_format_log_resumes": (
             "the committed first-format log records the HookedTransformer's own fingerprint of factworld, "
-            "which a bridge cannot verify (it is refused with that reason: kvmem.editing.fingerprint.same_weights)"),
+            "which a bridge cannot verify (it is refused with that reason: kvmem.core.fingerprint.same_weights)"),
     },
     "bridge": {},
 }

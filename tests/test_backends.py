@@ -15,7 +15,7 @@ from kvmem.core.backend import backend_of, continue_from, decoding, installed_ba
 from kvmem.core.hooks import capture
 from kvmem.core.tokenize import encode
 from kvmem.editing import apply_edit, edited
-from kvmem.editing.fingerprint import weights_fingerprint
+from kvmem.core.fingerprint import weights_fingerprint
 from kvmem.errors import InvalidArgumentError, ModelMismatchError
 
 PROMPT = "The Eiffel Tower is located in the city of"

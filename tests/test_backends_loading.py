@@ -16,7 +16,7 @@ import torch
 import kvmem
 import kvmem.models as om
 from kvmem.core.backend import backend_of, installed_backend
-from kvmem.editing.fingerprint import (
+from kvmem.core.fingerprint import (
     canonical_weights,
     model_fingerprint,
     same_weights,

@@ -3,7 +3,6 @@ restoration, saved edits, and bad input (clear KvmemError, model unchanged)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest

@@ -13,7 +13,7 @@ import torch
 import kvmem
 from common import DATA_FILES, data_dir
 from kvmem.editing import rome_hparams, second_moment
-from kvmem.editing.fingerprint import model_fingerprint
+from kvmem.core.fingerprint import model_fingerprint
 
 t = time.perf_counter()
 model = kvmem.load_model("gemma-3-270m", device="cuda" if torch.cuda.is_available() else "cpu")

@@ -117,6 +117,6 @@ def load_model(name: str, quiet: bool = False, device: str | None = None):
 
 
 def fingerprint(model) -> str:
-    from kvmem.editing.fingerprint import model_fingerprint
+    from kvmem.core.fingerprint import model_fingerprint
 
     return model_fingerprint(model)

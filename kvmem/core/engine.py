@@ -373,7 +373,7 @@ def run_interventions(
     which show their own bars.
     """
     _validate(model, base, source, interventions)
-    n_layers, n_pos, n_base = model.cfg.n_layers, base.n_pos, base.n_rows
+    n_pos, n_base = base.n_pos, base.n_rows
     read = read_pos % n_pos
     base_values = metric(base.final_logits(model, read)).float()
     out = base_values[None, :].repeat(len(interventions), 1)

@@ -8,7 +8,7 @@
 
 from kvmem.editing.apply import apply_edit, edited
 from kvmem.editing.layer import choose_edit_layer, tracing_peak_layer
-from kvmem.editing.fingerprint import model_fingerprint
+from kvmem.core.fingerprint import model_fingerprint
 from kvmem.editing.rome import (
     PRESETS,
     Edit,

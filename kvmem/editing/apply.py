@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from kvmem.editing.fingerprint import model_fingerprint, same_weights
+from kvmem.core.fingerprint import model_fingerprint, same_weights
 from kvmem.editing.rome import Edit
 from kvmem.errors import InvalidArgumentError, ModelMismatchError
 from kvmem.core.weights import check_layer, mlp_weights

@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvmem import config
-from kvmem.editing.fingerprint import model_fingerprint, same_weights, tensors_checksum, weights_fingerprint
+from kvmem.core.fingerprint import fingerprints, same_weights, tensors_checksum
 from kvmem.editing.generate import sample_tokens
 from kvmem.editing.stats import SecondMoment, check_invertible
 from kvmem.errors import CacheError, InvalidArgumentError, ModelMismatchError
@@ -201,7 +201,7 @@ class Edit:
     seconds: float = float("nan")
     # the backend-independent fingerprint and the backend it was made on ("hooked"/"bridge"), so
     # that an edit saved on one TransformerLens applies to the same weights on the other
-    # (`kvmem.editing.fingerprint.same_weights`); None in edits saved before they were recorded
+    # (`kvmem.core.fingerprint.same_weights`); None in edits saved before they were recorded
     weights_fingerprint: str | None = None
     backend: str | None = None
 
@@ -348,10 +348,13 @@ def compute_rome_edit(
     hparams = hparams or rome_hparams(model)
     layer = edit_layer(model, hparams, layer)
     target_new, subject = _check_request(model, request)
-    d_mlp, n_layers = int(model.cfg.d_mlp), int(model.cfg.n_layers)
+    d_mlp = int(model.cfg.d_mlp)
     # `_fingerprint`: the caller's value instead of hashing every weight (~1 s for Gemma-3-270m);
     # sequential edits (kvmem.pipelines.stress) pass "" as their edits belong to no saved model
-    fp = model_fingerprint(model) if _fingerprint is None or isinstance(stats, SecondMoment) else _fingerprint
+    if _fingerprint is None or isinstance(stats, SecondMoment):
+        fp, weights_fp = fingerprints(model)
+    else:
+        fp, weights_fp = _fingerprint, None
 
     # statistics first: cheap checks before any forward pass
     if hparams.mom2_adjustment:
@@ -485,17 +488,9 @@ def compute_rome_edit(
         hparams=replace(hparams, layer=layer),
         loss_trace=torch.tensor(trace, dtype=torch.float32).reshape(-1, 5),
         seconds=time.perf_counter() - t0,
-        weights_fingerprint=_weights_fp(model, fp),
+        weights_fingerprint=weights_fp,
         backend=backend_of(model),
     )
-
-
-def _weights_fp(model, fp: str) -> str | None:
-    """The edit's backend-independent fingerprint: on a bridge `model_fingerprint` already is one;
-    on a HookedTransformer it is hashed once more (None for a session's unsaved edits, fp "")."""
-    if not fp:
-        return None
-    return fp if backend_of(model) == "bridge" else weights_fingerprint(model)
 
 
 def _check_stats(stats, layer: int, fp: str, d_mlp: int) -> None:

@@ -33,7 +33,7 @@ from kvmem.core.backend import run_to_layer
 from kvmem import config
 from kvmem.config import cache_root
 from kvmem.data import ensure_nonempty, read_corpus
-from kvmem.editing.fingerprint import model_fingerprint, tensors_checksum
+from kvmem.core.fingerprint import model_fingerprint, tensors_checksum
 from kvmem.errors import CacheError, InvalidArgumentError, SingularStatisticsError
 from kvmem.core.hooks import capture
 from kvmem.core.tokenize import encode, pad_batch, spec_for

@@ -325,11 +325,10 @@ def _next_token_predictions(
         # Right padding: causal attention keeps every real position independent of the padding.
         # Only the last real position is unembedded (the unembedding dominates the cost).
         rows, cols = torch.arange(len(chunk), device=device), (lengths - 1).to(device)
-        if kind == "hooked":
-            resid = model(ids, stop_at_layer=model.cfg.n_layers)[rows, cols][:, None]
-            last = model.unembed(model.ln_final(resid))[:, 0]
-        elif kind == "bridge":
-            last = model(ids)[rows, cols]
+        if kind is not None:  # a TransformerLens model, either version
+            from kvmem.core.readout import last_token_logits
+
+            last = last_token_logits(model, ids, cols)
         else:
             base = getattr(model, getattr(model, "base_model_prefix", ""), None)
             head = model.get_output_embeddings() if base is not None else None

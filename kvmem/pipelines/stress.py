@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from kvmem import config
 from kvmem.editing.apply import apply_edit
-from kvmem.editing.fingerprint import model_fingerprint
+from kvmem.core.fingerprint import model_fingerprint
 from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
 from kvmem.editing.stats import SecondMoment
 from kvmem.errors import DuplicateRequestError, InvalidArgumentError, KvmemError

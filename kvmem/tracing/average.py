@@ -175,7 +175,7 @@ def average_indirect_effect(
         raise InvalidArgumentError("The same fact appears twice in `facts`; remove the duplicates.")
     run_log = None
     if log is not None:
-        from kvmem.editing.fingerprint import model_fingerprint
+        from kvmem.core.fingerprint import model_fingerprint
         from kvmem.runs import RunLog
 
         settings = {

@@ -103,6 +103,13 @@ def model_fingerprint(model) -> str:
     return _legacy_fingerprint(model)
 
 
+def fingerprints(model) -> tuple[str, str]:
+    """(`model_fingerprint`, `weights_fingerprint`), each hashed once (one hash on a bridge, where
+    they are the same)."""
+    weights = weights_fingerprint(model)
+    return (weights if _backend(model) == "bridge" else _legacy_fingerprint(model)), weights
+
+
 # --- the backend-independent view -------------------------------------------------------------------
 
 #: Configuration fields that define the function and mean the same on both backends' configs.
