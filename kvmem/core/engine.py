@@ -179,7 +179,7 @@ def record_run(
     tokens = tokens.to(device)
     shortformer = None
     if is_bridge(model):
-        resids, keys, values = bridge.record(model, tokens, fwd_hooks, keep), (), ()
+        resids, keys, values = bridge.record(model, tokens, fwd_hooks, keep)
     else:
         resids, keys, values, shortformer = _record_hooked(model, tokens, fwd_hooks, keep)
     return RecordedRun(
