@@ -15,7 +15,6 @@ Markers (set here, in `pytest_collection_modifyitems`, from `CORE_TESTS` and `ON
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 # Every kvmem function's jaxtyping shapes and type hints are checked at run time in the tests
@@ -99,6 +98,21 @@ def pytest_collection_modifyitems(config, items):
             label = {"hooked": "HookedTransformer (TransformerLens 3.9)",
                      "bridge": "TransformerBridge (TransformerLens >= 4.3)"}[other]
             item.add_marker(pytest.mark.skip(reason=f"{label} only: {reason}"))
+
+def forbid_network(mp: pytest.MonkeyPatch) -> None:
+    """Make any non-local connection (the Hugging Face hub) fail loudly, within `mp`'s context."""
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not host.startswith(("127.", "::1", "localhost", "/")):
+            raise OSError(f"test forbids network access (tried {address!r})")
+        return real_connect(self, address)
+
+    mp.setattr(socket.socket, "connect", guarded)
+
 
 # Evaluation data that is not shipped (known facts, CounterFact, PARAREL, corpora): the library's
 # data folder ($KVMEM_DATA, `kvmem.datafiles.data_folder`), as for users and the benchmarks, else the

@@ -8,10 +8,10 @@ load the same weights offline, tokenize the same, and fingerprint the same weigh
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
+from conftest import forbid_network
 
 import kvmem
 import kvmem.models as om
@@ -41,17 +41,9 @@ GEMMA_HOOKED_FP = "411abb107180b1d3838e1511da638a3d5954f2bebec2c980eb47a7473b61c
 @pytest.fixture(scope="module")
 def offline():
     """No hub: HF_HUB_OFFLINE=1, and any non-local connection fails loudly."""
-    real_connect = socket.socket.connect
-
-    def guarded(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and not host.startswith(("127.", "::1", "localhost", "/")):
-            raise OSError(f"test forbids network access (tried {address!r})")
-        return real_connect(self, address)
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(socket.socket, "connect", guarded)
+        forbid_network(mp)
         yield
 
 

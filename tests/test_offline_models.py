@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import socket
 import warnings
 
 import pytest
 import torch
+from conftest import forbid_network
 
 import kvmem.models as om
 from kvmem.config import cache_root
@@ -36,16 +36,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def no_network():
     """Any attempt to open a non-local connection (the Hugging Face hub) fails loudly."""
-    real_connect = socket.socket.connect
-
-    def guarded(self, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and not host.startswith(("127.", "::1", "localhost", "/")):
-            raise OSError(f"test forbids network access (tried {address!r})")
-        return real_connect(self, address)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", guarded)
+        forbid_network(mp)
         yield
 
 
