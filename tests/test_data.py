@@ -308,9 +308,18 @@ def test_existing_paths_pass_through(data_folder_env, tmp_path, monkeypatch):
     assert data_path(mine) == mine and len(read_fact_file(mine)[0]) == 1
 
 
+def _no_downloads(monkeypatch, tmp_path):
+    """Files with a public source are downloaded when missing (test_downloads.py): here every
+    download goes to a local port nobody listens on, into an empty cache."""
+    monkeypatch.setenv("KVMEM_DATA_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("KVMEM_CACHE", str(tmp_path / "cache"))
+
+
 def test_a_missing_data_folder_or_file_says_to_set_kvmem_data(data_folder_env, tmp_path, monkeypatch):
     from kvmem.datafiles import data_folder, data_path
     from kvmem.errors import MissingDataError
+
+    _no_downloads(monkeypatch, tmp_path)
 
     assert issubclass(MissingDataError, DataFormatError) and issubclass(MissingDataError, FileNotFoundError)
     layout = "known_1000.json, counterfact/, pararel/, corpus/"
@@ -358,18 +367,25 @@ def test_cli_reads_names_from_the_data_folder(data_folder_env, factworld, monkey
 @pytest.mark.parametrize("argv, message", [
     (["recall", "--facts", "known_1000.json", "--quiet"], "No such facts file"),
     (["neurons", "--facts", "known_1000.json", "--out", "o"], "No such facts file"),
-    (["stats", "--model", "gemma-3-270m", "--corpus", "corpus/wiki_vital_en.txt", "--out", "o"], "No such corpus file"),
-    (["demo", "--model", "gemma-3-270m", "--corpus", "corpus/wiki_vital_en.txt", "--out", "o"], "No such corpus file"),
+    (["stats", "--model", "gemma-3-270m", "--corpus", "corpus/brown.txt", "--out", "o"], "No such corpus file"),
+    (["demo", "--model", "gemma-3-270m", "--corpus", "corpus/brown.txt", "--out", "o"], "No such corpus file"),
 ])
 def test_cli_without_the_data_folder_fails_before_the_model_loads(argv, message, tmp_path, monkeypatch, capsys):
     from kvmem.cli import common, main
+
+    _no_downloads(monkeypatch, tmp_path)
 
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KVMEM_DATA", raising=False)
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"kvmem: {message}: ") and "KVMEM_DATA is not set" in err and "known_1000.json, counterfact/, pararel/, corpus/" in err
+    assert err.startswith(f"kvmem: {message}: ") and "KVMEM_DATA is not set" in err
+    if "known_1000.json" in argv:  # it has a download: the URL tried, and what to set offline
+        assert "could not be downloaded" in err and "http://127.0.0.1:9/known_1000.json" in err
+        assert "set KVMEM_DATA to a folder holding known_1000.json" in err
+    else:
+        assert "known_1000.json, counterfact/, pararel/, corpus/" in err
     monkeypatch.setenv("KVMEM_DATA", str(tmp_path / "gone"))
     assert main(argv) == 2
     assert f"KVMEM_DATA={tmp_path / 'gone'}" in capsys.readouterr().err

@@ -21,23 +21,40 @@ def names_factworld(name: str) -> bool:
 
 def corpus(args: argparse.Namespace, what: str) -> tuple[Any, str]:
     """(the corpus of `--corpus`, its name) for second-moment statistics; checked before the model
-    loads, so a missing `--corpus` fails at once."""
+    loads, so a missing `--corpus` fails at once. Without `--corpus`: factworld's training text on
+    factworld, else `default_corpus()` (the Wikipedia summaries when they are here, else "samples",
+    the model's own text, sampled once the model has loaded: `model_corpus`)."""
+    from kvmem.pipelines.rome_settings import SAMPLES, default_corpus
+
     given = getattr(args, "corpus", None)
-    if given in (None, "factworld"):
-        if given is None and not names_factworld(args.model):
-            raise InvalidArgumentError(
-                f"{what} on {args.model} needs --corpus (a text file, or 'wiki') for ROME's key statistics."
-            )
+    if given == "factworld" or (given is None and names_factworld(args.model)):
         from kvmem.factworld import corpus as factworld_corpus
 
         return factworld_corpus(), FACTWORLD_CORPUS
-    if given == "wiki":
+    if given is None:
+        found = default_corpus()
+        return found, ("the model's own samples (no --corpus given)" if found == SAMPLES
+                       else f"the Wikipedia summaries ({found}; no --corpus given)")
+    if given in ("wiki", SAMPLES):
         return given, given
     # a path, or a name in the data folder ($KVMEM_DATA): "corpus/wiki_vital_en.txt"
     path = data_path(given, "corpus file")
     if not path.is_file():
-        raise InvalidArgumentError(f"--corpus {given} is not a file. Pass --corpus PATH to a text file, or 'wiki'.")
+        raise InvalidArgumentError(f"--corpus {given} is not a file. Pass --corpus PATH to a text file, 'wiki' or "
+                                   f"'{SAMPLES}'.")
     return str(path), str(given)
+
+
+def model_corpus(args: argparse.Namespace, model, text):
+    """`text` of `corpus()`, with "samples" replaced by the model's own text (cached)."""
+    from kvmem.pipelines.rome_settings import SAMPLES
+
+    if not (isinstance(text, str) and text == SAMPLES):
+        return text
+    from kvmem.editing.samples import model_samples
+
+    return model_samples(model, n_tokens(args, model), seed=getattr(args, "seed", 0) or 0,
+                         cache_dir=args.cache_dir, progress=not args.quiet)
 
 
 def n_tokens(args: argparse.Namespace, model) -> int:
@@ -50,7 +67,7 @@ def stats(args: argparse.Namespace, model, layer: int, what: str):
     """ROME's second-moment statistics of `layer` over `--corpus` (cached under `--cache-dir`)."""
     from kvmem.editing import second_moment
 
-    text, _ = corpus(args, what)
+    text = model_corpus(args, model, corpus(args, what)[0])
     return second_moment(model, layer, text, n_tokens=n_tokens(args, model), cache_dir=args.cache_dir,
                          progress=not args.quiet)
 

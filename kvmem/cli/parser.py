@@ -93,8 +93,10 @@ def _batch_options(p: argparse.ArgumentParser, command: str, facts_required: boo
 
 
 def _statistics_options(p: argparse.ArgumentParser, corpus_help: str) -> None:
-    p.add_argument("--corpus", help=f"{corpus_help}; a path, or a name in the data folder $KVMEM_DATA "
-                                    "(e.g. corpus/wiki_vital_en.txt)")
+    p.add_argument("--corpus", help=f"{corpus_help}; a path, a name in the data folder $KVMEM_DATA "
+                                    "(e.g. corpus/wiki_vital_en.txt), 'wiki' or 'samples' (text sampled from the "
+                                    "model). Default on a real model: the Wikipedia summaries when installed or in "
+                                    "the data folder, else 'samples'")
     p.add_argument("--n-tokens", type=positive_int, help="tokens for the statistics (default max(20000, 40 d_mlp))")
     p.add_argument("--cache-dir", help="where statistics are cached (default $KVMEM_CACHE or ~/.cache/kvmem)")
 

@@ -21,6 +21,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     model = common.load_model(args.model, args.quiet, args.device)
     layers = [check_layer(model, l) for l in (args.layers or [rome_settings(model).layer])]
     n_tokens = options.n_tokens(args, model)
+    corpus = options.model_corpus(args, model, corpus)
     settings = {"analysis": "second_moment", "model": common.fingerprint(model), "corpus": corpus_name,
                 "n_tokens": n_tokens}
     log = RunLog(out / "stats_log.jsonl", settings, restart=args.restart)

@@ -28,7 +28,8 @@ from kvmem.memories import fact_memories
 from kvmem.memories.fact_view import FactMemories
 from kvmem.neurons import KnowledgeNeurons, NeuronEffect, knowledge_neurons, neuron_effect
 from kvmem.pipelines.neuron_survey import FACTORS
-from kvmem.pipelines.rome_settings import is_factworld, rome_settings, stats_tokens
+from kvmem.editing.samples import model_samples
+from kvmem.pipelines.rome_settings import SAMPLES, default_corpus, is_factworld, rome_settings, stats_tokens
 from kvmem.tracing import KINDS, TraceSet, kind_windows, trace_all
 from kvmem.tracing.checks import check_target
 
@@ -202,8 +203,9 @@ def four_views(
     are shared across (default: the fact's prompt and its paraphrases). ROME uses `hparams`
     (default `rome_settings(model, facts=[fact])`) and `stats`, a `SecondMoment` of the edit layer;
     without it the statistics are computed (or read from the cache under `cache_dir`) over `corpus`
-    (default on factworld: its training text, `kvmem.factworld.corpus()`) with `n_tokens` tokens
-    (default `stats_tokens(model)`). `window`: causal tracing's MLP / attention window (default
+    (a text file, "wiki", "samples" or strings; default on factworld: its training text,
+    `kvmem.factworld.corpus()`, elsewhere `default_corpus()`: the Wikipedia summaries when they are
+    here, else the model's own samples) with `n_tokens` tokens (default `stats_tokens(model)`). `window`: causal tracing's MLP / attention window (default
     `kvmem.config.trace_window`); `samples` noise samples; `steps` integrated-gradients steps.
     Arguments are checked before any computation. A target of several tokens (causal tracing and
     the memory view score its first token; knowledge neurons and ROME all of it) or one the model
@@ -215,10 +217,8 @@ def four_views(
         raise InvalidArgumentError("four_views needs the fact's target_true (the answer) and target_new "
                                    "(the object the ROME edit writes).")
     kind_windows(model, KINDS, window)  # a bad window fails here, not after the statistics
-    needs_stats = stats is None and (hparams is None or hparams.mom2_adjustment)
-    if needs_stats and corpus is None and not is_factworld(model):  # before any work
-        raise InvalidArgumentError("four_views needs ROME's key statistics: pass stats=second_moment(...) "
-                                   "or corpus= (a text file, 'wiki' or strings).")
+    if corpus is None and not is_factworld(model):
+        corpus = default_corpus()  # nothing downloaded: the Wikipedia summaries when here, else samples
     paraphrases, neighbours = tuple(paraphrases), tuple(neighbours)
     # warned once here, for all views (an error under warnings.simplefilter("error", KvmemWarning))
     remarks = check_target(model, fact).warn(FIRST_TOKEN_VIEWS)
@@ -230,8 +230,10 @@ def four_views(
 
             corpus = factworld_corpus()
         t = time.perf_counter()
-        stats = second_moment(model, hp.layer, corpus, n_tokens=n_tokens or stats_tokens(model),
-                              cache_dir=cache_dir, progress=progress)
+        n_tokens = n_tokens or stats_tokens(model)
+        if isinstance(corpus, str) and corpus == SAMPLES:
+            corpus = model_samples(model, n_tokens, seed=seed, cache_dir=cache_dir, progress=progress)
+        stats = second_moment(model, hp.layer, corpus, n_tokens=n_tokens, cache_dir=cache_dir, progress=progress)
         timings["ROME statistics"] = time.perf_counter() - t
 
     t = time.perf_counter()

