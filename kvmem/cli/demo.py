@@ -44,12 +44,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fact, paraphrases, neighbours, neuron_prompts = _fact_and_prompts(args)
     model = common.load_model(args.model, args.quiet, args.device)
     t_load = time.perf_counter() - t0
+    corpus = options.model_corpus(args, model, corpus)  # "samples": text the model writes, sampled once
     hp = rome_settings(model, layer=args.layer, facts=[fact], progress=not args.quiet)
     # four_views computes ROME's statistics over the corpus (cached under --cache-dir) and times them
     report = four_views(model, fact, paraphrases=paraphrases, neighbours=neighbours, neuron_prompts=neuron_prompts,
                         corpus=corpus, n_tokens=args.n_tokens, cache_dir=args.cache_dir, hparams=hp,
                         window=args.window, samples=args.samples, steps=args.steps, seed=args.seed,
-                        progress=not args.quiet)
+                        build_prompts=not options.names_factworld(args.model), progress=not args.quiet)
     report = replace(report, timings={"load model": t_load, **report.timings})
 
     page = fact_report(report, title=f"kvmem: one fact, four views ({args.model})",
@@ -60,6 +61,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     common.write_json(out / "summary.json", summary)
     common.say(args, f"fact: {fact.prompt!r} -> {fact.target_true!r} (model: {args.model})")
+    for what, how in report.prompts_built.items():
+        flag = "--paraphrase" if what == "paraphrases" else "--neighbour"
+        common.say(args, f"{what}: {how} ({flag} gives your own)")
     for line in report.lines():
         common.say(args, line)
     common.say(args, f"wrote {out / 'report.html'} (opens offline) and {out / 'summary.json'} "

@@ -54,7 +54,8 @@ class FactReport:
     suppress (×0) and amplify (×2) `NeuronEffect`s (empty when none were found); `answers` the
     model's top-1 answer to the fact's prompt, paraphrases and neighbours before and after the
     edit; `timings` seconds per step; `remarks` the warnings about the target (several tokens of
-    which some views score the first; not predicted by the model), also shown in the report."""
+    which some views score the first; not predicted by the model), also shown in the report;
+    `prompts_built` {"paraphrases"/"neighbours": how kvmem built them} for those it built."""
 
     fact: Fact
     paraphrases: tuple[str, ...]
@@ -70,6 +71,7 @@ class FactReport:
     stats_tokens: int
     timings: dict = field(default_factory=dict, compare=False)
     remarks: tuple[str, ...] = ()
+    prompts_built: dict = field(default_factory=dict, compare=False)
 
     @property
     def mlp_trace(self):
@@ -91,6 +93,8 @@ class FactReport:
                                ("NM", self.neighbours, "neighbours")):
             if m in s and math.isnan(float(s[m])):
                 reasons[m] = f"no {what} given" if not given else "could not be computed"
+                if not given and what in self.prompts_built:
+                    reasons[m] = f"no {what}: none given, and kvmem found none"
         if math.isnan(float(s["S"])):
             reasons["S"] = "needs ES, PS and NS (" + (", ".join(m for m in ("ES", "PS", "NS") if m in reasons)
                                                        or "one of them") + " n/a)"
@@ -121,6 +125,7 @@ class FactReport:
             "not_computed": missing,
             "answers": [dict(a) for a in self.answers],
             "remarks": list(self.remarks),
+            "prompts_built": dict(self.prompts_built),
         }
 
     def lines(self) -> list[str]:
@@ -177,6 +182,21 @@ def _answers(model, fact: Fact, edit: Edit, paraphrases: Sequence[str], neighbou
     return tuple({"prompt": p, "kind": kind, "before": b, "after": a} for (kind, p), b, a in zip(checks, before, after))
 
 
+def _build_prompts(model, fact: Fact, paraphrases, neighbours, seed: int):
+    """(paraphrases, neighbours, {what: how built}) with the missing ones built."""
+    from kvmem.pipelines.fact_prompts import neighbour_prompts, paraphrase_prompts
+
+    built = {}
+    if not paraphrases:
+        paraphrases = paraphrase_prompts(model, fact, seed=seed)
+        built["paraphrases"] = f"{len(paraphrases)} built: the prompt after text the model wrote"
+    if not neighbours:
+        neighbours = neighbour_prompts(model, fact)
+        built["neighbours"] = (f"{len(neighbours)} built: the prompt with other well-known subjects the model also "
+                               f"answers {fact.target_true!r}")
+    return tuple(paraphrases), tuple(neighbours), built
+
+
 def four_views(
     model,
     fact: Fact,
@@ -193,6 +213,7 @@ def four_views(
     samples: int = 10,
     steps: int = 20,
     seed: int = 0,
+    build_prompts: bool = False,
     progress: bool | None = None,
 ) -> FactReport:
     """The four analyses of one fact (module docstring), each with the library's own function.
@@ -207,6 +228,9 @@ def four_views(
     `kvmem.factworld.corpus()`, elsewhere `default_corpus()`: the Wikipedia summaries when they are
     here, else the model's own samples) with `n_tokens` tokens (default `stats_tokens(model)`). `window`: causal tracing's MLP / attention window (default
     `kvmem.config.trace_window`); `samples` noise samples; `steps` integrated-gradients steps.
+    `build_prompts`: build the paraphrases and neighbours not given
+    (`kvmem.pipelines.fact_prompts`: the prompt after model-written context; the prompt with other
+    well-known subjects the model answers the same), as the demo does on a real model.
     Arguments are checked before any computation. A target of several tokens (causal tracing and
     the memory view score its first token; knowledge neurons and ROME all of it) or one the model
     does not predict (`kvmem.config.predicts`) gives a `KvmemWarning`, kept in `remarks`.
@@ -224,6 +248,11 @@ def four_views(
     remarks = check_target(model, fact).warn(FIRST_TOKEN_VIEWS)
     hp = hparams or rome_settings(model, facts=[fact], progress=progress)
     timings: dict[str, float] = {}
+    built: dict[str, str] = {}
+    if build_prompts and not (paraphrases and neighbours):
+        t = time.perf_counter()
+        paraphrases, neighbours, built = _build_prompts(model, fact, paraphrases, neighbours, seed)
+        timings["paraphrases and neighbours"] = time.perf_counter() - t
     if stats is None and hp.mom2_adjustment:
         if corpus is None:
             from kvmem.factworld import corpus as factworld_corpus
@@ -265,6 +294,7 @@ def four_views(
         fact=fact, paraphrases=paraphrases, neighbours=neighbours, traces=traces, neurons=kn, effects=effects,
         memories=memories, edit=edit, evaluation=evaluation, answers=answers, samples=samples,
         stats_tokens=int(stats.n_tokens) if stats is not None else 0, timings=timings, remarks=remarks,
+        prompts_built=built,
     )
 
 
