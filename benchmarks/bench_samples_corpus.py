@@ -1,7 +1,8 @@
 """What does the demo's default corpus cost? ROME on CounterFact with C from the model's own
 samples (`kvmem.editing.samples.model_samples`, what `kvmem demo` uses on a real model without
 --corpus) against C from the Wikipedia summaries (ROME's kind of text), same records, same layer,
-same token count (the demo's default, `stats_tokens(model)`).
+each C over the demo's default token count (`stats_tokens(model, corpus)`: 40 × d_mlp of
+Wikipedia, 10 × d_mlp of samples, which cost a decoding step per token).
 
     nice -n 10 python benchmarks/bench_samples_corpus.py --model gemma-3-270m --n-records 50 --threads 1
 
@@ -27,18 +28,19 @@ CONDITIONS = ("wiki", "samples")
 METRICS = ("ES", "PS", "NS")
 
 
-def statistics(model, layer: int, corpus_file: str, n_tokens: int, seed: int) -> dict:
+def statistics(model, layer: int, corpus_file: str, n_tokens: dict, seed: int) -> dict:
     """{condition: (SecondMoment, seconds to get it, of which sampling)}."""
     from kvmem.editing import second_moment
     from kvmem.editing.samples import model_samples
 
     out = {}
     t = time.perf_counter()
-    out["wiki"] = [second_moment(model, layer, corpus_file, n_tokens=n_tokens), time.perf_counter() - t, 0.0]
+    out["wiki"] = [second_moment(model, layer, corpus_file, n_tokens=n_tokens["wiki"]), time.perf_counter() - t, 0.0]
     t = time.perf_counter()
-    docs = model_samples(model, n_tokens, seed=seed)
+    docs = model_samples(model, n_tokens["samples"], seed=seed)
     t_sample = time.perf_counter() - t
-    out["samples"] = [second_moment(model, layer, docs, n_tokens=n_tokens), time.perf_counter() - t, t_sample]
+    out["samples"] = [second_moment(model, layer, docs, n_tokens=n_tokens["samples"]), time.perf_counter() - t,
+                      t_sample]
     return out
 
 
@@ -70,7 +72,8 @@ def markdown(res: dict, prov: dict) -> str:
     lines = [
         "# ROME's C from the model's own samples vs. Wikipedia (the demo's default corpus)", "",
         provenance_line(prov), "",
-        f"{res['model']}, edit layer {res['layer']}, C over {res['n_tokens']} tokens each; "
+        f"{res['model']}, edit layer {res['layer']}, C over {res['n_tokens']['wiki']} tokens of Wikipedia and "
+        f"{res['n_tokens']['samples']} of samples (the demo's defaults); "
         f"{res['n']} CounterFact records ({res['records']}) with both edits accepted "
         f"(refused: {res['n_refused']}). Metrics ×100; the difference is paired per record "
         "(samples − wiki), with a 95% bootstrap CI.", "",
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--n-records", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0, help="the samples' seed (the demo's default)")
-    ap.add_argument("--n-tokens", type=int, default=None, help="tokens of each C (default: the demo's, stats_tokens(model))")
+    ap.add_argument("--n-tokens", type=int, default=None,
+                    help="tokens of both Cs (default: the demo's, stats_tokens(model, corpus), fewer for samples)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--logged-only", action="store_true", help="summarise the logged records, compute no more")
     ap.add_argument("--restart", action="store_true", help="discard the run logs and start over")
@@ -114,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.requires_grad_(False)
     hp = rome_hparams(model)
     layer = edit_layer(model, hp, None)
-    n_tokens = args.n_tokens or stats_tokens(model)
+    from kvmem.pipelines.rome_settings import SAMPLES
+
+    # each C as the demo makes it: stats_tokens(model, corpus) tokens (fewer for samples)
+    n_tokens = {"wiki": args.n_tokens or stats_tokens(model), "samples": args.n_tokens or stats_tokens(model, SAMPLES)}
     records = load_counterfact(data_file(args, "counterfact"), limit=args.n_records)
     stats = statistics(model, layer, data_file(args, "corpus"), n_tokens, args.seed)
     logs = {c: Path(f"{args.out}_{args.model}_{c}.jsonl") for c in CONDITIONS}

@@ -9,7 +9,7 @@ import torch
 
 from kvmem.errors import InvalidArgumentError
 from kvmem.factworld import counterfact_records
-from kvmem.pipelines.four_views import FactReport, four_views, trace_peak
+from kvmem.pipelines.four_views import FactReport, four_views, peak_remark, trace_peak
 
 FAST = dict(samples=2, steps=4, n_tokens=4000)
 
@@ -66,7 +66,9 @@ def test_the_edit_lands_and_keeps_the_neighbours(record, views):
 def test_summary_and_lines_read_the_results(views):
     s = views.summary()
     layer, pos, ie = trace_peak(views.traces["mlp"])
-    assert s["mlp_peak"] == {"layer": layer, "token": views.traces["mlp"].str_tokens[pos], "indirect_effect": ie}
+    mlp = views.traces["mlp"]
+    assert s["mlp_peak"] == {"layer": layer, "token": mlp.str_tokens[pos], "indirect_effect": ie,
+                             "at_last_subject_token": pos == mlp.subject.last, "remark": peak_remark(mlp)}
     assert s["edit_layer"] == views.edit.layer and s["knowledge_neurons"] == [list(n) for n in views.neurons.neurons]
     assert s["p_clean"] == views.traces.p_clean > s["p_corrupt"]
     lines = views.lines()
@@ -97,8 +99,6 @@ def test_bad_input(factworld, tiny_gpt2, record):
     with pytest.raises(InvalidArgumentError, match="target_new"):
         four_views(factworld, Fact(fact.prompt, fact.subject, target_true=fact.target_true), **FAST)
     big_ben = Fact("Big Ben is in the city of", "Big Ben", target_true=" London", target_new=" Paris")
-    with pytest.raises(InvalidArgumentError, match="corpus"):  # no statistics, and no text to compute them
-        four_views(tiny_gpt2, big_ben, **FAST)
     with pytest.raises(InvalidArgumentError, match="window"):  # checked first, before any statistics
         four_views(tiny_gpt2, big_ben, window=99, **FAST)
     with pytest.raises((InvalidArgumentError, TypeError), match="Fact"):  # beartype may see it first
@@ -120,3 +120,28 @@ def test_rome_settings(factworld, tiny_gpt2):
     with pytest.raises((LayerOutOfRangeError, InvalidArgumentError)):
         rome_settings(factworld, layer=factworld.cfg.n_layers)
     assert stats_tokens(tiny_gpt2) == 20_000 and stats_tokens(factworld) == max(20_000, 40 * factworld.cfg.d_mlp)
+
+
+def test_a_peak_away_from_the_last_subject_token_is_remarked(views):
+    """ROME's MLP site is the last subject token; a trace peaking elsewhere says where, in words."""
+    import dataclasses
+
+    import torch
+
+    mlp = views.traces["mlp"]
+    span, n_layers, n_pos = mlp.subject, *mlp.indirect_effect.shape
+
+    def peaking_at(pos: int, layer: int = 1):
+        ie = torch.zeros(n_layers, n_pos)
+        ie[layer, pos] = 0.5
+        ie[0, span.last] = 0.2
+        return dataclasses.replace(mlp, scores=ie + mlp.p_corrupt)  # indirect effect = scores - p_corrupt
+
+    assert peak_remark(peaking_at(span.last)) is None
+    last = mlp.str_tokens[span.last]
+    if len(span) > 1:
+        r = peak_remark(peaking_at(span.start))
+        assert r.startswith(f"the MLP restoration peaks at an earlier subject token, {mlp.str_tokens[span.start]!r}")
+        assert f"not at the last subject token {last!r}, where ROME" in r and "+0.20 at layer 0" in r
+    r = peak_remark(peaking_at(n_pos - 1))
+    assert r.startswith("the MLP restoration peaks at the last prompt token, layer 1 (+0.50)")

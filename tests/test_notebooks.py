@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ runs headless from top to bottom without an error (nbclient).
+"""Every notebook in notebooks/ runs headless from top to bottom without an error (nbclient), and
+is committed with its outputs (run by notebooks/execute.py), within a size limit.
 
 The notebooks that use Gemma-3-270m are marked `real` (they skip without the [real] extra);
 all are `slow` (each starts a kernel and loads its models). Run one with
@@ -32,14 +33,35 @@ def test_notebooks_found():
     assert len(list(NOTEBOOKS.glob("*.ipynb"))) >= 5
 
 
-def test_notebooks_are_stripped():
-    """Outputs stay out of the repository (they would be megabytes of inlined JavaScript)."""
+def _execute_module():
+    spec = importlib.util.spec_from_file_location("notebooks_execute", NOTEBOOKS / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notebooks_are_saved_with_their_outputs():
+    """The notebooks are committed run (`python notebooks/execute.py`), so that a code host shows
+    their figures and results: every code cell ran, in order; figures are there; no output names
+    a local path; interactive HTML views over the limit are left out; each file stays small."""
     nbformat = pytest.importorskip("nbformat")
-    for path in NOTEBOOKS.glob("*.ipynb"):
+    limits = _execute_module()
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        assert path.stat().st_size < limits.MAX_NOTEBOOK_BYTES, f"{path.name} is over the size limit"
         book = nbformat.read(path, as_version=4)
-        for cell in book.cells:
-            if cell.cell_type == "code":
-                assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
+        code = [c for c in book.cells if c.cell_type == "code"]
+        counts = [c.execution_count for c in code]
+        assert None not in counts and counts == sorted(counts), f"{path.name}: not run top to bottom ({counts})"
+        outputs = [o for c in code for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "error"], f"{path.name} saved with an error"
+        if any(".plot(" in c.source for c in code):
+            assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no figure"
+        for o in outputs:
+            html = o.get("data", {}).get("text/html", "")
+            assert len(html) <= limits.MAX_HTML_BYTES, f"{path.name}: an HTML output over the limit"
+            text = str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+            for local in ("../shared", "/work/", "site-packages"):
+                assert local not in text, f"{path.name}: an output names {local!r}"
 
 
 @pytest.mark.parametrize("path", list(_cases()))

@@ -44,7 +44,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fact, paraphrases, neighbours, neuron_prompts = _fact_and_prompts(args)
     model = common.load_model(args.model, args.quiet, args.device)
     t_load = time.perf_counter() - t0
-    corpus = options.model_corpus(args, model, corpus)  # "samples": text the model writes, sampled once
     hp = rome_settings(model, layer=args.layer, facts=[fact], progress=not args.quiet)
     # four_views computes ROME's statistics over the corpus (cached under --cache-dir) and times them
     report = four_views(model, fact, paraphrases=paraphrases, neighbours=neighbours, neuron_prompts=neuron_prompts,

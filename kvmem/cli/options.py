@@ -53,22 +53,24 @@ def model_corpus(args: argparse.Namespace, model, text):
         return text
     from kvmem.editing.samples import model_samples
 
-    return model_samples(model, n_tokens(args, model), seed=getattr(args, "seed", 0) or 0,
+    return model_samples(model, n_tokens(args, model, SAMPLES), seed=getattr(args, "seed", 0) or 0,
                          cache_dir=args.cache_dir, progress=not args.quiet)
 
 
-def n_tokens(args: argparse.Namespace, model) -> int:
+def n_tokens(args: argparse.Namespace, model, corpus=None) -> int:
+    """`--n-tokens`, else `stats_tokens(model, corpus)` (fewer for the model's own samples)."""
     from kvmem.pipelines.rome_settings import stats_tokens
 
-    return args.n_tokens or stats_tokens(model)
+    return args.n_tokens or stats_tokens(model, corpus)
 
 
 def stats(args: argparse.Namespace, model, layer: int, what: str):
     """ROME's second-moment statistics of `layer` over `--corpus` (cached under `--cache-dir`)."""
     from kvmem.editing import second_moment
 
-    text = model_corpus(args, model, corpus(args, what)[0])
-    return second_moment(model, layer, text, n_tokens=n_tokens(args, model), cache_dir=args.cache_dir,
+    given = corpus(args, what)[0]
+    text = model_corpus(args, model, given)
+    return second_moment(model, layer, text, n_tokens=n_tokens(args, model, given), cache_dir=args.cache_dir,
                          progress=not args.quiet)
 
 

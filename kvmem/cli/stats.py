@@ -20,7 +20,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     corpus, corpus_name = options.corpus(args, "kvmem stats")
     model = common.load_model(args.model, args.quiet, args.device)
     layers = [check_layer(model, l) for l in (args.layers or [rome_settings(model).layer])]
-    n_tokens = options.n_tokens(args, model)
+    n_tokens = options.n_tokens(args, model, corpus)
     corpus = options.model_corpus(args, model, corpus)
     settings = {"analysis": "second_moment", "model": common.fingerprint(model), "corpus": corpus_name,
                 "n_tokens": n_tokens}

@@ -48,6 +48,27 @@ def trace_peak(trace) -> tuple[int, int, float]:
     return layer, pos, float(ie.max())
 
 
+def peak_remark(trace) -> str | None:
+    """A sentence when an MLP causal trace peaks elsewhere than at the last subject token, where
+    ROME (Meng et al. 2022) finds the MLP site of factual recall and makes its edit; None when it
+    peaks there."""
+    layer, pos, ie = trace_peak(trace)
+    span, tokens = trace.subject, trace.str_tokens
+    if pos == span.last:
+        return None
+    if span.start <= pos < span.last:
+        where = f"an earlier subject token, {tokens[pos]!r} (token {pos - span.start + 1} of the subject's {len(span)})"
+    elif pos > span.last:
+        where = "the last prompt token" if pos == len(tokens) - 1 else f"{tokens[pos]!r}, after the subject"
+    else:
+        where = f"{tokens[pos]!r}, before the subject"
+    column = trace.indirect_effect[:, span.last].nan_to_num(nan=float("-inf"))
+    at_last = f"; there it reaches +{float(column.max()):.2f} at layer {int(column.argmax())}" if column.numel() else ""
+    return (f"the MLP restoration peaks at {where}, layer {layer} (+{ie:.2f}), not at the last subject token "
+            f"{tokens[span.last]!r}, where ROME (Meng et al. 2022) finds the MLP site of recall and writes its edit"
+            f"{at_last}")
+
+
 @dataclass(frozen=True)
 class FactReport:
     """The four views of one fact (`four_views`). `effects` holds the knowledge neurons'
@@ -77,6 +98,10 @@ class FactReport:
     def mlp_trace(self):
         """The MLP causal trace (the first traced kind when MLPs were not traced)."""
         return self.traces["mlp"] if "mlp" in self.traces.kinds else self.traces.traces[0]
+
+    def peak_remark(self) -> str | None:
+        """Why the MLP trace's peak is not where ROME expects it, or None (`peak_remark`)."""
+        return peak_remark(self.mlp_trace)
 
     @property
     def scores(self):
@@ -116,7 +141,8 @@ class FactReport:
         return {
             "prompt": f.prompt, "subject": f.subject, "target_true": f.target_true, "target_new": f.target_new,
             "answer": self.traces.traces[0].answer, "p_clean": self.traces.p_clean, "p_corrupt": self.traces.p_corrupt,
-            "mlp_peak": {"layer": layer, "token": mlp.str_tokens[pos], "indirect_effect": ie},
+            "mlp_peak": {"layer": layer, "token": mlp.str_tokens[pos], "indirect_effect": ie,
+                         "at_last_subject_token": pos == mlp.subject.last, "remark": self.peak_remark()},
             "knowledge_neurons": [list(n) for n in self.neurons.neurons],
             "suppress_relative_change": eff.get("suppress"), "amplify_relative_change": eff.get("amplify"),
             "top_memory_subject_last": {"layer": top[0], "neuron": top[1], "push": top[2]},
@@ -134,9 +160,11 @@ class FactReport:
         layer, pos, ie = trace_peak(mlp)
         top = self.memories.top_memories(1, "subject_last")[0]
         eff = self.effects
+        remark = self.peak_remark()
         return [
             f"1. causal tracing: p(answer) {self.traces.p_clean:.2f} clean, {self.traces.p_corrupt:.2f} with the "
-            f"subject noised; MLP restoration peaks at layer {layer}, token {mlp.str_tokens[pos]!r} (+{ie:.2f})",
+            f"subject noised; MLP restoration peaks at layer {layer}, token {mlp.str_tokens[pos]!r} (+{ie:.2f})"
+            + (f"\n   note: {remark}" if remark else ""),
             f"2. knowledge neurons: {len(self.neurons)} over {len(self.neurons.prompts)} prompts"
             + (f"; suppressing them {eff[0].relative_change:+.0%} (random {eff[0].control_relative_change:+.0%}), "
                f"amplifying {eff[1].relative_change:+.0%}" if eff else ""),
@@ -226,7 +254,7 @@ def four_views(
     without it the statistics are computed (or read from the cache under `cache_dir`) over `corpus`
     (a text file, "wiki", "samples" or strings; default on factworld: its training text,
     `kvmem.factworld.corpus()`, elsewhere `default_corpus()`: the Wikipedia summaries when they are
-    here, else the model's own samples) with `n_tokens` tokens (default `stats_tokens(model)`). `window`: causal tracing's MLP / attention window (default
+    here, else the model's own samples) with `n_tokens` tokens (default `stats_tokens(model, corpus)`). `window`: causal tracing's MLP / attention window (default
     `kvmem.config.trace_window`); `samples` noise samples; `steps` integrated-gradients steps.
     `build_prompts`: build the paraphrases and neighbours not given
     (`kvmem.pipelines.fact_prompts`: the prompt after model-written context; the prompt with other
@@ -259,7 +287,7 @@ def four_views(
 
             corpus = factworld_corpus()
         t = time.perf_counter()
-        n_tokens = n_tokens or stats_tokens(model)
+        n_tokens = n_tokens or stats_tokens(model, corpus)
         if isinstance(corpus, str) and corpus == SAMPLES:
             corpus = model_samples(model, n_tokens, seed=seed, cache_dir=cache_dir, progress=progress)
         stats = second_moment(model, hp.layer, corpus, n_tokens=n_tokens, cache_dir=cache_dir, progress=progress)
@@ -298,4 +326,4 @@ def four_views(
     )
 
 
-__all__ = ["four_views", "FactReport", "trace_peak"]
+__all__ = ["four_views", "FactReport", "trace_peak", "peak_remark"]

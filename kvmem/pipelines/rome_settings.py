@@ -28,10 +28,12 @@ def is_factworld(model) -> bool:
     return getattr(model.cfg, "model_name", None) == "factworld"
 
 
-def stats_tokens(model) -> int:
+def stats_tokens(model, corpus=None) -> int:
     """Tokens for ROME's second-moment statistics: C must be invertible, so far more tokens than
-    keys: max(20 000, 40 × d_mlp)."""
-    return max(20_000, 40 * int(model.cfg.d_mlp))
+    keys: max(20 000, 40 × d_mlp); for the model's own samples (`corpus == SAMPLES`: one decoding
+    step per token, ~25× the cost of a token of given text) max(20 000, 10 × d_mlp)."""
+    per_key = 10 if isinstance(corpus, str) and corpus == SAMPLES else 40
+    return max(20_000, per_key * int(model.cfg.d_mlp))
 
 
 def rome_settings(

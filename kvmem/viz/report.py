@@ -253,6 +253,9 @@ def fact_report(report, *, title: str | None = None, meta: dict | None = None) -
     for remark in getattr(report, "remarks", ()):
         rep.text(f"Warning: {remark}.")
     _tracing_section(rep, report.traces, trace_peak)
+    remark = report.peak_remark() if hasattr(report, "peak_remark") else None
+    if remark:
+        rep.text(f"Note: {remark[:1].upper()}{remark[1:]}.")
     _neurons_section(rep, report.neurons, report.effects)
     _memories_section(rep, report.memories)
     _edit_section(rep, report)
