@@ -93,3 +93,28 @@ def test_demo_reports_remarks_and_strict_stops_before_the_work(factworld, fact, 
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert said in summary["remarks"]
     assert html.escape(said) in (tmp_path / "a" / "report.html").read_text()
+
+
+def test_average_indirect_effect_warns_per_fact(factworld, fact, tmp_path):
+    """Each fact averaged over says what happened to it, by the single-fact rules: a wrong answer
+    is skipped (and counted), a target of several tokens is traced on its first; a resumed run
+    says the same from its log."""
+    from kvmem.tracing import average_indirect_effect
+
+    facts = [fact, replace(fact, target_true=fact.target_new), replace(fact, target_true=" Berlin Tokyo")]
+    kw = dict(kinds=["mlp"], samples=2, progress=False, log=str(tmp_path / "log.jsonl"))
+    for _ in range(2):  # computed, then read back from the log
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = average_indirect_effect(factworld, facts, **kw)
+        said = [(w.category, str(w.message)) for w in caught if issubclass(w.category, KvmemWarning)]
+        assert (res.n_facts, res.n_skipped) == (2, 1)
+        assert [c for c, _ in said] == [UnpredictedFactWarning, MultiTokenTargetWarning]
+        assert said[0][1].startswith(f"fact 1 ({fact.prompt!r} -> ' Tokyo') is skipped: the model's top next token "
+                                     "is not the target's first token ' Tokyo'")
+        assert said[1][1] == (f"fact 2 ({fact.prompt!r} -> ' Berlin Tokyo'): the target is 2 tokens; causal tracing "
+                              "scores its first token ' Berlin' only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KvmemWarning)  # --strict
+        with pytest.raises(UnpredictedFactWarning):
+            average_indirect_effect(factworld, facts, **kw)

@@ -18,7 +18,7 @@ import torch
 
 from kvmem import config
 from kvmem.core.facts import Fact, SubjectSpan
-from kvmem.errors import InvalidArgumentError
+from kvmem.errors import InvalidArgumentError, MultiTokenTargetWarning, UnpredictedFactWarning
 from kvmem.tracing.results import AverageEffect, CausalTrace
 from kvmem.tracing.trace import (
     KINDS,
@@ -152,7 +152,10 @@ def average_indirect_effect(
     As in ROME, each fact contributes the mean over its tokens in a bucket, and a bucket's
     average is over the facts that have it (a one-token subject has no middle tokens); `counts`
     says how many facts each bucket averages. Facts the model gets wrong (top token != first
-    target token) are skipped and counted in `n_skipped`. `window` applies to "mlp" and "attn"
+    target token) are skipped and counted in `n_skipped`; each skipped fact, each traced fact
+    predicted with p below `kvmem.config.PREDICTED_MIN_P`, and each target of several tokens (traced
+    on its first) gets a `KvmemWarning` naming it (`fact_remarks`; errors under
+    `warnings.simplefilter("error", KvmemWarning)`, the CLI's `--strict`). `window` applies to "mlp" and "attn"
     (default `kvmem.config.trace_window`). Noise defaults to `noise_level(model, facts)`. Every
     fact uses the same `seed`. `progress`: a bar over facts (None: `kvmem.config.PROGRESS`).
 
@@ -189,27 +192,61 @@ def average_indirect_effect(
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="causal tracing", unit="fact", initial=0)
-    for key, fact in iterator:
-        if key in records:
-            continue
-        t0 = time.perf_counter()
-        prepared = prepare_fact(model, fact, require_target=True)
-        traces = None
-        if prepared.correct:
-            traces = trace_prepared(
-                model, prepared, spec, noise=noise, samples=samples, seed=seed, batch_size=batch_size,
-                memory_budget=memory_budget, progress=False,
-            )
-        rec = fact_record(prepared, traces)
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
-        records[key] = rec
-        if run_log is not None:
-            run_log.add(key, rec)
+    for i, (key, fact) in enumerate(iterator):
+        if key not in records:
+            records[key] = _trace_fact(model, fact, spec, noise=noise, samples=samples, seed=seed,
+                                       batch_size=batch_size, memory_budget=memory_budget)
+            if run_log is not None:
+                run_log.add(key, records[key])
+        for category, message in fact_remarks(model, [fact], [records[key]], first=i):  # as each fact is done
+            warnings.warn(message, category, stacklevel=2)
     return average_records(
         [records[k] for k in keys], kinds, model.cfg.n_layers, noise=float(noise), window=window, samples=samples
     )
 
 
+def _trace_fact(model, fact: Fact, spec, **kw) -> dict:
+    """The run record of one fact: traced when the model answers it, else only counted."""
+    t0 = time.perf_counter()
+    prepared = prepare_fact(model, fact, require_target=True)
+    traces = trace_prepared(model, prepared, spec, progress=False, **kw) if prepared.correct else None
+    rec = fact_record(prepared, traces)
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def fact_remarks(model, facts: Sequence[Fact], records: Sequence[dict], *, first: int = 0) -> list[tuple[type[Warning], str]]:
+    """(warning class, message) for each fact whose result may mislead, by the rules the single-fact
+    analyses use (`kvmem.tracing.checks`): a fact skipped because the model's top next token is not
+    the target's first token; a traced fact the model does not predict (`kvmem.config.predicts`:
+    its top token, but with p below `PREDICTED_MIN_P`); a traced target of several tokens, scored
+    on its first token only. Read from the run records, so a resumed run says the same. `first`:
+    the index of `facts[0]` in the caller's list (messages name facts by index)."""
+    from kvmem.core.tokenize import target_token_ids
+
+    out: list[tuple[type[Warning], str]] = []
+    for i, (fact, rec) in enumerate(zip(facts, records), start=first):
+        name = f"fact {i} ({fact.prompt!r} -> {fact.target_true!r})"
+        if not rec["correct"]:
+            out.append((UnpredictedFactWarning,
+                        f"{name} is skipped: the model's top next token is not the target's first token "
+                        f"{rec['answer']!r} (p = {rec['p_clean']:.2g}); the average counts it in n_skipped "
+                        "(ROME averages the facts the model answers)"))
+            continue
+        if not config.predicts(0, rec["p_clean"]):
+            out.append((UnpredictedFactWarning,
+                        f"{name} is traced with p = {rec['p_clean']:.2g} for its answer {rec['answer']!r}, "
+                        f"the top token but below kvmem.config.PREDICTED_MIN_P = {config.PREDICTED_MIN_P}: "
+                        "its indirect effects are differences of small numbers"))
+        n = len(target_token_ids(model, fact.prompt, fact.target_true))
+        if n > 1:
+            out.append((MultiTokenTargetWarning,
+                        f"{name}: the target is {n} tokens; causal tracing scores its first token "
+                        f"{rec['answer']!r} only"))
+    return out
+
+
 __all__ = [
-    "BUCKETS", "average_indirect_effect", "average_records", "fact_key", "fact_record", "token_buckets",
+    "BUCKETS", "average_indirect_effect", "average_records", "fact_key", "fact_record", "fact_remarks",
+    "token_buckets",
 ]
