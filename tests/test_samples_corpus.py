@@ -45,3 +45,20 @@ def test_default_corpus_needs_no_download(tmp_path, monkeypatch, tiny_gpt2):
     # samples cost a decoding step per token: a quarter of the tokens of given text
     d = int(tiny_gpt2.cfg.d_mlp)
     assert stats_tokens(tiny_gpt2) == max(20_000, 40 * d) and stats_tokens(tiny_gpt2, SAMPLES) == max(20_000, 10 * d)
+
+
+def test_cli_without_corpus_on_a_real_model(tmp_path, monkeypatch):
+    """`kvmem demo/edit/stats --model gemma-3-270m` without --corpus: no error, nothing downloaded;
+    'samples' is kept as a name until the model has loaded."""
+    import argparse
+
+    import kvmem.data
+    from kvmem.cli import options
+
+    monkeypatch.setattr(kvmem.data, "wiki_summaries_path",
+                        lambda: (_ for _ in ()).throw(kvmem.data.MissingDependencyError("not installed")))
+    monkeypatch.delenv("KVMEM_DATA", raising=False)
+    args = argparse.Namespace(corpus=None, model="gemma-3-270m")
+    assert options.corpus(args, "kvmem demo") == (SAMPLES, "the model's own samples (no --corpus given)")
+    args.corpus = "samples"
+    assert options.corpus(args, "kvmem demo") == (SAMPLES, SAMPLES)

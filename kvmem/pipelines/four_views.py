@@ -254,7 +254,8 @@ def four_views(
     without it the statistics are computed (or read from the cache under `cache_dir`) over `corpus`
     (a text file, "wiki", "samples" or strings; default on factworld: its training text,
     `kvmem.factworld.corpus()`, elsewhere `default_corpus()`: the Wikipedia summaries when they are
-    here, else the model's own samples) with `n_tokens` tokens (default `stats_tokens(model, corpus)`). `window`: causal tracing's MLP / attention window (default
+    here, else the model's own samples) with `n_tokens` tokens (default
+    `stats_tokens(model, corpus)`). `window`: causal tracing's MLP / attention window (default
     `kvmem.config.trace_window`); `samples` noise samples; `steps` integrated-gradients steps.
     `build_prompts`: build the paraphrases and neighbours not given
     (`kvmem.pipelines.fact_prompts`: the prompt after model-written context; the prompt with other
