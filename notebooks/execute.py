@@ -49,7 +49,7 @@ def slim(book) -> int:
     return dropped
 
 
-def execute(path: Path, timeout: int = 1200) -> float:
+def execute(path: Path, timeout: int = 3600) -> float:
     import nbclient
     import nbformat
 
