@@ -363,7 +363,7 @@ def predict_interference(
     request,
     layer: int | None = None,
     *,
-    banks: Sequence = ("neighbourhood", "known"),
+    banks: Sequence | str | KeyBank | Tensor = ("neighbourhood", "known"),
     stats: SecondMoment | Tensor | None = None,
     hparams: RomeHparams | None = None,
     edit: Edit | None = None,

@@ -333,6 +333,8 @@ def compute_rome_edit(
     hparams: RomeHparams | None = None,
     prefixes: Sequence[str] | None = None,
     verbose: bool = False,
+    safe: bool | None = None,
+    safe_facts: Sequence[Fact] | None = None,
     _fingerprint: str | None = None,
 ) -> Edit:
     """The ROME edit that makes `model` answer `request.target_new` for `request`. Does not
@@ -343,6 +345,10 @@ def compute_rome_edit(
     model's preset (`rome_hparams(model)`); `layer` overrides its layer. `prefixes`: the context
     prefixes to use (default `context_prefixes(model, hparams)`; pass them to reuse across edits).
     `verbose`: print each v* optimisation step's loss (the same numbers as `Edit.loss_trace`).
+    `safe`: None (default) = no interference check; False = predict the edit's interference
+    (`kvmem.predict_interference` on `safe_facts`, facts the model answers, default kvmem's built-in
+    facts) and warn (`InterferenceWarning`) when its risk exceeds the threshold; True = refuse such
+    an edit (`UnsafeEditError`).
     """
     t0 = time.perf_counter()
     hparams = hparams or rome_hparams(model)
@@ -477,7 +483,7 @@ def compute_rome_edit(
         v_star = k_update @ W.W_out.detach().double() + b_out + delta.detach().double()
     u, lam = _rank_one(W.W_out.detach().double(), b_out, k_star, k_update, v_star,
                        stats if hparams.mom2_adjustment else None)
-    return Edit(
+    edit = Edit(
         layer=layer,
         u=u.cpu(),
         lam=lam.cpu(),
@@ -491,6 +497,13 @@ def compute_rome_edit(
         weights_fingerprint=weights_fp,
         backend=backend_of(model),
     )
+    if safe is not None:
+        from kvmem.editing.interference import predict_interference, warn_or_refuse
+
+        check = predict_interference(model, request, edit=edit, banks=("known",), known_facts=safe_facts,
+                                     require_known=False)
+        warn_or_refuse(check, safe=bool(safe))
+    return edit
 
 
 def _check_stats(stats, layer: int, fp: str, d_mlp: int) -> None:
