@@ -166,3 +166,32 @@ def test_safe_refuses_and_warns(fw):
         warnings.simplefilter("error", InterferenceWarning)
         e = compute_rome_edit(model, rec.request, stats=stats, hparams=HP, safe=True, safe_facts=known)
     assert e.layer == 0
+
+
+def test_least_interference_layer_and_diagnose(fw, tmp_path):
+    """The chooser edits a layer whose edit reaches the target with the lowest predicted risk;
+    `diagnose` reports the interference of the edit at its peak layer."""
+    import kvmem
+    from kvmem.editing.interference import least_interference_edit
+    from kvmem.factworld import corpus
+
+    model, rec, stats, edit, known = fw
+    memo = {0: stats}
+
+    def stats_for(layer):
+        if layer not in memo:
+            memo[layer] = second_moment(model, layer, corpus(), n_tokens=6000, cache_dir=tmp_path, progress=False)
+        return memo[layer]
+
+    choice = least_interference_edit(model, rec, stats=stats_for, layers=[0, 1], hparams=HP)
+    assert choice.layer in (0, 1) and choice.reaches[choice.layers.index(choice.layer)]
+    ok = [r for r, reach in zip(choice.risks, choice.reaches) if reach]
+    assert choice.risks[choice.layers.index(choice.layer)] == min(ok)
+    assert choice.edit.layer == choice.layer and len(choice.to_frame()) == 2
+    with pytest.raises(InvalidArgumentError, match="every candidate layer"):
+        compute_rome_edit(model, rec.request, layer="least-interference", stats=stats, hparams=HP)
+    loc = kvmem.diagnose(model, rec.request, samples=2, steps=4, interference_stats=stats_for,
+                         neighbourhood=rec.neighborhood_prompts)
+    assert loc.interference is not None and loc.interference.layer == loc.peak_layer
+    assert loc.summary()["interference_risk"] == loc.interference.risk
+    assert "predicted interference" in str(loc.show())

@@ -494,5 +494,73 @@ def warn_or_refuse(result: Interference, *, safe: bool) -> None:
     warnings.warn(msg, InterferenceWarning, stacklevel=3)
 
 
-__all__ = ["predict_interference", "Interference", "PromptEffect", "KeyBank", "leakage", "corpus_keys",
+# --- choosing the layer ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """`least_interference_edit`'s candidates: per layer the predicted risk, whether the edit
+    reaches its target (ES: the request's prompt ranks the new object over the true one with the
+    edit in place, read exactly), and the chosen layer (lowest risk among those reaching it; ties:
+    the smaller |λ| maximum, then the lower layer)."""
+
+    layer: int
+    layers: tuple[int, ...]
+    risks: tuple[float, ...]
+    reaches: tuple[bool, ...]
+    lam_max: tuple[float, ...]
+    predictions: tuple[Interference, ...] = field(repr=False)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({"layer": self.layers, "risk": self.risks, "reaches": self.reaches,
+                             "lam_max": self.lam_max, "chosen": [l == self.layer for l in self.layers]})
+
+    @property
+    def edit(self) -> Edit:
+        return self.predictions[self.layers.index(self.layer)].edit
+
+
+def least_interference_edit(
+    model,
+    request,
+    *,
+    stats,
+    layers: Sequence[int] | None = None,
+    hparams: RomeHparams | None = None,
+    prefixes: Sequence[str] | None = None,
+    banks: Sequence | str = ("neighbourhood", "known"),
+    **kwargs,
+) -> LayerChoice:
+    """ROME's edit of `request` at each of `layers` (default: the first half of the model), each
+    checked with `predict_interference` (`banks`, `kwargs`), and the layer with the lowest risk among
+    those whose edit reaches the new object (`LayerChoice`; `.edit` is that layer's edit, not applied).
+    `stats`: a mapping or callable layer → `SecondMoment` (or C). Raises `InvalidArgumentError` when no
+    layer reaches the edit."""
+    from kvmem.data import CounterFactRecord
+
+    hparams = hparams or rome_hparams(model)
+    n = int(model.cfg.n_layers)
+    layers = list(range((n + 1) // 2)) if layers is None else [check_layer(model, l) for l in layers]
+    if not layers:
+        raise InvalidArgumentError("layers is empty; pass the candidate layers.")
+    get = stats if callable(stats) else (lambda l: stats[l])
+    fact = request.request if isinstance(request, CounterFactRecord) else request
+    kwargs.setdefault("require_known", False)
+    preds, reaches = [], []
+    for l in layers:
+        e = compute_rome_edit(model, fact, layer=l, stats=get(l), hparams=hparams, prefixes=prefixes)
+        preds.append(predict_interference(model, request, edit=e, banks=banks, **kwargs))
+        # ES with the edit in place: the new object over the true one on the request's own prompt
+        (m, _, x, _), = prompt_effects(model, e, [(fact.prompt, fact.target("new"), fact.target("true"))], exact=True)
+        reaches.append(m + x > 0)
+    ok = [i for i, r in enumerate(reaches) if r]
+    if not ok:
+        raise InvalidArgumentError(f"No layer of {layers} reaches the edit (ES); try other layers.")
+    best = min(ok, key=lambda i: (preds[i].risk, preds[i].lam_max, layers[i]))
+    return LayerChoice(layers[best], tuple(layers), tuple(p.risk for p in preds), tuple(reaches),
+                       tuple(p.lam_max for p in preds), tuple(preds))
+
+
+__all__ = ["least_interference_edit", "LayerChoice", "predict_interference", "Interference", "PromptEffect", "KeyBank", "leakage", "corpus_keys",
            "prompt_effects", "RISK_THRESHOLD", "InterferenceWarning", "BANK_NAMES", "warn_or_refuse"]

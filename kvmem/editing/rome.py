@@ -328,7 +328,7 @@ def compute_rome_edit(
     model,
     request: Fact,
     *,
-    layer: int | None = None,
+    layer: int | Literal["least-interference"] | None = None,
     stats: SecondMoment | Tensor | None = None,
     hparams: RomeHparams | None = None,
     prefixes: Sequence[str] | None = None,
@@ -349,7 +349,24 @@ def compute_rome_edit(
     (`kvmem.predict_interference` on `safe_facts`, facts the model answers, default kvmem's built-in
     facts) and warn (`InterferenceWarning`) when its risk exceeds the threshold; True = refuse such
     an edit (`UnsafeEditError`).
+    `layer="least-interference"`: `kvmem.editing.interference.least_interference_edit` over the first
+    half of the layers (`stats`: a mapping or callable layer → statistics; interference checked on
+    `safe_facts`): the layer with the lowest predicted risk among those whose edit reaches the target.
     """
+    if layer == "least-interference":
+        from kvmem.editing.interference import least_interference_edit
+
+        if stats is None or isinstance(stats, (SecondMoment, Tensor)):
+            raise InvalidArgumentError(
+                "layer='least-interference' needs statistics for every candidate layer: "
+                "stats={layer: second_moment(model, layer, corpus), ...} or a callable layer -> statistics.")
+        choice = least_interference_edit(model, request, stats=stats, hparams=hparams, prefixes=prefixes,
+                                         banks=("known",), known_facts=safe_facts)
+        if safe is not None:
+            from kvmem.editing.interference import warn_or_refuse
+
+            warn_or_refuse(choice.predictions[choice.layers.index(choice.layer)], safe=bool(safe))
+        return choice.edit
     t0 = time.perf_counter()
     hparams = hparams or rome_hparams(model)
     layer = edit_layer(model, hparams, layer)
