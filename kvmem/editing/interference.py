@@ -60,9 +60,9 @@ from kvmem.errors import (InterferenceWarning, InvalidArgumentError, ModelMismat
                           UnsafeEditError)
 
 # Risk above which an edit is called unsafe (`Interference.unsafe`, `compute_rome_edit(safe=True)`):
-# any predicted loss beyond one prompt in ten. Chosen on half of the factworld validation facts
+# any predicted flip. Youden's J on the even-case_id half of the factworld validation chose τ = 0
 # (docs/interference.md, benchmarks/results/interference/).
-RISK_THRESHOLD = 0.1
+RISK_THRESHOLD = 0.0
 
 BANK_NAMES = ("neighbourhood", "known", "corpus")
 
