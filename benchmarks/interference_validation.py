@@ -179,6 +179,13 @@ def half(case_id) -> int:
     return int(str(case_id).encode().hex(), 16) % 2 if not str(case_id).isdigit() else int(case_id) % 2
 
 
+def _committed_key(condition: str):
+    """The committed run's condition that made the same edit as `condition` (ROME's, with C)."""
+    if condition.endswith(" C") and not condition.endswith("no C"):
+        return condition[:-2]
+    return None
+
+
 def analyse(records: list[dict], n_boot: int = 1000) -> dict:
     conds = sorted({c for r in records for c in r["conditions"]})
     groups = {c: [(r, r["conditions"][c]) for r in records if c in r["conditions"]] for c in conds}
@@ -219,6 +226,10 @@ def analyse(records: list[dict], n_boot: int = 1000) -> dict:
                           "flip_agreement": float((flip_pred == flip_x).mean()),
                           "exact_flips": int(flip_x.sum()), "predicted_flips": int(flip_pred.sum())}
         res["exact_vs_measured_ns"] = float(np.mean([abs((c["ns_exact_drop"] or 0) - c[OUTCOME]) < 1e-9 for _, c in rows]))
+        # the committed run's NS for the same edit (CounterFact: editing_gemma250; diagnose: bench_diagnose)
+        same = [abs(c["NS"] - r["committed"][k]["NS"]) < 1e-6 for (r, c), k in
+                ((x, _committed_key(name)) for x in rows) if k and r.get("committed", {}).get(k, {}).get("NS") is not None]
+        res["committed_ns_equal"] = [int(sum(same)), len(same)]
         out[name] = res
     return out
 
@@ -254,14 +265,15 @@ def markdown(meta, res, n_records) -> str:
     L += ["", "First-order readout against the applied edit (all neighbourhood and known-fact prompts): Pearson of "
           "predicted and exact margin change, median |error| vs median |exact change| (nats/token), agreement of "
           "predicted and actual flips; `exact = measured`: share of records whose exact (t = 1) NS drop equals the "
-          "NS drop measured with the edit applied to the weights.", "",
-          "| condition | prompts | Pearson | median abs err | median abs change | flip agreement | flips (exact / predicted) | exact = measured |",
-          "|---|---|---|---|---|---|---|---|"]
+          "NS drop measured with the edit applied to the weights; `NS = committed run's`: records whose NS after "
+          "ROME's edit equals the committed run's (editing_gemma250 / bench_diagnose) for the same record and layer.", "",
+          "| condition | prompts | Pearson | median abs err | median abs change | flip agreement | flips (exact / predicted) | exact = measured | NS = committed run's |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for cond, r in res.items():
         o = r["readout"]
         L.append(f"| {cond} | {o['n_prompts']} | {fmt(o['pearson'], d=3)} | {fmt(o['median_abs_err'], d=3)} | "
                  f"{fmt(o['median_abs_exact'], d=3)} | {fmt(o['flip_agreement'], d=3)} | {o['exact_flips']} / {o['predicted_flips']} | "
-                 f"{fmt(r['exact_vs_measured_ns'])} |")
+                 f"{fmt(r['exact_vs_measured_ns'])} | {'{} of {}'.format(*r['committed_ns_equal']) if r['committed_ns_equal'][1] else 'n/a'} |")
     return "\n".join(L) + "\n"
 
 
@@ -292,6 +304,11 @@ def main(argv=None):
         log = RunLog(f"{prefix}.jsonl", json.loads(Path(f"{prefix}.jsonl").read_text().splitlines()[0])["settings"])
         records = list(log.records().values())
         meta = {**provenance(__file__, argv), "model": args.model, "source": args.source}
+        old = Path(f"{prefix}.json")
+        if old.exists():  # keep the computing run's provenance line
+            prev = json.loads(old.read_text())
+            meta = {**{k: prev[k] for k in provenance(__file__, argv) if k in prev}, "model": args.model,
+                    "source": args.source, "cases_from": prev.get("cases_from")}
     else:
         from bench_editing import load
         from kvmem.editing import context_prefixes, rome_hparams, second_moment
