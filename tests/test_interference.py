@@ -188,6 +188,8 @@ def test_least_interference_layer_and_diagnose(fw, tmp_path):
     ok = [r for r, reach in zip(choice.risks, choice.reaches) if reach]
     assert choice.risks[choice.layers.index(choice.layer)] == min(ok)
     assert choice.edit.layer == choice.layer and len(choice.to_frame()) == 2
+    e = compute_rome_edit(model, rec.request, layer="least-interference", stats=stats_for, hparams=HP, safe_facts=known)
+    assert e.layer in (0, 1)  # the first half of factworld's 4 layers
     with pytest.raises(InvalidArgumentError, match="every candidate layer"):
         compute_rome_edit(model, rec.request, layer="least-interference", stats=stats, hparams=HP)
     loc = kvmem.diagnose(model, rec.request, samples=2, steps=4, interference_stats=stats_for,

@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -329,7 +329,7 @@ def compute_rome_edit(
     request: Fact,
     *,
     layer: int | Literal["least-interference"] | None = None,
-    stats: SecondMoment | Tensor | None = None,
+    stats: SecondMoment | Tensor | Mapping | Callable | None = None,
     hparams: RomeHparams | None = None,
     prefixes: Sequence[str] | None = None,
     verbose: bool = False,
