@@ -31,6 +31,7 @@ from kvmem.memories import (
     value_tokens,
 )
 from kvmem.editing import Edit, RomeHparams, apply_edit, compute_rome_edit, edited, second_moment
+from kvmem.editing.interference import Interference, KeyBank, predict_interference
 from kvmem.evaluation import evaluate_counterfact
 from kvmem.data import CounterFactRecord
 from kvmem.pipelines.diagnose import Localization, diagnose
@@ -64,6 +65,9 @@ __all__ = [
     "apply_edit",
     "edited",
     "second_moment",
+    "predict_interference",
+    "Interference",
+    "KeyBank",
     "evaluate_counterfact",
     "CounterFactRecord",
     "four_views",

@@ -71,6 +71,11 @@ class SingularStatisticsError(InvalidArgumentError):
     """C is singular or numerically not positive definite, so C⁻¹k cannot be trusted."""
 
 
+class UnsafeEditError(KvmemError, ValueError):
+    """`safe=True` / `--safe`: an edit whose predicted interference exceeds the threshold
+    (`kvmem.predict_interference`)."""
+
+
 class TargetCheckError(KvmemError, ValueError):
     """`--strict`: a target traced on its first token only, or a fact the model does not predict
     (a `KvmemWarning` turned into an error)."""
@@ -87,6 +92,10 @@ class MultiTokenTargetWarning(KvmemWarning):
 
 class UnpredictedFactWarning(KvmemWarning):
     """The model does not predict the fact's target (`kvmem.config.predicts`)."""
+
+
+class InterferenceWarning(KvmemWarning):
+    """An edit predicted to disturb other facts (`kvmem.predict_interference(...).unsafe`)."""
 
 
 class MissingDataError(DataFormatError, FileNotFoundError):

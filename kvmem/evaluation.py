@@ -270,10 +270,14 @@ def markdown_table(df, floatfmt: str = ".1f") -> str:
     return "\n".join(lines)
 
 
-def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None) -> Callable[[object, CounterFactRecord], Edit]:
+def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
+                safe: bool | None = None) -> Callable[[object, CounterFactRecord], Edit]:
     """`editor(model, record) -> Edit` for `evaluate_counterfact` / `evaluate_record`: ROME with
     `stats` (a `SecondMoment` or C for the edit layer) and `hparams` (default: the model's preset),
-    its context prefixes sampled once here and reused for every record."""
+    its context prefixes sampled once here and reused for every record. `safe`: None = no check;
+    False = predict the edit's interference on the record's neighbourhood prompts (records without
+    any: no check) and warn above the threshold; True = refuse (`UnsafeEditError`), checking records
+    without neighbours on kvmem's built-in facts the model answers."""
     hp = hparams or rome_hparams(model)
     if hp.mom2_adjustment and stats is None:
         raise InvalidArgumentError(
@@ -283,7 +287,14 @@ def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None) -> Cal
     prefixes = context_prefixes(model, hp)
 
     def editor(m, rec: CounterFactRecord) -> Edit:
-        return compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)
+        edit = compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)
+        # warnings only where the record brings its neighbours; a refusal always checks something
+        if safe or (safe is not None and rec.neighborhood_prompts):
+            from kvmem.editing.interference import predict_interference, warn_or_refuse
+
+            banks = ("neighbourhood",) if rec.neighborhood_prompts else ("known",)
+            warn_or_refuse(predict_interference(m, rec, edit=edit, banks=banks, require_known=False), safe=safe)
+        return edit
 
     return editor
 

@@ -45,6 +45,7 @@ CORE_TESTS: tuple[str, ...] = (
     "test_neurons",           # integrated gradients, knowledge neurons
     "test_editing",           # ROME: statistics, k*, v*, the update, restore, save/load
     "test_editing_factworld",
+    "test_interference",      # predict_interference: the update's algebra against the applied edit
     "test_evaluation",        # CounterFact metrics
     "test_four_views",        # the demo's pipeline
     "test_mlp_layout",        # (its HookedTransformer-only tests skip on a bridge; see ONLY_ON)

@@ -33,7 +33,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     settings = {"analysis": "rome_edit", "model": common.fingerprint(model), "layer": hp.layer,
                 "prefixes": [list(p) for p in hp.prefixes], "stats": stats.corpus_fingerprint,
                 "n_tokens": stats.n_tokens, "generation": args.generation, "seed": args.seed}
-    compute = partial(_edit_fact, rome_editor(model, stats=stats, hparams=hp), args)
+    compute = partial(_edit_fact, rome_editor(model, stats=stats, hparams=hp, safe=args.safe), args)
     log = batch.run_and_log(args, model, records, out, "edit", settings, compute)
     facts = batch.logged_rows(log, records, failed=False)
     for fact in facts:

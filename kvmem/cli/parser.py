@@ -153,6 +153,9 @@ def _add_batch_commands(sub) -> None:
     e.add_argument("--layer", type=nonneg_int, help="the MLP layer to edit (default: the model's preset)")
     _statistics_options(e, "text for the key statistics (default for factworld: its training sentences)")
     e.add_argument("--generation", action="store_true", help="also measure generation entropy (GE; slower)")
+    e.add_argument("--safe", action="store_true",
+                   help="refuse edits predicted to disturb the neighbourhood (kvmem.predict_interference; "
+                   "without it such edits only warn)")
     e.set_defaults(func=cmd_edit)
 
 

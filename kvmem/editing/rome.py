@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -328,11 +328,13 @@ def compute_rome_edit(
     model,
     request: Fact,
     *,
-    layer: int | None = None,
-    stats: SecondMoment | Tensor | None = None,
+    layer: int | Literal["least-interference"] | None = None,
+    stats: SecondMoment | Tensor | Mapping | Callable | None = None,
     hparams: RomeHparams | None = None,
     prefixes: Sequence[str] | None = None,
     verbose: bool = False,
+    safe: bool | None = None,
+    safe_facts: Sequence[Fact] | None = None,
     _fingerprint: str | None = None,
 ) -> Edit:
     """The ROME edit that makes `model` answer `request.target_new` for `request`. Does not
@@ -343,7 +345,28 @@ def compute_rome_edit(
     model's preset (`rome_hparams(model)`); `layer` overrides its layer. `prefixes`: the context
     prefixes to use (default `context_prefixes(model, hparams)`; pass them to reuse across edits).
     `verbose`: print each v* optimisation step's loss (the same numbers as `Edit.loss_trace`).
+    `safe`: None (default) = no interference check; False = predict the edit's interference
+    (`kvmem.predict_interference` on `safe_facts`, facts the model answers, default kvmem's built-in
+    facts) and warn (`InterferenceWarning`) when its risk exceeds the threshold; True = refuse such
+    an edit (`UnsafeEditError`).
+    `layer="least-interference"`: `kvmem.editing.interference.least_interference_edit` over the first
+    half of the layers (`stats`: a mapping or callable layer → statistics; interference checked on
+    `safe_facts`): the layer with the lowest predicted risk among those whose edit reaches the target.
     """
+    if layer == "least-interference":
+        from kvmem.editing.interference import least_interference_edit
+
+        if stats is None or isinstance(stats, (SecondMoment, Tensor)):
+            raise InvalidArgumentError(
+                "layer='least-interference' needs statistics for every candidate layer: "
+                "stats={layer: second_moment(model, layer, corpus), ...} or a callable layer -> statistics.")
+        choice = least_interference_edit(model, request, stats=stats, hparams=hparams, prefixes=prefixes,
+                                         banks=("known",), known_facts=safe_facts)
+        if safe is not None:
+            from kvmem.editing.interference import warn_or_refuse
+
+            warn_or_refuse(choice.predictions[choice.layers.index(choice.layer)], safe=bool(safe))
+        return choice.edit
     t0 = time.perf_counter()
     hparams = hparams or rome_hparams(model)
     layer = edit_layer(model, hparams, layer)
@@ -477,7 +500,7 @@ def compute_rome_edit(
         v_star = k_update @ W.W_out.detach().double() + b_out + delta.detach().double()
     u, lam = _rank_one(W.W_out.detach().double(), b_out, k_star, k_update, v_star,
                        stats if hparams.mom2_adjustment else None)
-    return Edit(
+    edit = Edit(
         layer=layer,
         u=u.cpu(),
         lam=lam.cpu(),
@@ -491,6 +514,13 @@ def compute_rome_edit(
         weights_fingerprint=weights_fp,
         backend=backend_of(model),
     )
+    if safe is not None:
+        from kvmem.editing.interference import predict_interference, warn_or_refuse
+
+        check = predict_interference(model, request, edit=edit, banks=("known",), known_facts=safe_facts,
+                                     require_known=False)
+        warn_or_refuse(check, safe=bool(safe))
+    return edit
 
 
 def _check_stats(stats, layer: int, fp: str, d_mlp: int) -> None:

@@ -124,6 +124,8 @@ class Localization:
     peak_layers: dict = field(default_factory=dict)
     no_effect: bool = False
     known: bool = True
+    # `kvmem.predict_interference` of the edit at the peak layer (`diagnose(..., interference_stats=)`)
+    interference: object = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -150,6 +152,8 @@ class Localization:
             "n_neurons": len(self.neurons), "no_effect": self.no_effect,
             "p_clean": float(self.p_clean.mean()), "p_corrupt": float(self.p_corrupt.mean()),
             **{f"peak_{k}": v for k, v in self.peak_layers.items()},
+            **({} if self.interference is None else
+               {"interference_risk": self.interference.risk, "interference_lam_max": self.interference.lam_max}),
         }
 
     def to_frame(self):
@@ -226,6 +230,9 @@ class Localization:
             f"peak layer <b>{self.peak_layer}</b> (share {self.peak_share:.2f}), entropy {self.entropy:.2f}, "
             f"neuron-set Jaccard {self.jaccard:.2f}, <b>localization score {self.score:.2f}</b>, "
             f"evidence agreement {self.agreement:.0%}<br>"
+            + ("" if self.interference is None else
+               f"predicted interference of an edit at layer {self.peak_layer}: risk <b>{self.interference.risk:.2f}</b>, "
+               f"max |λ| {self.interference.lam_max:.3f}<br>") +
             f'<table style="border-collapse:collapse;margin:6px 0"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
             f"knowledge neurons: {html.escape(neurons)}<br>prompts:<ul>{prompts}{dropped}</ul></div>"
         )
@@ -259,6 +266,8 @@ def diagnose(
     share: float = 0.7,
     memory_k: int = 10,
     require_known: bool = True,
+    interference_stats=None,
+    neighbourhood: Sequence[str] = (),
     progress: bool | None = None,
 ) -> Localization:
     """Localize one fact from causal tracing, the memory view and knowledge neurons (module docstring).
@@ -271,6 +280,10 @@ def diagnose(
     kept per layer by the memory view (the layer totals use all of them). `progress`: a bar over
     the knowledge-neuron prompts, the slow step (None: `kvmem.config.PROGRESS`). Raises
     `UnknownFactError` for a fact the model does not answer (unless `require_known=False`).
+    `interference_stats`: key statistics for the peak layer (a `SecondMoment`, or a callable layer →
+    statistics); with them and `fact.target_new`, `interference` holds `kvmem.predict_interference`
+    of the ROME edit at the peak layer, checked on `neighbourhood` prompts if given, else on kvmem's
+    built-in facts the model answers.
     """
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"Expected a kvmem.Fact, got {type(fact).__name__}.")
@@ -322,6 +335,14 @@ def diagnose(
                 "memory_subject": torch.stack(mem_s), "memory_last": torch.stack(mem_l), "ig_layer": ig}
     peak_layers = {k: int(v.mean(0).argmax()) for k, v in profiles.items()}
     peak = -1 if no_effect else int(p.argmax())
+    interference = None
+    if interference_stats is not None and fact.target_new and peak >= 0:
+        from kvmem.editing.interference import predict_interference
+
+        st = interference_stats(peak) if callable(interference_stats) else interference_stats
+        interference = predict_interference(model, fact, peak, stats=st, require_known=False,
+                                            banks=("neighbourhood",) if neighbourhood else ("known",),
+                                            neighbourhood=list(neighbourhood) or None)
     return Localization(
         fact=fact, prompts=tuple(f.prompt for f in use), dropped=dropped, window=window, noise=float(noise),
         samples=samples, seed=seed,
@@ -329,7 +350,7 @@ def diagnose(
         **profiles, neuron_sets=sets, neurons=tuple(kn.neurons), threshold=threshold, share=kn.share,
         layer_share=p, peak_layer=peak, peak_share=0.0 if no_effect else float(p[peak]), entropy=entropy,
         concentration=concentration, jaccard=jac, score=0.0 if no_effect else math.sqrt(max(concentration, 0.0) * jac),
-        peak_layers=peak_layers, no_effect=no_effect, known=bool(known[0]),
+        peak_layers=peak_layers, no_effect=no_effect, known=bool(known[0]), interference=interference,
     )
 
 
