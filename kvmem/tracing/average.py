@@ -146,6 +146,8 @@ def average_indirect_effect(
     progress: bool | None = None,
     log: str | None = None,
     restart: bool = False,
+    method: str | None = None,
+    steps: int | None = None,
 ) -> AverageEffect:
     """ROME's average indirect effect over `facts`, per kind x token bucket x layer.
 
@@ -159,8 +161,16 @@ def average_indirect_effect(
     `log`: a path to a resumable run log (`kvmem.runs.RunLog`, one JSON line per fact with its
     bucket effects and full score grids). Rerunning with the same settings skips finished facts;
     other settings raise unless `restart=True`.
+
+    `method`: None traces exactly (`trace_prepared`); "atp", "atp*", "ig" or "eap-ig" estimates
+    each fact's grids from gradients (`kvmem.tracing.attribution`, `steps` as there), on the same
+    noise samples.
     """
     check_trace_args(model, samples, noise, seed)
+    if method is not None:
+        from kvmem.tracing.attribution import check_method
+
+        steps = check_method(method, steps)
     facts = list(facts)
     if not facts:
         raise InvalidArgumentError("average_indirect_effect needs at least one fact.")
@@ -182,6 +192,8 @@ def average_indirect_effect(
             "analysis": "average_indirect_effect", "model": model_fingerprint(model), "kinds": list(kinds),
             "window": window, "noise": float(noise), "samples": samples, "seed": seed,
         }
+        if method is not None:  # exact runs keep the settings (and logs) they always had
+            settings.update(method=method, steps=steps)
         run_log = RunLog(log, settings, restart=restart)
     records: dict[str, dict] = dict(run_log.records()) if run_log is not None else {}
     iterator = list(zip(keys, facts))
@@ -195,10 +207,19 @@ def average_indirect_effect(
         t0 = time.perf_counter()
         prepared = prepare_fact(model, fact, require_target=True)
         traces = None
-        if prepared.correct:
+        if prepared.correct and method is None:
             traces = trace_prepared(
                 model, prepared, spec, noise=noise, samples=samples, seed=seed, batch_size=batch_size,
                 memory_budget=memory_budget, progress=False,
+            )
+        elif prepared.correct:
+            from kvmem.tracing.attribution import attribution_prepared
+            from kvmem.tracing.trace import corrupted_run
+
+            base = corrupted_run(model, prepared, noise=noise, samples=samples, seed=seed)
+            traces = attribution_prepared(
+                model, prepared, spec, method=method, steps=steps, base=base, noise=noise, samples=samples,
+                seed=seed, batch_size=batch_size, memory_budget=memory_budget,
             )
         rec = fact_record(prepared, traces)
         rec["seconds"] = round(time.perf_counter() - t0, 3)
