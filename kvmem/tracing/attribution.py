@@ -86,6 +86,14 @@ def check_method(method: str, steps: int | None) -> int:
     return steps
 
 
+SCALES: tuple[str, ...] = ("logprob", "prob")
+
+
+def check_scale(scale: str) -> None:
+    if scale not in SCALES:
+        raise InvalidArgumentError(f"scale must be 'logprob' (linearise log p, default) or 'prob', got {scale!r}.")
+
+
 def method_label(method: str, steps: int) -> str:
     return method if method in ("atp", "atp*") else f"{method}(k={steps})"
 
@@ -188,12 +196,23 @@ def _window_sum(site: Tensor, kind: str, window: int) -> Tensor:
     return torch.stack([site[list(_window(kind, window, l, n_layers))].sum(0) for l in range(n_layers)])
 
 
+def answer_logprob(answer_id: int):
+    """The log of `answer_probability`: the scale the gradient methods linearise by default."""
+
+    def metric(logits: Tensor) -> Tensor:
+        return logits.float().log_softmax(-1)[:, answer_id]
+
+    return metric
+
+
 def _gradient_cells(
-    model, prepared: PreparedFact, base: RecordedRun, spec: Sequence[TraceSpec], method: str, steps: int
-) -> tuple[Tensor, float]:
-    """Cells `[spec, layer, pos]` (the metric change, averaged over base rows) of "atp", "atp*"
-    or "eap-ig", and the corrupted metric."""
-    metric = answer_probability(prepared.answer_id)
+    model, prepared: PreparedFact, base: RecordedRun, spec: Sequence[TraceSpec], method: str, steps: int,
+    scale: str,
+) -> Tensor:
+    """Cells `[spec, layer, pos]` (the change of the answer's probability, averaged over base rows)
+    of "atp", "atp*" or "eap-ig". `scale` "logprob": each row's first-order change of log p,
+    mapped back to a probability `min(1, p_row * exp(change))`; "prob": the first-order change of p."""
+    metric = answer_probability(prepared.answer_id) if scale == "prob" else answer_logprob(prepared.answer_id)
     clean = prepared.clean
     components = sorted({COMPONENT_OF_KIND[kind] for kind, _, _ in spec})
     if method == "eap-ig":
@@ -207,19 +226,21 @@ def _gradient_cells(
     else:
         _, tables = _site_grads(model, base, base.resid[0], metric, components, drop_layers=method == "atp*")
     with torch.no_grad():
-        p_rows = metric(base.final_logits(model)).float()
+        p_rows = answer_probability(prepared.answer_id)(base.final_logits(model)).float()[None, :, None]
     cells = []
     for kind, window, _ in spec:
         c = COMPONENT_OF_KIND[kind]
-        estimates = [
-            _window_sum(_first_order(t[c], base, clean, c), kind, window).mean(1) for t in tables
-        ]
+        # per (layer, row, pos): each row's estimated change of the metric
+        estimates = [_window_sum(_first_order(t[c], base, clean, c), kind, window) for t in tables]
         if method == "atp*":
             plain, dropped = estimates[0], torch.stack(estimates[1:])
-            cells.append(torch.where(plain < 0, -1.0, 1.0) * dropped.abs().mean(0))
+            est = torch.where(plain < 0, -1.0, 1.0) * dropped.abs().mean(0)
         else:
-            cells.append(estimates[0])
-    return torch.stack(cells), float(p_rows.mean())
+            est = estimates[0]
+        if scale == "logprob":
+            est = (p_rows * est.double().exp()).clamp(max=1.0) - p_rows
+        cells.append(est.mean(1))
+    return torch.stack(cells)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,17 +249,17 @@ def _gradient_cells(
 
 def _ig_cells(
     model, prepared: PreparedFact, base: RecordedRun, spec: Sequence[TraceSpec], steps: int,
-    positions: Sequence[int], memory_budget: int, batch_size: int | None,
+    positions: Sequence[int], memory_budget: int, batch_size: int | None, scale: str,
 ) -> Tensor:
     """Cells `[spec, layer, pos]` of "ig": each cell's window patch integrated along its straight
     path, `steps` midpoint nodes, one patched row per (cell, base row, node), as the exact trace's
     rows (starting at the window's first layer and the cell's position)."""
-    metric = answer_probability(prepared.answer_id)
+    metric = answer_probability(prepared.answer_id) if scale == "prob" else answer_logprob(prepared.answer_id)
     clean = prepared.clean
     n_layers, n_pos, read = model.cfg.n_layers, base.n_pos, base.n_pos - 1
     dtype = base.resid.dtype
     alphas = _nodes(steps, dtype, base.resid.device)
-    out = torch.zeros(len(spec), n_layers, n_pos, dtype=torch.float64)
+    out = torch.zeros(len(spec), n_layers, n_pos, base.n_rows, dtype=torch.float64)
     # rows: (spec index, layer, pos, base row, node index), planned as the exact engine does
     rows_at: dict[int, list[tuple]] = defaultdict(list)
     for k, (kind, window, _) in enumerate(spec):
@@ -261,8 +282,12 @@ def _ig_cells(
             chunk = members[lo : lo + limit]
             grads_delta = _ig_chunk(model, base, clean, spec, chunk, alphas, metric, t0, read)
             for (k, layer, pos, r, a, _), v in zip(chunk, grads_delta.tolist()):
-                out[k, layer, pos] += v / (steps * base.n_rows)
-    return out
+                out[k, layer, pos, r] += v / steps
+    if scale == "logprob":
+        with torch.no_grad():
+            p_rows = answer_probability(prepared.answer_id)(base.final_logits(model)).double().cpu()
+        out = (p_rows * out.exp()).clamp(max=1.0) - p_rows
+    return out.mean(-1)
 
 
 def _ig_chunk(model, base, clean, spec, chunk, alphas, metric, t0: int, read: int) -> Tensor:
@@ -332,6 +357,7 @@ def attribution_prepared(
     positions: Sequence[int] | None = None,
     batch_size: int | None = None,
     memory_budget: int = config.DEFAULT_MEMORY_BUDGET,
+    scale: str = "logprob",
 ) -> list[CausalTrace]:
     """`trace_prepared`'s traces estimated by `method` (checked arguments; `base` the corrupted
     run). Scores are `p_corrupt + estimated effect`; unrequested positions are NaN."""
@@ -341,9 +367,9 @@ def attribution_prepared(
     with torch.no_grad():
         p_corrupt = float(metric(base.final_logits(model)).float().mean())
     if method == "ig":
-        cells = _ig_cells(model, prepared, base, spec, steps, cols, memory_budget, batch_size)
+        cells = _ig_cells(model, prepared, base, spec, steps, cols, memory_budget, batch_size, scale)
     else:
-        cells, _ = _gradient_cells(model, prepared, base, spec, method, steps)
+        cells = _gradient_cells(model, prepared, base, spec, method, steps, scale)
     scores = torch.full((len(spec), n_layers, n_pos), float("nan"), dtype=torch.float32)
     scores[:, :, cols] = (p_corrupt + cells.double()[:, :, cols]).float().cpu()
     tf = prepared.tf
@@ -380,6 +406,7 @@ def attribution_trace(
     seed: int = 0,
     positions: Sequence[int] | str | None = None,
     corrupted: str | None = None,
+    scale: str = "logprob",
     batch_size: int | None = None,
     memory_budget: int = config.DEFAULT_MEMORY_BUDGET,
 ) -> CausalTrace:
@@ -390,6 +417,7 @@ def attribution_trace(
     `causal_trace`. Returns a `CausalTrace` whose `method` names the estimate."""
     check_trace_args(model, samples, noise, seed)
     steps = check_method(method, steps)
+    check_scale(scale)
     (spec,) = kind_windows(model, [kind], window)
     prepared = prepare_fact(model, fact)
     warn_target(model, prepared)
@@ -397,7 +425,7 @@ def attribution_trace(
     base, noise, samples = _base_run(model, prepared, corrupted, noise, samples, seed, [fact])
     (trace,) = attribution_prepared(
         model, prepared, [spec], method=method, steps=steps, base=base, noise=noise, samples=samples,
-        seed=seed, positions=cols, batch_size=batch_size, memory_budget=memory_budget,
+        seed=seed, positions=cols, batch_size=batch_size, memory_budget=memory_budget, scale=scale,
     )
     return trace
 
@@ -414,6 +442,7 @@ def attribution_trace_all(
     samples: int = 10,
     seed: int = 0,
     corrupted: str | None = None,
+    scale: str = "logprob",
     batch_size: int | None = None,
     memory_budget: int = config.DEFAULT_MEMORY_BUDGET,
 ) -> TraceSet:
@@ -421,13 +450,14 @@ def attribution_trace_all(
     kind from the same backward passes."""
     check_trace_args(model, samples, noise, seed)
     steps = check_method(method, steps)
+    check_scale(scale)
     spec = kind_windows(model, kinds, window)
     prepared = prepare_fact(model, fact)
     warn_target(model, prepared)
     base, noise, samples = _base_run(model, prepared, corrupted, noise, samples, seed, [fact])
     return TraceSet(tuple(attribution_prepared(
         model, prepared, spec, method=method, steps=steps, base=base, noise=noise, samples=samples, seed=seed,
-        batch_size=batch_size, memory_budget=memory_budget,
+        batch_size=batch_size, memory_budget=memory_budget, scale=scale,
     )))
 
 
