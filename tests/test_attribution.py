@@ -146,3 +146,16 @@ def test_bad_input(tiny_gpt2):
         attribution_trace(tiny_gpt2, FACT, method="ig", steps=0)
     with pytest.raises(InvalidArgumentError, match="kind"):
         attribution_trace(tiny_gpt2, FACT, kind="heads")
+
+
+def test_cli_trace_method(factworld, tmp_path, capsys):
+    import json
+
+    from kvmem.cli import main
+
+    code = main(["trace", "--out", str(tmp_path), "--samples", "2", "--kinds", "mlp,attn", "--method", "atp", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "atp" and summary["mlp_peak"]["layer"] in range(4)
+    assert (tmp_path / "trace.png").stat().st_size > 0
+    assert main(["trace", "--out", str(tmp_path / "x"), "--steps", "4", "--quiet"]) != 0  # --steps needs ig/eap-ig
