@@ -159,3 +159,17 @@ def test_cli_trace_method(factworld, tmp_path, capsys):
     assert summary["method"] == "atp" and summary["mlp_peak"]["layer"] in range(4)
     assert (tmp_path / "trace.png").stat().st_size > 0
     assert main(["trace", "--out", str(tmp_path / "x"), "--steps", "4", "--quiet"]) != 0  # --steps needs ig/eap-ig
+
+
+def test_diagnose_prescreen_uses_the_attribution_column(factworld, world):
+    from kvmem.pipelines.diagnose import diagnose
+    from kvmem.tracing import noise_level
+
+    f = world.facts("train")[0]
+    fact = Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation)
+    loc = diagnose(factworld, fact, samples=3, steps=4, trace_method="atp")
+    noise = noise_level(factworld, [fact])
+    est = attribution_trace(factworld, fact, kind="mlp", window=1, noise=noise, samples=3, method="atp")
+    torch.testing.assert_close(loc.trace_single[0], est.indirect_effect[:, est.subject.last].double())
+    with pytest.raises(InvalidArgumentError, match="Unknown attribution method"):
+        diagnose(factworld, fact, samples=3, steps=4, trace_method="fast")

@@ -260,6 +260,7 @@ def diagnose(
     memory_k: int = 10,
     require_known: bool = True,
     progress: bool | None = None,
+    trace_method: str = "exact",
 ) -> Localization:
     """Localize one fact from causal tracing, the memory view and knowledge neurons (module docstring).
 
@@ -271,6 +272,9 @@ def diagnose(
     kept per layer by the memory view (the layer totals use all of them). `progress`: a bar over
     the knowledge-neuron prompts, the slow step (None: `kvmem.config.PROGRESS`). Raises
     `UnknownFactError` for a fact the model does not answer (unless `require_known=False`).
+    `trace_method`: "exact" (causal tracing), or an attribution method of
+    `kvmem.tracing.attribution` ("atp", ...) estimating the traced column from gradients, a cheap
+    pre-screen (docs/attribution.md says how far its peaks agree with the exact ones).
     """
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"Expected a kvmem.Fact, got {type(fact).__name__}.")
@@ -300,8 +304,14 @@ def diagnose(
     p_clean, p_corrupt, single, windowed, mem_s, mem_l = [], [], [], [], [], []
     for f in use:
         for w, out in ((1, single), (window, windowed)):
-            tr = causal_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed,
-                              positions="subject_last", progress=False)  # only that column is read
+            if trace_method == "exact":
+                tr = causal_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed,
+                                  positions="subject_last", progress=False)  # only that column is read
+            else:
+                from kvmem.tracing.attribution import attribution_trace
+
+                tr = attribution_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed,
+                                       positions="subject_last", method=trace_method)
             out.append(tr.indirect_effect[:, tr.subject.last].double())
         p_clean.append(tr.p_clean)
         p_corrupt.append(tr.p_corrupt)
