@@ -121,20 +121,21 @@ def test_model_unchanged_and_no_gradients_left(tiny_gated, method):
     assert not [n for n, hp in tiny_gated.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
 
 
-def test_average_indirect_effect_by_attribution(tiny_gpt2, tmp_path):
-    facts = [FACT, Fact("The Colosseum is located in", "Colosseum")]
-    facts = [Fact(f.prompt, f.subject, target_true=tiny_gpt2.tokenizer.decode(
-        causal_trace(tiny_gpt2, f, kind="attn", window=1, noise=0.5, samples=1, progress=False).answer_id))
-        for f in facts]
+def test_average_indirect_effect_by_attribution(factworld, world, tmp_path):
+    facts = [Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation)
+             for f in world.facts("train")[:2]]
     log = tmp_path / "aie.jsonl"
-    kw = dict(kinds=("mlp", "attn"), window=1, noise=0.5, samples=2, progress=False)
-    est = average_indirect_effect(tiny_gpt2, facts, method="ig", steps=16, log=str(log), **kw)
-    exact = average_indirect_effect(tiny_gpt2, facts, **kw)
-    assert est.n_facts == exact.n_facts >= 1  # the tiny model answers its own top token
+    kw = dict(kinds=("mlp", "attn"), window=1, samples=2, progress=False)
+    est = average_indirect_effect(factworld, facts, method="ig", steps=16, log=str(log), **kw)
+    exact = average_indirect_effect(factworld, facts, **kw)
+    assert est.n_facts == exact.n_facts == 2
     ok = ~torch.isnan(exact.aie)
-    torch.testing.assert_close(est.aie[ok], exact.aie[ok], rtol=2e-2, atol=2e-3 * float(exact.aie[ok].abs().max()))
-    again = average_indirect_effect(tiny_gpt2, facts, method="ig", steps=16, log=str(log), **kw)  # resumed
+    # 16 steps on the full noise: within 5% of the largest effect (convergence itself: test_ig_converges...)
+    torch.testing.assert_close(est.aie[ok], exact.aie[ok], rtol=0, atol=5e-2 * float(exact.aie[ok].abs().max()))
+    again = average_indirect_effect(factworld, facts, method="ig", steps=16, log=str(log), **kw)  # resumed
     assert torch.equal(again.aie[ok], est.aie[ok])
+    with pytest.raises(Exception, match="other settings"):  # a log of another method is not mixed in
+        average_indirect_effect(factworld, facts, method="atp", log=str(log), **kw)
 
 
 def test_bad_input(tiny_gpt2):
