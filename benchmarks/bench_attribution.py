@@ -219,7 +219,7 @@ def summarise(records, cfg_labels):
                          f"{s['median_curve_spearman_last_subject']:.3f}",
                          f"{s['median_curve_spearman_last_token']:.3f}",
                          f"{100 * s['peak_agree_last_subject']:.0f}%", f"{100 * s['peak_agree_last_token']:.0f}%",
-                         f"{s['median_speedup']:.1f}x ({s['n_timed']})"])
+                         f"{s['median_speedup']:.3g}x ({s['n_timed']})"])
     return per, rows
 
 
