@@ -291,7 +291,10 @@ def main(argv=None):
                "samples": samples, "seed": seed, "threads": args.threads, "results": per,
                "exact_reproduction_max_abs_diff": max(diffs) if diffs else None}
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
-    lines = [provenance_line(summary), "",
+    first = provenance_line(summary)
+    if args.summary_only:
+        first += " Summary of the run log, which the same command without --summary-only wrote (and resumes)."
+    lines = [first, "",
              f"{len(records)} facts ({source}; {len(facts)} chosen), kinds mlp and attn, window {window}, "
              f"{samples} noise samples, noise {noise:.4g}, seed {seed}, {args.threads} thread(s). "
              "Spearman: of the indirect effects, exact vs estimate; peak: the same argmax layer; speed-up: "
