@@ -28,6 +28,13 @@ the change at site (j, t), the methods estimate `m(patched) - m(corrupt)`:
   at once), but it reads gradients away from the corrupted point, where a saturated softmax at
   the answer flattens AtP's.
 
+The metric is causal tracing's, the answer's probability p. The gradient methods linearise log p
+by default (`scale="logprob"`; each noise row's estimated change of log p is mapped back to
+`min(1, p_row * exp(change))`), or p itself (`scale="prob"`); "ig" converges on either scale.
+A window's first order is taken as the sum of its layers' terms, which over-counts the paths from
+an earlier restored layer through the later ones at the same token (the joint patch cuts them);
+"ig" patches the window jointly. docs/attribution.md has the validation against exact traces.
+
 All of them run on the engine's `forward_rows` (both backends), with gradients taken only with
 respect to the added zero tensors (`torch.autograd.grad`), so no weight's gradient or flag changes.
 Results are `CausalTrace`s (the same plots, views and frames as `causal_trace`), with
@@ -414,7 +421,9 @@ def attribution_trace(
     see the module's docstring). `steps`: the path's steps for "ig" and "eap-ig" (default
     `DEFAULT_STEPS`). The same kinds, windows, positions, noise (the same noise samples for the
     same `seed`, so cells compare one to one with `causal_trace`'s) and `corrupted` prompt as
-    `causal_trace`. Returns a `CausalTrace` whose `method` names the estimate."""
+    `causal_trace`. `scale`: linearise "logprob" (default) or "prob". Returns a `CausalTrace` whose
+    `method` names the estimate. On ROME's corruption the fast methods only roughly agree with the
+    exact trace (docs/attribution.md): use them to pre-screen."""
     check_trace_args(model, samples, noise, seed)
     steps = check_method(method, steps)
     check_scale(scale)
