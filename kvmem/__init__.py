@@ -20,7 +20,7 @@ from kvmem.errors import KvmemError, UnknownFactError
 from kvmem.core.facts import Fact, tokenize_fact
 from kvmem.models import load_model
 from kvmem.recall import fact_recall
-from kvmem.tracing import average_indirect_effect, causal_trace, noise_level, trace_all
+from kvmem.tracing import attribution_trace, average_indirect_effect, causal_trace, noise_level, trace_all
 from kvmem.neurons import integrated_gradients, knowledge_neurons, neuron_effect
 from kvmem.memories import (
     composition_stats,
@@ -48,6 +48,7 @@ __all__ = [
     "fact_recall",
     "causal_trace",
     "trace_all",
+    "attribution_trace",
     "average_indirect_effect",
     "noise_level",
     "integrated_gradients",

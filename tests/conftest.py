@@ -42,6 +42,7 @@ CORE_TESTS: tuple[str, ...] = (
     "test_hooks",             # kvmem's hooks in run_with_hooks
     "test_patching",          # the batched intervention engine, activation patching
     "test_tracing",           # causal tracing: kinds, severing, windows, positions
+    "test_attribution",       # attribution tracing against the exact trace
     "test_neurons",           # integrated gradients, knowledge neurons
     "test_editing",           # ROME: statistics, k*, v*, the update, restore, save/load
     "test_editing_factworld",

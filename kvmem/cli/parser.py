@@ -136,6 +136,10 @@ def _add_batch_commands(sub) -> None:
     t.add_argument("--window", type=positive_int, default=None,
                    help="mlp/attn window (default: kvmem.config.trace_window: 10, or n_layers//2 if smaller)")
     t.add_argument("--samples", type=positive_int, default=10, help="noise samples per fact (default: 10, as ROME)")
+    t.add_argument("--method", choices=["exact", "atp", "atp*", "ig", "eap-ig"], default="exact",
+                   help="exact causal tracing (default), or the grid estimated from gradients "
+                        "(kvmem.tracing.attribution; docs/attribution.md)")
+    t.add_argument("--steps", type=positive_int, default=None, help="path steps of --method ig / eap-ig")
     t.add_argument("--strict", action="store_true", help=STRICT_HELP)
     t.set_defaults(func=cmd_trace)
 

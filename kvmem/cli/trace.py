@@ -24,12 +24,22 @@ def cmd_trace(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = common.load_model(args.model, args.quiet, args.device)
     fact = options.single_fact(args)
-    traces = trace_all(model, fact, window=args.window, kinds=args.kinds, samples=args.samples, seed=args.seed,
-                       progress=not args.quiet)
+    method = getattr(args, "method", "exact")
+    if method == "exact":
+        if getattr(args, "steps", None) is not None:
+            raise InvalidArgumentError("--steps goes with --method ig or eap-ig.")
+        traces = trace_all(model, fact, window=args.window, kinds=args.kinds, samples=args.samples, seed=args.seed,
+                           progress=not args.quiet)
+    else:
+        from kvmem.tracing import attribution_trace_all
+
+        traces = attribution_trace_all(model, fact, method=method, steps=args.steps, window=args.window,
+                                       kinds=args.kinds, samples=args.samples, seed=args.seed)
     common.write_figure(out / "trace.png", traces.plot(title=f"{fact.prompt!r} -> {traces.traces[0].answer!r}"))
     common.write(out / "trace.html", traces.show().page())
     common.write(out / "trace.csv", traces.to_frame().to_csv(index=False))
-    summary = {"model": args.model, "prompt": fact.prompt, "subject": fact.subject, "answer": traces.traces[0].answer,
+    summary = {"model": args.model, "method": traces.traces[0].method,
+               "prompt": fact.prompt, "subject": fact.subject, "answer": traces.traces[0].answer,
                "p_clean": traces.p_clean, "p_corrupt": traces.p_corrupt, "seconds": round(time.perf_counter() - t0, 2)}
     for t in traces:
         layer, pos, ie = trace_peak(t)
@@ -69,6 +79,7 @@ def _trace_dataset(args: argparse.Namespace) -> int:
     from kvmem.runs import RunLog, log_settings
     from kvmem.tracing import average_indirect_effect, noise_level
 
+    method = getattr(args, "method", "exact")
     out, model, records, skipped = batch.start(args)
     facts = [r.request for r in records]
     log = out / "trace_log.jsonl"
@@ -77,6 +88,7 @@ def _trace_dataset(args: argparse.Namespace) -> int:
         model, facts, kinds=args.kinds, window=args.window,
         noise=noise_level(model, facts),  # ROME's 3 x std over the whole data set
         samples=args.samples, seed=args.seed, progress=not args.quiet, log=str(log), restart=args.restart,
+        method=None if method == "exact" else method, steps=getattr(args, "steps", None),
     )
     logged = RunLog(log, log_settings(log))
     files = common.write_table(out, "aie", result.to_frame())

@@ -269,6 +269,7 @@ def diagnose(
     interference_stats=None,
     neighbourhood: Sequence[str] = (),
     progress: bool | None = None,
+    trace_method: str = "exact",
 ) -> Localization:
     """Localize one fact from causal tracing, the memory view and knowledge neurons (module docstring).
 
@@ -284,6 +285,9 @@ def diagnose(
     statistics); with them and `fact.target_new`, `interference` holds `kvmem.predict_interference`
     of the ROME edit at the peak layer, checked on `neighbourhood` prompts if given, else on kvmem's
     built-in facts the model answers.
+    `trace_method`: "exact" (causal tracing), or an attribution method of
+    `kvmem.tracing.attribution` ("atp", ...) estimating the traced column from gradients, a cheap
+    pre-screen (docs/attribution.md says how far its peaks agree with the exact ones).
     """
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"Expected a kvmem.Fact, got {type(fact).__name__}.")
@@ -313,8 +317,14 @@ def diagnose(
     p_clean, p_corrupt, single, windowed, mem_s, mem_l = [], [], [], [], [], []
     for f in use:
         for w, out in ((1, single), (window, windowed)):
-            tr = causal_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed,
-                              positions="subject_last", progress=False)  # only that column is read
+            if trace_method == "exact":
+                tr = causal_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed,
+                                  positions="subject_last", progress=False)  # only that column is read
+            else:
+                from kvmem.tracing.attribution import attribution_trace
+
+                tr = attribution_trace(model, f, kind="mlp", window=w, noise=noise, samples=samples, seed=seed,
+                                       positions="subject_last", method=trace_method)
             out.append(tr.indirect_effect[:, tr.subject.last].double())
         p_clean.append(tr.p_clean)
         p_corrupt.append(tr.p_corrupt)

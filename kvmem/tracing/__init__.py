@@ -8,6 +8,8 @@ six token buckets.
 
 - `trace.py`: one fact (preparation, the restoration grid, `causal_trace`, `trace_all`, `noise_level`);
 - `average.py`: many facts (token buckets, per-fact run-log records, `average_indirect_effect`);
+- `attribution.py`: the same grids estimated from gradients (attribution patching, AtP*,
+  integrated gradients), `attribution_trace` / `attribution_trace_all`;
 - `results.py`: `CausalTrace`, `TraceSet`, `AverageEffect`; `plots.py`: their figures and views.
 
 ROME conventions kept here (checked against ROME's `experiments/causal_trace.py`):
@@ -46,11 +48,13 @@ from kvmem.tracing.average import (
     fact_record,
     token_buckets,
 )
+from kvmem.tracing.attribution import METHODS, attribution_trace, attribution_trace_all
 from kvmem.tracing.plots import plot_average_effect, plot_trace, plot_traces, show_traces
 
 __all__ = [
     "AverageEffect",
     "BUCKETS",
+    "METHODS",
     "COMPONENT_OF_KIND",
     "CausalTrace",
     "KINDS",
@@ -58,6 +62,8 @@ __all__ = [
     "PreparedFact",
     "TraceSet",
     "answer_probability",
+    "attribution_trace",
+    "attribution_trace_all",
     "average_indirect_effect",
     "average_records",
     "causal_trace",

@@ -146,6 +146,8 @@ def average_indirect_effect(
     progress: bool | None = None,
     log: str | None = None,
     restart: bool = False,
+    method: str | None = None,
+    steps: int | None = None,
 ) -> AverageEffect:
     """ROME's average indirect effect over `facts`, per kind x token bucket x layer.
 
@@ -162,8 +164,16 @@ def average_indirect_effect(
     `log`: a path to a resumable run log (`kvmem.runs.RunLog`, one JSON line per fact with its
     bucket effects and full score grids). Rerunning with the same settings skips finished facts;
     other settings raise unless `restart=True`.
+
+    `method`: None traces exactly (`trace_prepared`); "atp", "atp*", "ig" or "eap-ig" estimates
+    each fact's grids from gradients (`kvmem.tracing.attribution`, `steps` as there), on the same
+    noise samples.
     """
     check_trace_args(model, samples, noise, seed)
+    if method is not None:
+        from kvmem.tracing.attribution import check_method
+
+        steps = check_method(method, steps)
     facts = list(facts)
     if not facts:
         raise InvalidArgumentError("average_indirect_effect needs at least one fact.")
@@ -185,6 +195,8 @@ def average_indirect_effect(
             "analysis": "average_indirect_effect", "model": model_fingerprint(model), "kinds": list(kinds),
             "window": window, "noise": float(noise), "samples": samples, "seed": seed,
         }
+        if method is not None:  # exact runs keep the settings (and logs) they always had
+            settings.update(method=method, steps=steps)
         run_log = RunLog(log, settings, restart=restart)
     records: dict[str, dict] = dict(run_log.records()) if run_log is not None else {}
     iterator = list(zip(keys, facts))
@@ -195,7 +207,8 @@ def average_indirect_effect(
     for i, (key, fact) in enumerate(iterator):
         if key not in records:
             records[key] = _trace_fact(model, fact, spec, noise=noise, samples=samples, seed=seed,
-                                       batch_size=batch_size, memory_budget=memory_budget)
+                                       batch_size=batch_size, memory_budget=memory_budget,
+                                       method=method, steps=steps)
             if run_log is not None:
                 run_log.add(key, records[key])
         for category, message in fact_remarks(model, [fact], [records[key]], first=i):  # as each fact is done
@@ -205,11 +218,20 @@ def average_indirect_effect(
     )
 
 
-def _trace_fact(model, fact: Fact, spec, **kw) -> dict:
-    """The run record of one fact: traced when the model answers it, else only counted."""
+def _trace_fact(model, fact: Fact, spec, *, method: str | None, steps: int | None, **kw) -> dict:
+    """The run record of one fact: traced (exactly, or estimated by attribution `method`) when the
+    model answers it, else only counted."""
     t0 = time.perf_counter()
     prepared = prepare_fact(model, fact, require_target=True)
-    traces = trace_prepared(model, prepared, spec, progress=False, **kw) if prepared.correct else None
+    traces = None
+    if prepared.correct and method is None:
+        traces = trace_prepared(model, prepared, spec, progress=False, **kw)
+    elif prepared.correct:
+        from kvmem.tracing.attribution import attribution_prepared
+        from kvmem.tracing.trace import corrupted_run
+
+        base = corrupted_run(model, prepared, noise=kw["noise"], samples=kw["samples"], seed=kw["seed"])
+        traces = attribution_prepared(model, prepared, spec, method=method, steps=steps, base=base, **kw)
     rec = fact_record(prepared, traces)
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec

@@ -34,6 +34,9 @@ class CausalTrace:
     seed: int
     sever: str | None = None
     fact: Fact | None = field(default=None, compare=False)
+    # "exact" (causal_trace), else the attribution method and steps that estimated the scores
+    # (kvmem.tracing.attribution: "atp", "atp*", "ig(k=16)", ...)
+    method: str = "exact"
 
     @property
     def indirect_effect(self) -> Float[Tensor, "layer pos"]:

@@ -155,6 +155,36 @@ def warn_target(model, prepared: PreparedFact) -> None:
     check.warn("causal tracing", stacklevel=5)  # the caller of causal_trace / trace_all
 
 
+@torch.no_grad()
+def corrupted_run(model, prepared: PreparedFact, *, noise: float, samples: int, seed: int) -> RecordedRun:
+    """The noise-corrupted run of a prepared fact: `samples` rows, Gaussian noise of scale `noise`
+    on the subject tokens' embeddings (row r gets noise sample r of `seed`)."""
+    tf = prepared.tf
+    subject = range(tf.subject.start, tf.subject.end)
+    return record_run(
+        model, tf.tokens, fwd_hooks=[(EMBED_HOOK, add_noise(subject, noise, seed=seed))], n_rows=samples
+    )
+
+
+@torch.no_grad()
+def corrupted_prompt_run(model, prepared: PreparedFact, corrupted: str) -> RecordedRun:
+    """The run of a user-given corrupted prompt (one row), which must tokenize to as many tokens
+    as the fact's prompt (each cell restores the clean state at the same position)."""
+    from kvmem.core.tokenize import encode
+
+    if not isinstance(corrupted, str) or not corrupted:
+        raise InvalidArgumentError(f"corrupted must be a non-empty prompt string, got {corrupted!r}.")
+    tokens = torch.tensor(encode(model, corrupted), dtype=torch.long)
+    n = prepared.tf.n_tokens
+    if tokens.shape[0] != n:
+        raise InvalidArgumentError(
+            f"The corrupted prompt {corrupted!r} is {tokens.shape[0]} tokens and the fact's prompt {n}; "
+            "restoring cell by cell needs prompts of the same token length (e.g. swap the subject for one "
+            "of as many tokens)."
+        )
+    return record_run(model, tokens)
+
+
 def trace_interventions(
     kind: str, window: int, n_layers: int, positions: Sequence[int], sever: str | None = None
 ) -> list[Intervention]:
@@ -187,15 +217,14 @@ def trace_prepared(
     memory_budget: int = config.DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
     positions: Sequence[int] | None = None,
+    base: RecordedRun | None = None,
 ) -> list[CausalTrace]:
     """One `CausalTrace` per (kind, window, sever) in `spec`, all from one corrupted run of
     `samples` rows. `positions`: the token positions to restore (default all); the other cells
-    are NaN. Arguments are not checked here (see `causal_trace`)."""
+    are NaN. `base`: the corrupted run to restore into (default: `corrupted_run`, the noise).
+    Arguments are not checked here (see `causal_trace`)."""
     tf = prepared.tf
-    subject = range(tf.subject.start, tf.subject.end)
-    corrupt = record_run(
-        model, tf.tokens, fwd_hooks=[(EMBED_HOOK, add_noise(subject, noise, seed=seed))], n_rows=samples
-    )
+    corrupt = corrupted_run(model, prepared, noise=noise, samples=samples, seed=seed) if base is None else base
     metric = answer_probability(prepared.answer_id)
     n_layers, n_pos = model.cfg.n_layers, tf.n_tokens
     positions = list(range(n_pos)) if positions is None else list(positions)
@@ -221,7 +250,7 @@ def trace_prepared(
     ]
 
 
-def _positions(prepared: PreparedFact, positions) -> list[int] | None:
+def resolve_positions(prepared: PreparedFact, positions) -> list[int] | None:
     if positions is None:
         return None
     n_pos = prepared.tf.n_tokens
@@ -252,6 +281,7 @@ def causal_trace(
     seed: int = 0,
     sever: str | None = None,
     positions: Sequence[int] | str | None = None,
+    corrupted: str | None = None,
     batch_size: int | None = None,
     memory_budget: int = config.DEFAULT_MEMORY_BUDGET,
     progress: bool | None = None,
@@ -269,6 +299,8 @@ def causal_trace(
     `kvmem.config.predicts`, gives a `KvmemWarning`), otherwise the model's top token. `positions`: restore only these token
     positions, or "subject_last" (the other cells of `scores` are NaN); the cost is proportional
     to the number of positions, so one column costs ~1/n_tokens of the full grid.
+    `corrupted`: a corrupted prompt of the same token length to restore into instead of the
+    noise (one run: `samples` and `noise` are not used; the trace records samples=1, noise=0).
     `batch_size`: rows per forward pass (None: as many as fit `memory_budget` bytes).
     `progress`: a progress bar (None: `kvmem.config.PROGRESS`).
     """
@@ -284,13 +316,17 @@ def causal_trace(
         _check_kind(model, sever, 1)
     prepared = prepare_fact(model, fact)
     warn_target(model, prepared)
-    positions = _positions(prepared, positions)
+    positions = resolve_positions(prepared, positions)
+    base = None
+    if corrupted is not None:
+        base = corrupted_prompt_run(model, prepared, corrupted)
+        noise, samples = 0.0, 1
     if noise is None:
         noise = noise_level(model, [fact])
     (trace,) = trace_prepared(
         model, prepared, [(kind, window, sever)], noise=noise, samples=samples, seed=seed,
         batch_size=batch_size, memory_budget=memory_budget,
-        progress=config.show_progress(progress), positions=positions,
+        progress=config.show_progress(progress), positions=positions, base=base,
     )
     return trace
 
@@ -328,6 +364,7 @@ def trace_all(
 
 __all__ = [
     "KINDS", "COMPONENT_OF_KIND", "Kind", "PreparedFact", "answer_probability", "causal_trace",
+    "corrupted_prompt_run", "corrupted_run", "resolve_positions",
     "kind_windows", "noise_level", "prepare_fact", "trace_all", "trace_interventions", "trace_prepared",
     "window_layers",
 ]
