@@ -211,6 +211,18 @@ class Edit:
         d = torch.outer(self.u.double(), self.lam.double())
         return d if dtype is None else d.to(dtype)
 
+    def deltas(self, dtype: torch.dtype | None = None) -> list[tuple[int, Tensor]]:
+        """[(layer, ΔW_out)]: the same interface as a multi-layer edit's."""
+        return [(self.layer, self.delta(dtype))]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    @property
+    def describe(self) -> str:
+        return f"ROME edit of subject {self.request.subject!r} at layer {self.layer}"
+
     def trace_frame(self):
         import pandas as pd
 
@@ -323,6 +335,7 @@ def compute_rome_edit(
     stats: SecondMoment | Tensor | None = None,
     hparams: RomeHparams | None = None,
     prefixes: Sequence[str] | None = None,
+    null_space=None,
     verbose: bool = False,
     _fingerprint: str | None = None,
 ) -> Edit:
@@ -334,6 +347,9 @@ def compute_rome_edit(
     model's preset (`rome_hparams(model)`); `layer` overrides its layer. `prefixes`: the context
     prefixes to use (default `context_prefixes(model, hparams)`; pass them to reuse across edits).
     `verbose`: print each v* optimisation step's loss (the same numbers as `Edit.loss_trace`).
+    `null_space`: AlphaEdit's constraint (a `kvmem.editing.nullspace.NullSpace` or its P): the
+    update becomes the smallest (Frobenius) one in range P that still maps k* to v*,
+    u = Pk*/‖Pk*‖, so keys the statistics cover (‖Pk‖ ≈ 0) keep their output; C is then unused.
     """
     t0 = time.perf_counter()
     hparams = hparams or rome_hparams(model)
@@ -356,7 +372,6 @@ def compute_rome_edit(
             )
         _check_stats(stats, layer, fp, d_mlp)
 
-    spec = spec_for(model)
     if prefixes is None:
         prefixes = context_prefixes(model, hparams)
     fit = fit_value(model, request, layer, hparams, prefixes, target_new=target_new, verbose=verbose)
@@ -375,8 +390,9 @@ def compute_rome_edit(
     if hparams.update_key == "prompt":
         # the reference code's v* = (plain prompt's MLP output) + δ, so the update inserts (k_p, v_p + δ)
         v_star = k_update @ W.W_out.detach().double() + b_out + delta
+    P = getattr(null_space, "P", null_space)
     u, lam = _rank_one(W.W_out.detach().double(), b_out, k_star, k_update, v_star,
-                       stats if hparams.mom2_adjustment else None)
+                       stats if hparams.mom2_adjustment else None, P=P)
     return Edit(
         layer=layer,
         u=u.cpu(),
@@ -413,9 +429,17 @@ def _check_stats(stats, layer: int, fp: str, d_mlp: int) -> None:
 
 
 def _rank_one(W_out: Tensor, b_out: Tensor, k_star: Tensor, k_update: Tensor, v_star: Tensor,
-              stats: SecondMoment | Tensor | None) -> tuple[Tensor, Tensor]:
-    """u = C⁻¹k*/‖C⁻¹k*‖ (k* itself without statistics) and Λ with k_updateᵀ(W_out + uΛᵀ) + b_out = v*."""
-    if stats is None:
+              stats: SecondMoment | Tensor | None, P: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """u = C⁻¹k*/‖C⁻¹k*‖ (k* itself without statistics; Pk* with a null-space projection P) and Λ
+    with k_updateᵀ(W_out + uΛᵀ) + b_out = v*."""
+    if P is not None:
+        if tuple(P.shape) != (k_star.shape[0], k_star.shape[0]):
+            raise InvalidArgumentError(f"null_space P must be [{k_star.shape[0]}, {k_star.shape[0]}], got {tuple(P.shape)}.")
+        u = P.double().to(k_star) @ k_star
+        if u.norm() <= 1e-6 * k_star.norm():
+            raise InvalidArgumentError("k* has no component in the null space (‖Pk*‖ ≈ 0): the constrained edit "
+                                       "cannot insert it. Raise the null-space threshold or edit another layer.")
+    elif stats is None:
         u = k_star.clone()
     elif isinstance(stats, SecondMoment):
         u = stats.solve(k_star)

@@ -23,7 +23,7 @@ from kvmem.core.hooks import add_mlp_output_hook, capture
 from kvmem.core.readout import final_logits
 from kvmem.core.tokenize import pad_batch, spec_for
 from kvmem.core.weights import hook_post_name, mlp_weights
-from kvmem.errors import InvalidArgumentError
+from kvmem.errors import AlreadySatisfiedError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def fit_value(model, request: Fact, layer: int, hparams, prefixes: Sequence[str]
                 logp = final_logits(model, resid[nll_r, nll_p]).float().log_softmax(-1)
                 tok_logp = logp.gather(1, nll_t[:, None])[:, 0]
                 if it == 0 and first_ctx and bool((logp[first_ctx].argmax(-1) == nll_t[first_ctx]).all()):
-                    raise InvalidArgumentError(
+                    raise AlreadySatisfiedError(
                         f"The model already answers {target_new!r} to {request.prompt!r} (greedy): "
                         "target_new equals its current answer, so there is nothing to edit."
                     )
