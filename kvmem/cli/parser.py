@@ -151,6 +151,9 @@ def _add_batch_commands(sub) -> None:
     e.add_argument("--layer", type=nonneg_int, help="the MLP layer to edit (default: the model's preset)")
     _statistics_options(e, "text for the key statistics (default for factworld: its training sentences)")
     e.add_argument("--generation", action="store_true", help="also measure generation entropy (GE; slower)")
+    e.add_argument("--method", choices=("rome", "memit", "alphaedit"), default="rome",
+                   help="rome: one edit per fact; memit/alphaedit: one multi-layer edit per --batch-size facts")
+    e.add_argument("--batch-size", type=positive_int, default=1, help="facts per MEMIT/AlphaEdit edit (default: 1)")
     e.set_defaults(func=cmd_edit)
 
 
