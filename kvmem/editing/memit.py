@@ -120,10 +120,9 @@ MEMIT_PRESETS: dict[str, MemitHparams] = {
     # factworld's facts are recalled by MLPs 0 and 1 at the subject's last token (window-2 AIE 0.496
     # and 0.498; 0.024 at layer 2, benchmarks/results/tracing/aie_factworld.md); λ = d_mlp. AlphaEdit's
     # ridge α = 1 (the paper's formula) rather than its code's 10: an edit key's null-space part is
-    # small here (median ‖Pk‖² 7.3 at layer 0, 2.3 at layer 1, vs 32 and 15 at Gemma's layers 2 and
-    # 4; benchmarks/nullspace_spectrum.py), and one key is inserted by the fraction
-    # ‖Pk‖² / (α + ‖Pk‖²): α = 10 left 0 of 10 factworld edits holding (a first run); α = 1 gives
-    # factworld about the fraction α = 10 gives Gemma.
+    # small here (median ‖Pk‖² 7.1 at layer 0, 2.2 at layer 1, benchmarks/results/stress/
+    # nullspace_factworld.md), and a lone key is inserted by the fraction ‖Pk‖² / (α + ‖Pk‖²):
+    # 0.18-0.41 per layer with α = 10, 0.69-0.88 with α = 1.
     "factworld": MemitHparams(
         layers=(0, 1), mom2_update_weight=512.0, value=RomeHparams(prefixes=((5, 5), (10, 5))), l2=1.0,
         layer_source="MLP AIE at the last subject token: layers 0-1 carry the recall "
