@@ -120,7 +120,14 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--n-eval", type=int, default=200, help="neighbourhood and known facts tracked")
     ap.add_argument("--variants", nargs="+", default=["rome", "r-rome", "r-rome-spread"],
-                    help="rome | r-rome | rome-spread | r-rome-spread, or METHOD@LAYER for another single layer")
+                    help="rome | r-rome | rome-spread | r-rome-spread, METHOD@LAYER for another single layer, "
+                         "memit-bN | alphaedit-bN (batches of N requests over the MEMIT preset's layers)")
+    ap.add_argument("--memit-layers", type=int, nargs="+", default=None, help="MEMIT/AlphaEdit layers (default: preset)")
+    ap.add_argument("--nullspace-threshold", type=float, default=2e-2, help="AlphaEdit's eigenvalue threshold")
+    ap.add_argument("--l2", type=float, default=None, help="AlphaEdit's ridge α (default: preset)")
+    ap.add_argument("--memit-lambda", type=float, default=None, help="MEMIT's λ (mom2_update_weight; default: preset)")
+    ap.add_argument("--nullspace-relative", action="store_true",
+                    help="threshold eigenvalue / largest eigenvalue (AlphaEdit: absolute)")
     ap.add_argument("--layer", type=int, default=None, help="edit layer (default: factworld 1, else the preset)")
     ap.add_argument("--spread-layers", type=int, nargs="+", default=None)
     ap.add_argument("--prefixes", default="5x3,10x2", help="context prefixes LENxCOUNT,...")
@@ -145,7 +152,9 @@ def main(argv=None):
     import torch
 
     import kvmem
-    from kvmem.editing import RomeHparams, rome_hparams, second_moment
+    import dataclasses
+
+    from kvmem.editing import RomeHparams, memit_hparams, rome_hparams, second_moment
     from kvmem.pipelines.stress import stress_edits
 
     t0 = time.perf_counter()
@@ -165,9 +174,20 @@ def main(argv=None):
         spread = args.spread_layers or list(range(max(0, layer - 2), min(n_layers, layer + 3)))
     prefixes = tuple(tuple(int(x) for x in p.split("x")) for p in args.prefixes.split(","))
     hp = RomeHparams(**{**base.__dict__, "layer": layer, "prefixes": prefixes, "v_num_grad_steps": args.v_steps})
+    # MEMIT / AlphaEdit: the model's preset layers and λ, v* settings as the ROME variants' (same
+    # contexts and steps, so the methods differ only in how the update is solved)
+    memit_hp = memit_hparams(args.model)
+    memit_layers = list(args.memit_layers or memit_hp.layers)
+    memit_hp = dataclasses.replace(memit_hp, layers=tuple(memit_layers), value=dataclasses.replace(hp, layer=None),
+                                   nullspace_threshold=args.nullspace_threshold,
+                                   nullspace_relative=args.nullspace_relative,
+                                   **({"l2": args.l2} if args.l2 is not None else {}),
+                                   **({"mom2_update_weight": args.memit_lambda} if args.memit_lambda is not None else {}))
     n_tok = args.stats_tokens or max(20_000, 50 * int(model.cfg.d_mlp))
     stats = {}
     extra = {int(v.partition("@")[2]) for v in args.variants if "@" in v}
+    if any(v.split("-b")[0] in ("memit", "alphaedit") for v in args.variants):
+        extra |= set(memit_layers)
     for l in sorted(set(spread) | {layer} | extra):
         stats[l] = second_moment(model, l, corpus, n_tokens=n_tok, progress=not args.quiet)
     setup_s = time.perf_counter() - t0
@@ -183,14 +203,20 @@ def main(argv=None):
     frames = []
     for v in args.variants:
         name, _, at = v.partition("@")
-        method = name.replace("-spread", "")
-        layers = spread if name.endswith("-spread") else (int(at) if at else layer)
+        batched = name.split("-b")[0] in ("memit", "alphaedit")
+        if batched:  # memit-b10, alphaedit-b1: the method and its batch size, over the MEMIT layers
+            method, edit_batch = name.split("-b")[0], int(name.split("-b")[1])
+            layers = memit_layers
+        else:
+            method, edit_batch = name.replace("-spread", ""), 1
+            layers = spread if name.endswith("-spread") else (int(at) if at else layer)
         log = logs / f"{out.name}_{v}_n{len(requests)}_s{args.seed}.jsonl"
         print(f"== {v}: layers {layers}, {len(requests)} edits, log {log}", flush=True)
         res = stress_edits(model, requests, method=method, layers=layers, stats=stats, hparams=hp, every=args.every,
                            neighbours=neighborhood, known=known, gen_prompts=gen, gen_tokens=args.gen_tokens,
                            on_conflict="skip", log=log, seed=args.seed, progress=not args.quiet,
-                           stop_after=args.stop_after)
+                           stop_after=args.stop_after, edit_batch=edit_batch,
+                           memit=memit_hp if batched else None)
         df = res.to_frame()
         df.insert(0, "variant", v)
         frames.append(df)
@@ -222,6 +248,7 @@ def main(argv=None):
             "model": args.model, "source": source,
             "n_requests": len(requests), "n_neighborhood": len(neighborhood), "n_known": len(known),
             "hparams": {"layer": layer, "spread": spread, "prefixes": prefixes, "v_num_grad_steps": args.v_steps},
+            "memit": {k: v for k, v in dataclasses.asdict(memit_hp).items() if k != "value"},
             "stats_tokens": n_tok, "setup_s": setup_s, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if str(model.cfg.device).startswith("cuda") else None,
             "peak_rss_mb": peak_rss_mb(), "results": results, "denominators": denominators,
@@ -268,7 +295,12 @@ def markdown(meta, table) -> str:
              f"{provenance_line(meta)} Requests: {meta['n_requests']} from {meta['source']}; "
              f"neighbourhood {meta['n_neighborhood']} and known {meta['n_known']} untouched facts; edit layer "
              f"{meta['hparams']['layer']}, spread over {meta['hparams']['spread']}; contexts "
-             f"{meta['hparams']['prefixes']}; C from {meta['stats_tokens']} tokens.", "",
+             f"{meta['hparams']['prefixes']}; C from {meta['stats_tokens']} tokens."
+             + (f" MEMIT/AlphaEdit (memit-bN, alphaedit-bN: batches of N): layers {list(meta['memit']['layers'])}, "
+                f"λ {meta['memit']['mom2_update_weight']:g}, null space: eigenvalues of C below "
+                f"{meta['memit']['nullspace_threshold']:g}{' × the largest' if meta['memit']['nullspace_relative'] else ''}, "
+                f"α {meta['memit']['l2']:g}." if meta.get("memit") and any(v.split("-b")[0] in ("memit", "alphaedit")
+                                                                          for v in meta["results"]) else ""), "",
              "| variant | edits applied | skipped | collapse at | retention | neighbourhood acc | known acc | gen. entropy | "
              "‖ΔW‖ median | ‖ΔW‖ max | max ‖W−W⁰‖/‖W⁰‖ | s/edit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -32,6 +32,7 @@ from kvmem.memories import (
 )
 from kvmem.editing import Edit, RomeHparams, apply_edit, compute_rome_edit, edited, second_moment
 from kvmem.editing.interference import Interference, KeyBank, predict_interference
+from kvmem.editing import EditSession, MultiLayerEdit, compute_memit_edit, load_edit
 from kvmem.evaluation import evaluate_counterfact
 from kvmem.data import CounterFactRecord
 from kvmem.pipelines.diagnose import Localization, diagnose
@@ -63,6 +64,10 @@ __all__ = [
     "Edit",
     "RomeHparams",
     "compute_rome_edit",
+    "compute_memit_edit",
+    "EditSession",
+    "MultiLayerEdit",
+    "load_edit",
     "apply_edit",
     "edited",
     "second_moment",

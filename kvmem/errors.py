@@ -63,6 +63,10 @@ class DuplicateRequestError(KvmemError, ValueError):
     """Two edit requests edit the same fact (same subject and relation, or same subject and prompt)."""
 
 
+class AlreadySatisfiedError(InvalidArgumentError):
+    """An edit request the model already answers with its target_new: there is nothing to edit."""
+
+
 class ModelMismatchError(InvalidArgumentError):
     """Statistics or an edit made for other weights than the model's."""
 

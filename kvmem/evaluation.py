@@ -299,6 +299,38 @@ def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
     return editor
 
 
+def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams, batch_size: int
+                 ) -> Callable[[object, CounterFactRecord], object]:
+    """`editor(model, record)` that writes `records` in batches of `batch_size` (in their order) with
+    one `compute_memit_edit` per batch (`hparams`: a `MemitHparams`; AlphaEdit when its null_space
+    is set; `stats`: C per layer) and returns the edit of the record's batch, computed on first use.
+    A record its batch skipped (duplicate, already answered) raises `InvalidArgumentError` with the reason."""
+    from kvmem.editing.memit import compute_memit_edit
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    where = {id(r): i // batch_size for i, r in enumerate(records)}
+    prefixes = context_prefixes(model, hparams.value)
+    memo: dict[int, object] = {}
+
+    def editor(m, rec: CounterFactRecord):
+        if id(rec) not in where:
+            raise InvalidArgumentError("batch_editor got a record outside the records it was made for.")
+        b = where[id(rec)]
+        if b not in memo:
+            memo.clear()  # batches are visited in order: keep one edit alive
+            batch = [r.request for r in records[b * batch_size:(b + 1) * batch_size]]
+            memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes)
+        edit = memo[b]
+        if not any(q is rec.request for q in edit.requests):
+            why = next((s["skipped"] for s in edit.skipped
+                        if records[b * batch_size + s["index"]] is rec), "not written by its batch's edit")
+            raise InvalidArgumentError(f"record skipped by its batch: {why}")
+        return edit
+
+    return editor
+
+
 def evaluate_record(
     model,
     record: CounterFactRecord,
@@ -334,10 +366,13 @@ def evaluate_record(
     t = time.perf_counter()
     with edited(model, edit, check=False):  # computed on this very model just now
         m = record_metrics(model, record, **kw)
-    rows.append({"condition": method, **base, **m, "edit_s": edit.seconds, "eval_s": time.perf_counter() - t,
-                 "layer": edit.layer, "v_steps": int(edit.loss_trace.shape[0]),
-                 "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan"),
-                 "error": None})
+    if isinstance(edit, Edit):
+        about = {"edit_s": edit.seconds, "layer": edit.layer, "v_steps": int(edit.loss_trace.shape[0]),
+                 "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan")}
+    else:  # a multi-layer (MEMIT/AlphaEdit) edit of a batch this record belongs to: its time is the batch's
+        about = {"edit_s": edit.seconds.get("total", float("nan")), "layer": edit.layers[-1],
+                 "layers": list(edit.layers), "batch_size": edit.n_requests}
+    rows.append({"condition": method, **base, **m, **about, "eval_s": time.perf_counter() - t, "error": None})
     return rows
 
 

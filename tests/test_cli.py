@@ -157,6 +157,21 @@ def test_edit(factworld, facts_file, tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_edit_memit_batches(factworld, facts_file, tmp_path, capsys):
+    """Four facts in two MEMIT batches: every record scored with its batch's two-fact edit."""
+    code, out, err = _run(capsys, "edit", "--facts", facts_file, "--limit", "4", "--out", tmp_path,
+                          "--cache-dir", tmp_path / "cache", "--method", "memit", "--batch-size", "2")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "memit" and summary["batch_size"] == 2 and summary["layers"] == [0, 1]
+    assert summary["table"]["MEMIT"]["ES"] >= 50.0 and summary["table"]["unedited"]["ES"] == 0.0
+    rows = json.loads((tmp_path / "edits.json").read_text())
+    assert [r["rows"][1]["batch_size"] for r in rows] == [2, 2, 2, 2]
+    code, _, err = _run(capsys, "edit", "--facts", facts_file, "--limit", "2", "--out", tmp_path / "r",
+                        "--batch-size", "2")
+    assert code == 2 and "--method memit or alphaedit" in err
+
+
 def test_stats(factworld, tmp_path, capsys):
     code, out, err = _run(capsys, "stats", "--layers", "0,1", "--out", tmp_path, "--cache-dir", tmp_path / "cache",
                           "--n-tokens", "3000")

@@ -136,6 +136,35 @@ def test_resume_equals_uninterrupted(tiny_gpt2, stats, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(before, _weights(tiny_gpt2)))
 
 
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_batched_methods_resume_equal_uninterrupted(tiny_gpt2, stats, tmp_path, method):
+    """Batches of 2 over layers 0-1; AlphaEdit's earlier-edit keys are replayed from the log too,
+    so a resumed run computes the later batches on the same weights and keys."""
+    from kvmem.editing import MemitHparams
+
+    before = _weights(tiny_gpt2)
+    mh = MemitHparams(layers=LAYERS, value=FAST, mom2_update_weight=50.0, nullspace_threshold=1e-3,
+                      nullspace_relative=True)
+    kw = dict(method=method, layers=list(LAYERS), edit_batch=2, memit=mh)
+    full = _run(tiny_gpt2, stats, log=tmp_path / "full.jsonl", restore=False, **kw)
+    w_full = _weights(tiny_gpt2)
+    assert full.n_applied + full.n_skipped == len(REQUESTS) and full.n_applied > 0
+    assert [c["step"] for c in full.checkpoints] == [0, 2, 4, 6]
+    with torch.no_grad():
+        for l in LAYERS:
+            mlp_weights(tiny_gpt2, l).W_out.copy_(before[l])
+    with pytest.warns(UserWarning, match="stop_after"):
+        _run(tiny_gpt2, stats, log=tmp_path / "part.jsonl", stop_after=2, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(before, _weights(tiny_gpt2)))
+    resumed = _run(tiny_gpt2, stats, log=tmp_path / "part.jsonl", restore=False, **kw)
+    assert resumed.resumed_from == 2
+    assert all(torch.equal(x, y) for x, y in zip(w_full, _weights(tiny_gpt2)))
+    assert resumed.to_frame().equals(full.to_frame())
+    with torch.no_grad():
+        for l in LAYERS:
+            mlp_weights(tiny_gpt2, l).W_out.copy_(before[l])
+
+
 LEGACY_LOG = Path(__file__).parent / "data" / "stress_log_v1.jsonl"
 
 
@@ -197,7 +226,9 @@ def test_bad_input(tiny_gpt2, stats):
     with pytest.raises(EmptyTargetError):
         stress_edits(tiny_gpt2, [REQUESTS[0].__class__("A b c", "A")], stats=stats[1], layers=1)
     with pytest.raises(InvalidArgumentError, match="method"):
-        stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=1, method="memit")
+        stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=1, method="pmet")
+    with pytest.raises(InvalidArgumentError, match="edit_batch"):
+        stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=1, method="rome", edit_batch=2)
     with pytest.raises(InvalidArgumentError, match="each"):
         stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=[0, 1], hparams=FAST)
     with pytest.raises(InvalidArgumentError, match="no entry for edit layer 2"):

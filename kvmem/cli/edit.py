@@ -6,22 +6,28 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from kvmem.evaluation import METRICS, CounterFactEval, counterfact_frame, evaluate_record, rome_editor
+from kvmem.evaluation import METRICS, CounterFactEval, batch_editor, counterfact_frame, evaluate_record, rome_editor
+from dataclasses import replace
+
+from kvmem.editing.memit import memit_hparams
+from kvmem.errors import InvalidArgumentError
 from kvmem.pipelines.rome_settings import rome_settings
 
 from kvmem.cli import batch, common, options
 
 # Generation entropy (--generation) on two prompts of 40 tokens: seconds per fact on a CPU.
 GEN_PROMPTS, GEN_TOKENS = 2, 40
+LABELS = {"rome": "ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit"}  # the condition column
 
 
 def _edit_fact(editor, args: argparse.Namespace, model, record) -> dict:
     edit = editor(model, record)  # a rejected edit raises here: logged or stops the run (--on-error)
     rows = evaluate_record(model, record, editor=lambda m, r: edit, generation=args.generation,
+                           method=LABELS[getattr(args, "method", "rome")],
                            gen_prompts=GEN_PROMPTS, gen_tokens=GEN_TOKENS, seed=args.seed)
     f = record.request
     return {"prompt": f.prompt, "subject": f.subject, "target_true": f.target_true, "target_new": f.target_new,
-            "layer": edit.layer, "n_paraphrases": len(record.paraphrase_prompts),
+            "layer": edit.layers[-1], "layers": list(edit.layers), "n_paraphrases": len(record.paraphrase_prompts),
             "n_neighbours": len(record.neighborhood_prompts), "rows": rows}
 
 
@@ -29,17 +35,38 @@ def cmd_edit(args: argparse.Namespace) -> int:
     # a missing --corpus fails before the model loads
     out, model, records, skipped = batch.start(args, need_new=True, check=lambda: options.corpus(args, "kvmem edit"))
     hp = rome_settings(model, layer=args.layer, facts=[r.request for r in records], progress=not args.quiet)
-    stats = options.stats(args, model, hp.layer, "kvmem edit")
+    method = getattr(args, "method", "rome")
+    if method == "rome":
+        if args.batch_size != 1:
+            raise InvalidArgumentError("--batch-size goes with --method memit or alphaedit (ROME edits one fact).")
+        stats = options.stats(args, model, hp.layer, "kvmem edit")
+        editor = rome_editor(model, stats=stats, hparams=hp, safe=args.safe)
+        layers = [hp.layer]
+    else:  # one MEMIT/AlphaEdit edit per batch of --batch-size records, each record scored with its batch's edit
+        if args.safe:
+            raise InvalidArgumentError("--safe checks ROME edits (kvmem.predict_interference predicts a rank-one "
+                                       "update's interference); leave it out with --method memit or alphaedit.")
+        mhp = memit_hparams(model, null_space=method == "alphaedit")
+        mhp = replace(mhp, value=replace(mhp.value, prefixes=hp.prefixes))
+        if args.layer is not None:
+            mhp = replace(mhp, layers=(args.layer,))
+        layers = list(mhp.layers)
+        per_layer = {l: options.stats(args, model, l, "kvmem edit") for l in layers}
+        stats = per_layer[layers[-1]]
+        editor = batch_editor(model, records, stats=per_layer, hparams=mhp, batch_size=args.batch_size)
     settings = {"analysis": "rome_edit", "model": common.fingerprint(model), "layer": hp.layer,
                 "prefixes": [list(p) for p in hp.prefixes], "stats": stats.corpus_fingerprint,
                 "n_tokens": stats.n_tokens, "generation": args.generation, "seed": args.seed}
-    compute = partial(_edit_fact, rome_editor(model, stats=stats, hparams=hp, safe=args.safe), args)
+    if method != "rome":  # only then, so that logs of ROME runs keep resuming
+        settings.update(method=method, batch_size=args.batch_size, layers=layers)
+    compute = partial(_edit_fact, editor, args)
     log = batch.run_and_log(args, model, records, out, "edit", settings, compute)
     facts = batch.logged_rows(log, records, failed=False)
     for fact in facts:
         fact["rows"] = [common.strip_timing(row) for row in fact["rows"]]
     common.write_json(out / "edits.json", facts)
-    summary = {"command": "edit", "model": args.model, "facts_file": str(args.facts), "layer": hp.layer,
+    summary = {"command": "edit", "model": args.model, "facts_file": str(args.facts), "layer": layers[-1],
+               "method": method, "layers": layers, "batch_size": args.batch_size,
                "n_edits": len(facts), "skipped_records": skipped, "failed": batch.failures(log, records), "table": None}
     files = []
     if facts:

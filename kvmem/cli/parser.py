@@ -160,6 +160,9 @@ def _add_batch_commands(sub) -> None:
     e.add_argument("--safe", action="store_true",
                    help="refuse edits predicted to disturb the neighbourhood (kvmem.predict_interference; "
                    "without it such edits only warn)")
+    e.add_argument("--method", choices=("rome", "memit", "alphaedit"), default="rome",
+                   help="rome: one edit per fact; memit/alphaedit: one multi-layer edit per --batch-size facts")
+    e.add_argument("--batch-size", type=positive_int, default=1, help="facts per MEMIT/AlphaEdit edit (default: 1)")
     e.set_defaults(func=cmd_edit)
 
 

@@ -21,6 +21,10 @@ from kvmem.editing.rome import (
     rome_statistics,
 )
 from kvmem.editing.stats import SecondMoment, load_second_moment, second_moment
+from kvmem.editing.memit import MEMIT_PRESETS, MemitHparams, compute_memit_edit, memit_hparams, memit_statistics
+from kvmem.editing.multi_edit import MultiLayerEdit, load_edit
+from kvmem.editing.nullspace import NullSpace, null_space
+from kvmem.editing.session import EditSession, SessionStep
 from kvmem.errors import ModelMismatchError, SingularStatisticsError
 
 __all__ = [
@@ -28,4 +32,6 @@ __all__ = [
     "context_prefixes", "rome_statistics", "apply_edit", "edited", "SecondMoment", "second_moment",
     "load_second_moment", "SingularStatisticsError", "ModelMismatchError", "model_fingerprint",
     "choose_edit_layer", "tracing_peak_layer", "reinsert",
+    "MemitHparams", "MEMIT_PRESETS", "memit_hparams", "compute_memit_edit", "memit_statistics",
+    "MultiLayerEdit", "load_edit", "NullSpace", "null_space", "EditSession", "SessionStep",
 ]

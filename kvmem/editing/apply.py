@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from kvmem.core.fingerprint import model_fingerprint, same_weights
+from kvmem.editing.multi_edit import MultiLayerEdit
 from kvmem.editing.rome import Edit
 from kvmem.errors import InvalidArgumentError, ModelMismatchError
 from kvmem.core.weights import check_layer, mlp_weights
@@ -30,21 +31,29 @@ def _stack(model) -> list[tuple[str, str | None]]:
     return stack
 
 
-def _check_shapes(model, edit: Edit) -> None:
-    if not isinstance(edit, Edit):
-        raise InvalidArgumentError(f"Expected a kvmem Edit, got {type(edit).__name__}.")
-    check_layer(model, edit.layer)
+def _check_shapes(model, edit: Edit | MultiLayerEdit) -> None:
+    if not isinstance(edit, (Edit, MultiLayerEdit)):
+        raise InvalidArgumentError(f"Expected a kvmem Edit or MultiLayerEdit, got {type(edit).__name__}.")
     d_mlp, d_model = int(model.cfg.d_mlp), int(model.cfg.d_model)
-    if tuple(edit.u.shape) != (d_mlp,) or tuple(edit.lam.shape) != (d_model,):
-        raise ModelMismatchError(
-            f"The edit has shapes u {tuple(edit.u.shape)}, Λ {tuple(edit.lam.shape)} but this model has "
-            f"d_mlp={d_mlp}, d_model={d_model}: it was made for another model."
-        )
-    if not (torch.isfinite(edit.u).all() and torch.isfinite(edit.lam).all()):
-        raise InvalidArgumentError("The edit holds NaN or inf values; recompute it.")
+    if isinstance(edit, Edit):
+        check_layer(model, edit.layer)
+        parts = [(edit.u, (d_mlp,)), (edit.lam, (d_model,))]
+    else:
+        parts = []
+        for l, U, V in zip(edit.layers, edit.U, edit.V):
+            check_layer(model, l)
+            parts += [(U, (d_mlp, U.shape[-1])), (V, (U.shape[-1], d_model))]
+    for t, want in parts:
+        if tuple(t.shape) != want:
+            raise ModelMismatchError(
+                f"The edit holds a tensor of shape {tuple(t.shape)} where this model (d_mlp={d_mlp}, "
+                f"d_model={d_model}) needs {want}: it was made for another model."
+            )
+        if not torch.isfinite(t).all():
+            raise InvalidArgumentError("The edit holds NaN or inf values; recompute it.")
 
 
-def _check_model(model, edit: Edit) -> str:
+def _check_model(model, edit: Edit | MultiLayerEdit) -> str:
     now = model_fingerprint(model)
     if edit.model_fingerprint == now:
         return now
@@ -55,28 +64,30 @@ def _check_model(model, edit: Edit) -> str:
     if same:  # the same weights on the other TransformerLens backend
         return now
     raise ModelMismatchError(
-        f"This edit (subject {edit.request.subject!r}) was computed on other weights than this model's: "
+        f"This {edit.describe} was computed on other weights than this model's: "
         f"{why}. Recompute it on this model with compute_rome_edit, or apply it to the model it was made for."
     )
 
 
-def apply_edit(model, edit: Edit, *, check: bool = True):
-    """MUTATES `model`: adds the edit's rank-one update to `blocks[edit.layer].mlp.W_out` in place.
+def apply_edit(model, edit: Edit | MultiLayerEdit, *, check: bool = True):
+    """MUTATES `model`: adds the edit's update to `W_out` of each layer it edits, in place (ROME:
+    rank one at `edit.layer`; MEMIT/AlphaEdit: `U_l V_l` at each of `edit.layers`).
 
     Returns the model. Undo by keeping a copy, or use `with edited(model, edit):` instead, which
     restores the weights exactly. `check=False` skips the fingerprint check (shapes are always checked).
     """
     _check_shapes(model, edit)
     before = _check_model(model, edit) if check else None
-    W = mlp_weights(model, edit.layer).W_out
     with torch.no_grad():
-        W.add_(edit.delta(torch.float64).to(W.device).to(W.dtype))
+        for layer, d in edit.deltas(torch.float64):
+            W = mlp_weights(model, layer).W_out
+            W.add_(d.to(W.device).to(W.dtype))
     _stack(model).append((before or edit.model_fingerprint, model_fingerprint(model) if check else None))
     return model
 
 
 @contextmanager
-def edited(model, *edits: Edit, check: bool = True) -> Iterator:
+def edited(model, *edits: Edit | MultiLayerEdit, check: bool = True) -> Iterator:
     """Temporarily apply `edits` (in order); on exit, also on an exception, every changed `W_out`
     is restored bit-exactly from a copy taken on entry.
 
@@ -85,7 +96,7 @@ def edited(model, *edits: Edit, check: bool = True) -> Iterator:
     """
     for e in edits:
         _check_shapes(model, e)
-    layers = sorted({e.layer % model.cfg.n_layers for e in edits})
+    layers = sorted({l % model.cfg.n_layers for e in edits for l in e.layers})
     saved = {l: mlp_weights(model, l).W_out.detach().clone() for l in layers}
     stack = _stack(model)
     depth = len(stack)

@@ -31,13 +31,12 @@ from kvmem import config
 from kvmem.core.fingerprint import fingerprints, same_weights, tensors_checksum
 from kvmem.editing.generate import sample_tokens
 from kvmem.editing.stats import SecondMoment, check_invertible
+from kvmem.editing.values import fit_value
 from kvmem.errors import CacheError, InvalidArgumentError, ModelMismatchError
-from kvmem.core.backend import backend_of, continue_from, run_to_layer
-from kvmem.core.facts import Fact, occurrences, subject_span, tokenize_fact
-from kvmem.core.hooks import add_mlp_output_hook, capture
-from kvmem.core.tokenize import encode, pad_batch, spec_for
-from kvmem.core.readout import final_logits
-from kvmem.core.weights import check_layer, hook_post_name, mlp_weights
+from kvmem.core.backend import backend_of
+from kvmem.core.facts import Fact, subject_span
+from kvmem.core.tokenize import encode, spec_for
+from kvmem.core.weights import check_layer, mlp_weights
 
 FORMAT_VERSION = "1"
 
@@ -212,6 +211,18 @@ class Edit:
         d = torch.outer(self.u.double(), self.lam.double())
         return d if dtype is None else d.to(dtype)
 
+    def deltas(self, dtype: torch.dtype | None = None) -> list[tuple[int, Tensor]]:
+        """[(layer, ΔW_out)]: the same interface as a multi-layer edit's."""
+        return [(self.layer, self.delta(dtype))]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    @property
+    def describe(self) -> str:
+        return f"ROME edit of subject {self.request.subject!r} at layer {self.layer}"
+
     def trace_frame(self):
         import pandas as pd
 
@@ -301,14 +312,6 @@ def context_prefixes(model, hparams: RomeHparams | None = None, *, seed: int | N
     return out
 
 
-def _subject_occurrence(text: str, subject: str, offset: int) -> int:
-    starts = occurrences(text, subject)
-    for i, s in enumerate(starts):
-        if s >= offset:
-            return i
-    raise InvalidArgumentError(f"Subject {subject!r} not found after the prefix in {text!r}.")
-
-
 def _check_request(model, request) -> tuple[str, str]:
     if not isinstance(request, Fact):
         raise InvalidArgumentError(
@@ -332,6 +335,7 @@ def compute_rome_edit(
     stats: SecondMoment | Tensor | Mapping | Callable | None = None,
     hparams: RomeHparams | None = None,
     prefixes: Sequence[str] | None = None,
+    null_space=None,
     verbose: bool = False,
     safe: bool | None = None,
     safe_facts: Sequence[Fact] | None = None,
@@ -352,6 +356,9 @@ def compute_rome_edit(
     `layer="least-interference"`: `kvmem.editing.interference.least_interference_edit` over the first
     half of the layers (`stats`: a mapping or callable layer → statistics; interference checked on
     `safe_facts`): the layer with the lowest predicted risk among those whose edit reaches the target.
+    `null_space`: AlphaEdit's constraint (a `kvmem.editing.nullspace.NullSpace` or its P): the
+    update becomes the smallest (Frobenius) one in range P that still maps k* to v*,
+    u = Pk*/‖Pk*‖, so keys the statistics cover (‖Pk‖ ≈ 0) keep their output; C is then unused.
     """
     if layer == "least-interference":
         from kvmem.editing.interference import least_interference_edit
@@ -388,49 +395,10 @@ def compute_rome_edit(
             )
         _check_stats(stats, layer, fp, d_mlp)
 
-    spec = spec_for(model)
     if prefixes is None:
         prefixes = context_prefixes(model, hparams)
-    if not prefixes:
-        raise InvalidArgumentError("prefixes must hold at least one context ('' for the plain prompt).")
-
-    # rows: one per context (prompt + new target, teacher-forced), then the KL prompt
-    rows, lookup, nll_reads = [], [], []
-    for p in prefixes:
-        text = p + request.prompt
-        tf = tokenize_fact(spec, Fact(text, subject, target_new=target_new), "new",
-                           occurrence=_subject_occurrence(text, subject, len(p)))
-        tokens, positions = tf.teacher_forced()
-        r = len(rows)
-        rows.append(tokens)
-        lookup.append((r, tf.subject.last))
-        nll_reads.extend((r, pos, tid) for pos, tid in zip(positions, tf.target_ids))
-    kl_fact = Fact.from_template(hparams.kl_prompt, subject)
-    kl_tf = tokenize_fact(spec, kl_fact, None, occurrence=-1)
-    kl_row = len(rows)
-    rows.append(kl_tf.tokens)
-    lookup.append((kl_row, kl_tf.subject.last))
-    kl_pos = kl_tf.subject.last if hparams.kl_position == "subject_last" else kl_tf.last_pos
-    n_ctx = len(prefixes)
-
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    batch = pad_batch(rows, spec.pad_id)
-    tokens = batch.tokens.to(device)
-    mask = torch.zeros(tokens.shape[0], tokens.shape[1], 1, dtype=dtype, device=device)
-    for r, pos in lookup:
-        mask[r, pos] = 1.0
-
-    # layers below the edit never change: run them once
-    got: dict[str, Tensor] = {}
-    resid_name = f"blocks.{layer}.hook_resid_pre"
-    with torch.no_grad():
-        with model.hooks(fwd_hooks=[(resid_name, capture(got, resid_name)), (hook_post_name(model, layer), capture(got, hook_post_name(model, layer)))]):
-            run_to_layer(model, tokens, layer + 1)
-    resid_pre = got[resid_name]
-    keys = got[hook_post_name(model, layer)]
-    ctx_keys = torch.stack([keys[r, pos] for r, pos in lookup[:n_ctx]]).double()
-    k_star = ctx_keys.mean(0)
+    fit = fit_value(model, request, layer, hparams, prefixes, target_new=target_new, verbose=verbose)
+    ctx_keys, k_star, delta, b_out, trace = fit.ctx_keys, fit.k_star, fit.delta, fit.b_out, fit.trace
     if hparams.update_key == "prompt":
         if "" not in prefixes:
             raise InvalidArgumentError(
@@ -439,67 +407,15 @@ def compute_rome_edit(
         k_update = ctx_keys[list(prefixes).index("")]
     else:
         k_update = k_star
-    if not torch.isfinite(k_star).all() or k_star.norm() == 0:
-        raise InvalidArgumentError("The key k* at the subject's last token is zero or not finite; pick another layer.")
     W = mlp_weights(model, layer)
-    b_out = W.b_out.detach().double() if W.b_out is not None else torch.zeros(W.W_out.shape[1], dtype=torch.float64, device=device)
-    v_init = k_star @ W.W_out.detach().double() + b_out
-    v_norm = v_init.norm()
-
-    nll_r = torch.tensor([x[0] for x in nll_reads], device=device)
-    nll_p = torch.tensor([x[1] for x in nll_reads], device=device)
-    nll_t = torch.tensor([x[2] for x in nll_reads], device=device)
-    first_ctx = [i for i, x in enumerate(nll_reads) if x[0] == 0]
-
-    delta = torch.zeros(v_init.shape[0], dtype=torch.float32, device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
-
-    def add_delta(output):
-        return output + mask * delta.to(output.dtype)
-
-    trace: list[list[float]] = []
-    kl_init: Tensor | None = None
-    handle = add_mlp_output_hook(model, layer, add_delta)
-    try:
-        with torch.enable_grad():
-            for it in range(hparams.v_num_grad_steps):
-                resid = continue_from(model, resid_pre, layer)
-                logp = final_logits(model, resid[nll_r, nll_p]).float().log_softmax(-1)
-                tok_logp = logp.gather(1, nll_t[:, None])[:, 0]
-                if it == 0 and first_ctx and bool((logp[first_ctx].argmax(-1) == nll_t[first_ctx]).all()):
-                    raise InvalidArgumentError(
-                        f"The model already answers {target_new!r} to {request.prompt!r} (greedy): "
-                        "target_new equals its current answer, so there is nothing to edit."
-                    )
-                kl_logp = final_logits(model, resid[kl_row, kl_pos][None]).float().log_softmax(-1)
-                if kl_init is None:
-                    kl_init = kl_logp.detach()
-                nll = -tok_logp.mean()
-                kl = hparams.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum(-1).mean()
-                wd = hparams.v_weight_decay * delta.norm() / (v_norm.float() ** 2)
-                loss = nll + kl + wd
-                trace.append([loss.item(), nll.item(), kl.item(), wd.item(), tok_logp.exp().mean().item()])
-                if verbose:
-                    print(f"step {it}: loss {loss.item():.3f} = nll {nll.item():.3f} + kl {kl.item():.3f} + wd {wd.item():.3f}")
-                if loss.item() < hparams.early_stop_loss or it == hparams.v_num_grad_steps - 1:
-                    break
-                (grad,) = torch.autograd.grad(loss, delta)
-                opt.zero_grad()
-                delta.grad = grad
-                opt.step()
-                with torch.no_grad():
-                    max_norm = hparams.clamp_norm_factor * v_norm.float()
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
-    finally:
-        handle.remove()
-
-    v_star = v_init + delta.detach().double()
+    v_init = fit.v_init
+    v_star = v_init + delta
     if hparams.update_key == "prompt":
         # the reference code's v* = (plain prompt's MLP output) + δ, so the update inserts (k_p, v_p + δ)
-        v_star = k_update @ W.W_out.detach().double() + b_out + delta.detach().double()
+        v_star = k_update @ W.W_out.detach().double() + b_out + delta
+    P = getattr(null_space, "P", null_space)
     u, lam = _rank_one(W.W_out.detach().double(), b_out, k_star, k_update, v_star,
-                       stats if hparams.mom2_adjustment else None)
+                       stats if hparams.mom2_adjustment else None, P=P)
     edit = Edit(
         layer=layer,
         u=u.cpu(),
@@ -509,7 +425,7 @@ def compute_rome_edit(
         request=request,
         model_fingerprint=fp,
         hparams=replace(hparams, layer=layer),
-        loss_trace=torch.tensor(trace, dtype=torch.float32).reshape(-1, 5),
+        loss_trace=trace,
         seconds=time.perf_counter() - t0,
         weights_fingerprint=weights_fp,
         backend=backend_of(model),
@@ -543,9 +459,17 @@ def _check_stats(stats, layer: int, fp: str, d_mlp: int) -> None:
 
 
 def _rank_one(W_out: Tensor, b_out: Tensor, k_star: Tensor, k_update: Tensor, v_star: Tensor,
-              stats: SecondMoment | Tensor | None) -> tuple[Tensor, Tensor]:
-    """u = C⁻¹k*/‖C⁻¹k*‖ (k* itself without statistics) and Λ with k_updateᵀ(W_out + uΛᵀ) + b_out = v*."""
-    if stats is None:
+              stats: SecondMoment | Tensor | None, P: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """u = C⁻¹k*/‖C⁻¹k*‖ (k* itself without statistics; Pk* with a null-space projection P) and Λ
+    with k_updateᵀ(W_out + uΛᵀ) + b_out = v*."""
+    if P is not None:
+        if tuple(P.shape) != (k_star.shape[0], k_star.shape[0]):
+            raise InvalidArgumentError(f"null_space P must be [{k_star.shape[0]}, {k_star.shape[0]}], got {tuple(P.shape)}.")
+        u = P.double().to(k_star) @ k_star
+        if u.norm() <= 1e-6 * k_star.norm():
+            raise InvalidArgumentError("k* has no component in the null space (‖Pk*‖ ≈ 0): the constrained edit "
+                                       "cannot insert it. Raise the null-space threshold or edit another layer.")
+    elif stats is None:
         u = k_star.clone()
     elif isinstance(stats, SecondMoment):
         u = stats.solve(k_star)

@@ -26,6 +26,9 @@ Methods: "rome" = ROME as its reference code computes the update (`RomeHparams.u
 the denominator uses the plain prompt's key while u = C⁻¹k* uses the prefix-averaged key);
 "r-rome" = the same prefix-averaged key in both (`update_key="averaged"`, kvmem's default,
 the fix of "Rebuilding ROME"). `layers` as a list spreads edits round-robin over those layers.
+"memit" / "alphaedit": batches of `edit_batch` requests, each one `compute_memit_edit` over all
+of `layers` (AlphaEdit: with the null-space projection of each layer's C and the keys of every
+earlier batch, Σ Kp Kpᵀ, accumulated through the run as AlphaEdit's code does).
 
 C is the statistics of the ORIGINAL model for each edit layer (ROME's code caches it once and
 reuses it across sequential edits); it is passed on as a plain tensor, so the fingerprint check
@@ -57,6 +60,8 @@ from tqdm.auto import tqdm
 from kvmem import config
 from kvmem.editing.apply import apply_edit
 from kvmem.core.fingerprint import model_fingerprint
+from kvmem.editing.memit import MemitHparams, compute_memit_edit, memit_hparams
+from kvmem.editing.nullspace import null_space
 from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
 from kvmem.editing.stats import SecondMoment
 from kvmem.errors import DuplicateRequestError, InvalidArgumentError, KvmemError
@@ -66,7 +71,8 @@ from kvmem.recall import fact_recall
 from kvmem.core.weights import check_layer, mlp_weights
 from kvmem.runs import RunLog, write_run_log
 
-METHODS = {"rome": "prompt", "r-rome": "averaged"}
+METHODS = {"rome": "prompt", "r-rome": "averaged", "memit": None, "alphaedit": None}
+BATCHED = ("memit", "alphaedit")  # one multi-layer edit per batch of `edit_batch` requests
 LOG_VERSION = 1
 
 
@@ -345,6 +351,8 @@ def stress_edits(
     restore: bool = True,
     seed: int = 0,
     batch_size: int = 64,
+    edit_batch: int = 1,
+    memit: MemitHparams | None = None,
     progress: bool | None = None,
 ) -> StressResult:
     """Apply `requests` as ROME edits one after another and track what survives (module docstring).
@@ -371,7 +379,8 @@ def stress_edits(
         raise InvalidArgumentError("No edit requests; pass a list of Facts with target_new.")
     if method not in METHODS:
         raise InvalidArgumentError(f"method must be one of {sorted(METHODS)}, got {method!r}.")
-    for name, v in (("every", every), ("gen_tokens", gen_tokens + 1), ("batch_size", batch_size)):
+    for name, v in (("every", every), ("gen_tokens", gen_tokens + 1), ("batch_size", batch_size),
+                    ("edit_batch", edit_batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}.")
     if not 0 < collapse_frac < 1:
@@ -381,7 +390,17 @@ def stress_edits(
     keep, skipped = check_requests(requests, on_conflict=on_conflict)
 
     hp = hparams or rome_hparams(model)
-    hp = replace(hp, update_key=METHODS[method], seed=seed)
+    batched = method in BATCHED
+    if batched:
+        mhp = memit or memit_hparams(model, null_space=method == "alphaedit")
+        mhp = replace(mhp, null_space=method == "alphaedit", value=replace(mhp.value, seed=seed))
+        if layers is None:
+            layers = list(mhp.layers)
+        hp = replace(mhp.value, layer=list(layers)[-1] if not isinstance(layers, int) else layers)
+    else:
+        if edit_batch != 1:
+            raise InvalidArgumentError(f"edit_batch applies to {list(BATCHED)}; {method!r} edits one request at a time.")
+        hp = replace(hp, update_key=METHODS[method], seed=seed)
     if layers is None:
         if hp.layer is None:
             raise InvalidArgumentError("Pass layers=... (the edit layer, or a list to spread edits) or hparams.layer.")
@@ -391,6 +410,8 @@ def stress_edits(
         raise InvalidArgumentError("layers is empty; pass an int or a non-empty list of layers.")
     layer_list = [check_layer(model, l) for l in layer_list]
     d_mlp = int(model.cfg.d_mlp)
+    if batched:
+        mhp = replace(mhp, layers=tuple(layer_list))
     if len(set(layer_list)) > 1 and isinstance(stats, (Tensor, SecondMoment)):
         raise InvalidArgumentError(
             "Edits spread over several layers need C for each: pass stats={layer: second_moment(model, layer, corpus)}."
@@ -418,6 +439,8 @@ def stress_edits(
         "stats": {str(l): hashlib.sha256(C.double().cpu().numpy().tobytes()).hexdigest()[:20] if C is not None else None
                   for l, C in sorted(Cs.items())},
     }
+    if batched:  # only for these methods, so that logs of ROME runs keep resuming
+        settings.update(edit_batch=edit_batch, memit=json.loads(json.dumps(asdict(mhp))))
 
     # What an earlier run with this log already did (the context prefixes are part of the run:
     # sampled once, reused by every edit and by a resumed run).
@@ -476,10 +499,82 @@ def stress_edits(
             return f"gen_entropy {m['gen_entropy']:.3f} < {collapse_frac} x unedited {b:.3f}"
         return None
 
+    Ps = ({l: null_space(Cs[l], threshold=mhp.nullspace_threshold, relative=mhp.nullspace_relative).P for l in layer_list}
+          if batched and mhp.null_space else {})
+    Kp = {l: torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for l in layer_list} if Ps else {}
+    done_batches = {r["batch"]: r for k, r in logged.items() if k.startswith("batch-")}
+
+    def run_batches() -> None:
+        nonlocal resumed_from, new_edits, stopped_early, since_ckpt, collapse_step, collapse_reason
+        bar = tqdm(total=len(keep), disable=not config.show_progress(progress), desc=f"stress {method}")
+        for g, lo in enumerate(range(0, len(keep), edit_batch)):
+            idxs = keep[lo : lo + edit_batch]
+            if g in done_batches:
+                rec = done_batches[g]
+                resumed_from = lo + len(idxs)
+            else:
+                if stop_after is not None and new_edits >= stop_after:
+                    stopped_early = True
+                    break
+                rec = {"kind": "batch", "batch": g, "indices": idxs, "layers": layer_list}
+                try:
+                    e = compute_memit_edit(model, [requests[i] for i in idxs], stats=Cs, hparams=mhp,
+                                           null_spaces=Ps or None, prev_keys=Kp or None, prefixes=prefixes,
+                                           _fingerprint="")
+                except KvmemError as err:
+                    rec.update(skipped={str(i): f"{type(err).__name__}: {err}" for i in idxs})
+                else:
+                    done = {id(r) for r in e.requests}
+                    rec.update(applied=[i for i in idxs if id(requests[i]) in done],
+                               skipped={str(idxs[s["index"]]): s["skipped"] for s in e.skipped},
+                               U=[_b64(u) for u in e.U], V=[_b64(v) for v in e.V], KA=[_b64(k) for k in e.keys_after],
+                               update_norm=float(sum(float(e.delta(j).norm()) ** 2 for j in range(len(e.layers))) ** 0.5),
+                               seconds=e.seconds, residual=e.residual)
+                new_edits += len(idxs)
+                run_log.add(f"batch-{g}", rec) if run_log is not None else None
+            if "U" in rec:
+                n_new = len(rec["applied"])
+                with torch.no_grad():
+                    for j, l in enumerate(rec["layers"]):
+                        U = _unb64(rec["U"][j]).reshape(d_mlp, n_new)
+                        V = _unb64(rec["V"][j]).reshape(n_new, -1)
+                        W = mlp_weights(model, l).W_out
+                        W.add_((U @ V).to(W.device).to(W.dtype))
+                        if Kp and rec["KA"]:
+                            ka = _unb64(rec["KA"][j]).reshape(n_new, d_mlp)
+                            Kp[l] += ka.T @ ka
+                touched.update(rec["layers"])
+            applied_here = set(rec.get("applied", []))
+            for i in idxs:
+                row = {"step": keep.index(i), "index": i, "subject": requests[i].subject, "batch": g}
+                if i in applied_here:
+                    applied.append(requests[i])
+                    since_ckpt.append(requests[i])
+                    row.update(update_norm=rec["update_norm"], seconds=rec["seconds"]["total"] / len(idxs),
+                               seconds_values=rec["seconds"]["values"] / len(idxs),
+                               seconds_solve=rec["seconds"]["solve"] / len(idxs), residual_after=rec["residual"]["after"])
+                else:
+                    row.update(skipped=rec["skipped"].get(str(i), "not applied"))
+                steps.append(row)
+            bar.update(len(idxs))
+            pos = lo + len(idxs)
+            if pos // every > lo // every or pos == len(keep):
+                m = measure(pos)
+                checkpoints.append(m)
+                since_ckpt = []
+                why = collapsed(m)
+                if why is not None and collapse_step is None:
+                    collapse_step, collapse_reason = pos, why
+                    if stop_at_collapse:
+                        break
+        bar.close()
+
     try:
         baseline = measure(0)
         checkpoints.append(baseline)
-        bar = tqdm(keep, disable=not config.show_progress(progress), desc=f"stress {method}")
+        if batched:
+            run_batches()
+        bar = tqdm(keep if not batched else [], disable=not config.show_progress(progress), desc=f"stress {method}")
         for n, i in enumerate(bar):
             req = requests[i]
             layer = layer_list[n % len(layer_list)]
@@ -543,4 +638,4 @@ def stress_edits(
     )
 
 
-__all__ = ["stress_edits", "StressResult", "check_requests", "METHODS"]
+__all__ = ["stress_edits", "StressResult", "check_requests", "METHODS", "BATCHED"]

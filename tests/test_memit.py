@@ -1,0 +1,242 @@
+"""MEMIT, AlphaEdit's null space and edit sessions: the algebra against independent references
+(ROME's closed form through Sherman–Morrison, a null space built by construction), the stated
+output bound on factworld, bit-exact restoration, saved and resumed sessions, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from conftest import build_tiny
+
+from kvmem.core.facts import Fact
+from kvmem.core.hooks import capture
+from kvmem.core.tokenize import encode
+from kvmem.core.weights import hook_post_name, mlp_weights
+from kvmem.editing import (
+    EditSession,
+    MemitHparams,
+    MultiLayerEdit,
+    RomeHparams,
+    apply_edit,
+    compute_memit_edit,
+    compute_rome_edit,
+    context_prefixes,
+    edited,
+    load_edit,
+    model_fingerprint,
+    null_space,
+    second_moment,
+)
+from kvmem.errors import DuplicateRequestError, InvalidArgumentError, LayerOutOfRangeError, ModelMismatchError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = RomeHparams(prefixes=((4, 2),), v_num_grad_steps=4, seed=0)
+CORPUS = [
+    "A small village lies at the foot of the hills, where farmers grow wheat and barley.",
+    "The museum reopened after a long renovation, showing paintings from the last three centuries.",
+    "Engineers tested the new bridge with heavy trucks before it opened to traffic in spring.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "In 1889 the tower was finished for the world fair in the French capital.",
+    "Rivers flow into the sea, carrying sand and small stones from the mountains.",
+    "She plays the violin every evening; her brother prefers the piano and the drums.",
+    "Markets opened higher on Monday after the central bank held interest rates steady.",
+] * 8
+REQUEST = Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", target_true="Paris", target_new="Rome")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = build_tiny("gpt2", seed=0)
+    cache = tmp_path_factory.mktemp("stats")
+    stats = {l: second_moment(model, l, CORPUS, n_tokens=1000, cache_dir=cache, progress=False) for l in (0, 1)}
+    return model, stats
+
+
+def _weights(model, layers):
+    return {l: mlp_weights(model, l).W_out.detach().clone() for l in layers}
+
+
+def test_memit_one_request_one_layer_is_rome_shrunk_by_sherman_morrison(tiny):
+    """(λC + kkᵀ)⁻¹k = C⁻¹k/(λ + s), s = kᵀC⁻¹k: MEMIT's update is s/(λ+s) times ROME's (same δ)."""
+    model, stats = tiny
+    prefixes = context_prefixes(model, FAST)
+    rome = compute_rome_edit(model, REQUEST, layer=1, stats=stats[1], hparams=FAST, prefixes=prefixes)
+    k = rome.k_star.double()
+    s = float(k @ torch.linalg.solve(stats[1].C, k))
+    for lam in (1e-6 * s, 0.5 * s, 20.0 * s):
+        memit = compute_memit_edit(model, [REQUEST], stats=stats, layers=[1], prefixes=prefixes,
+                                   hparams=MemitHparams(value=FAST, mom2_update_weight=lam))
+        assert isinstance(memit, MultiLayerEdit) and memit.layers == (1,)
+        want = rome.delta() * (s / (lam + s))
+        got = memit.delta(0)
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-6 * float(want.abs().max())), lam
+
+
+def test_memit_through_a_post_mlp_norm_delivers_the_target(tiny_postnorm, tmp_path):
+    """Gemma-like blocks: the residual target is passed back through the post-MLP norm (first
+    order); with a small λ the update then closes most of the gap between z and the residual."""
+    model = tiny_postnorm
+    stats = {l: second_moment(model, l, CORPUS, n_tokens=1000, cache_dir=tmp_path, progress=False) for l in (0, 1)}
+    e = compute_memit_edit(model, [REQUEST], stats=stats, layers=[0, 1],
+                           hparams=MemitHparams(value=FAST, mom2_update_weight=1e-3))
+    assert e.residual["z_gap"] > 0 and e.residual["after"] < 0.25, e.residual
+
+
+def test_null_space_projection_by_construction():
+    """C = KᵀK/N with K of rank r: the eigenvalue-threshold projection has rank d − r, kills the
+    span of K and leaves its orthogonal complement unchanged."""
+    g = torch.Generator().manual_seed(0)
+    d, r = 40, 25
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    K = torch.randn(500, r, generator=g, dtype=torch.float64) @ basis[:, :r].T * 3.0
+    ns = null_space(K.T @ K / K.shape[0], threshold=1e-6)
+    assert ns.rank == d - r
+    assert torch.allclose(ns.P, ns.P.T) and torch.allclose(ns.P @ ns.P, ns.P, atol=1e-10)
+    assert float(ns.leak(K).max()) < 1e-8  # ‖Pk‖ ≈ 0 for keys in the preserved span
+    free = basis[:, r:].T  # the null space: P leaves it unchanged
+    assert torch.allclose(free @ ns.P, free, atol=1e-10)
+    # AlphaEdit's threshold is absolute; relative=True scales it by the largest eigenvalue
+    rel = null_space(K.T @ K / K.shape[0], threshold=1e-9, relative=True)
+    assert rel.rank == d - r and rel.relative
+
+
+def _corpus_keys(model, layer, sentences):
+    got, out = {}, []
+    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_post_name(model, layer), capture(got, "k"))]):
+        for s in sentences:
+            model(torch.tensor([encode(model, s)]))
+            out.append(got["k"][0, 1:].double())
+    return torch.cat(out)
+
+
+def test_alphaedit_moves_preserved_keys_by_at_most_the_bound(factworld, world, tmp_path):
+    model = factworld
+    sents = [world.sentence(p.subject, p.relation, p.template) for p in world.all_prompts("train")]
+    random.Random(0).shuffle(sents)
+    stats = {l: second_moment(model, l, sents, n_tokens=8_000, cache_dir=tmp_path, progress=False) for l in (0, 1)}
+    facts = world.facts("train")[:2]
+    reqs = [Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation,
+                 target_new=next(o for o in world.relation(f.relation).objects if o != f.target)) for f in facts]
+    hp = MemitHparams(layers=(0, 1), value=RomeHparams(prefixes=((5, 2),), v_num_grad_steps=5), null_space=True,
+                      nullspace_threshold=1e-2, nullspace_relative=True)
+    e = compute_memit_edit(model, reqs, stats=stats, hparams=hp)
+    held = _corpus_keys(model, 0, sents[-40:])  # text keys of the same distribution as C's
+    for j, l in enumerate(e.layers):
+        ns = null_space(stats[l], threshold=1e-2, relative=True)
+        assert 0 < ns.rank < model.cfg.d_mlp
+        dW = e.delta(j)
+        keys = held if l == 0 else _corpus_keys(model, 1, sents[-40:])
+        change = (keys @ dW).norm(dim=-1)
+        bound = (keys @ ns.P).norm(dim=-1) * torch.linalg.matrix_norm(dW, ord=2)
+        assert bool((change <= bound * (1 + 1e-6) + 1e-9).all())
+    # and it is a real constraint: the same solve with P = I (every eigenvalue under the threshold)
+    # inserts as strongly and moves these keys much more
+    free = compute_memit_edit(model, reqs, stats=stats, hparams=dataclasses.replace(hp, nullspace_threshold=10.0))
+    moved_alpha = float((held @ e.delta(0)).norm(dim=-1).mean())
+    moved_memit = float((held @ free.delta(0)).norm(dim=-1).mean())
+    assert moved_alpha < 0.5 * moved_memit
+
+
+def test_memit_edit_applies_restores_saves_and_loads(tiny, tmp_path):
+    model, stats = tiny
+    reqs = [REQUEST, Fact("Paris is the capital of", "Paris", target_true="France", target_new="Spain")]
+    e = compute_memit_edit(model, reqs, stats=stats, layers=[0, 1], hparams=MemitHparams(value=FAST, mom2_update_weight=50.0))
+    assert e.layers == (0, 1) and e.n_requests == 2 and e.U[0].shape == (model.cfg.d_mlp, 2)
+    assert e.residual["after"] < 1.0
+    before = _weights(model, (0, 1))
+    fp = model_fingerprint(model)
+    with edited(model, e):
+        assert not torch.equal(mlp_weights(model, 0).W_out, before[0])
+        assert not torch.equal(mlp_weights(model, 1).W_out, before[1])
+    assert all(torch.equal(mlp_weights(model, l).W_out, before[l]) for l in (0, 1))
+    path = e.save(tmp_path / "m.safetensors")
+    back = load_edit(path)
+    assert isinstance(back, MultiLayerEdit) and back.layers == e.layers and back.hparams == e.hparams
+    assert all(torch.equal(a, b) for a, b in zip(back.U, e.U))
+    # a ROME edit still loads through the same function
+    rome = compute_rome_edit(model, REQUEST, layer=1, stats=stats[1], hparams=FAST)
+    assert load_edit(rome.save(tmp_path / "r.safetensors")).layer == 1
+    apply_edit(model, back)
+    try:
+        with pytest.raises(ModelMismatchError):  # computed on the unedited weights, applied twice over another edit
+            apply_edit(model, rome.__class__(**{**rome.__dict__, "model_fingerprint": "x" * 64, "weights_fingerprint": None}))
+    finally:
+        with torch.no_grad():
+            for l, W in before.items():
+                mlp_weights(model, l).W_out.copy_(W)
+        model._kvmem_edit_stack.clear()
+    assert model_fingerprint(model) == fp
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_session_restores_bit_exactly_and_resumes(tiny, tmp_path, method):
+    model, stats = tiny
+    before = _weights(model, (0, 1))
+    hp = FAST if method == "rome" else MemitHparams(layers=(0, 1), value=FAST, mom2_update_weight=50.0,
+                                                    nullspace_threshold=1e-3, nullspace_relative=True)
+    s = EditSession(model, method, stats=stats, hparams=hp, layers=[1] if method == "rome" else None)
+    batches = [[REQUEST], [Fact("Paris is the capital of", "Paris", target_true="France", target_new="Spain"),
+                           Fact("Rivers flow into the", "Rivers", target_true="sea", target_new="desert")]]
+    s.apply(batches[0])
+    s.save(tmp_path / "run")
+    s.apply(batches[1])
+    after_two = _weights(model, (0, 1))
+    kp = {l: t.clone() for l, t in s.prev_keys.items()}
+    assert (method != "alphaedit") or all(float(t.abs().sum()) > 0 for t in kp.values())
+    msg = s.restore()
+    assert "reset" in msg and s.n_edits == 0 and all(float(t.abs().sum()) == 0 for t in s.prev_keys.values())
+    assert all(torch.equal(mlp_weights(model, l).W_out, before[l]) for l in (0, 1))
+    # resume from the saved first batch, continue: the same weights and keys as without the break
+    r = EditSession.resume(model, tmp_path / "run", stats=stats)
+    r.apply(batches[1])
+    assert all(torch.equal(mlp_weights(model, l).W_out, after_two[l]) for l in (0, 1))
+    assert all(torch.equal(r.prev_keys[l], kp[l]) for l in kp)
+    # a fresh session holds no keys of another's edits
+    r.restore()
+    fresh = EditSession(model, method, stats=stats, hparams=hp, layers=[1] if method == "rome" else None)
+    assert fresh.n_edits == 0 and all(float(t.abs().sum()) == 0 for t in fresh.prev_keys.values())
+    assert all(torch.equal(mlp_weights(model, l).W_out, before[l]) for l in (0, 1))
+
+
+def test_bad_batches(tiny):
+    model, stats = tiny
+    hp = MemitHparams(layers=(0, 1), value=FAST, mom2_update_weight=50.0)
+    before = _weights(model, (0, 1))
+    other = Fact(REQUEST.prompt, REQUEST.subject, target_true="Paris", target_new="Berlin")
+    with pytest.raises(DuplicateRequestError, match="requests 0 and 2"):
+        compute_memit_edit(model, [REQUEST, Fact("Paris is the capital of", "Paris", target_new="Spain"), other],
+                           stats=stats, hparams=hp)
+    e = compute_memit_edit(model, [REQUEST, REQUEST], stats=stats, hparams=hp)
+    assert e.n_requests == 1 and e.skipped[0]["index"] == 1 and "duplicate of request 0" in e.skipped[0]["skipped"]
+    with pytest.raises(InvalidArgumentError, match="Empty batch"):
+        compute_memit_edit(model, [], stats=stats, hparams=hp)
+    with pytest.raises(LayerOutOfRangeError):
+        compute_memit_edit(model, [REQUEST], stats=stats, layers=[1, 7], hparams=hp)
+    with pytest.raises(InvalidArgumentError, match="no C for edit layer"):
+        compute_memit_edit(model, [REQUEST], stats={1: stats[1]}, hparams=hp)
+    foreign = build_tiny("gpt2", seed=1)
+    with pytest.raises(ModelMismatchError):
+        compute_memit_edit(foreign, [REQUEST], stats=stats, hparams=hp)
+    with pytest.raises(ModelMismatchError):
+        EditSession(foreign, "alphaedit", stats=stats, hparams=hp)
+    assert all(torch.equal(mlp_weights(model, l).W_out, before[l]) for l in (0, 1))
+
+
+def test_already_satisfied_requests_are_skipped_with_the_reason(factworld, world):
+    # a trained model, so its greedy answer is a word (a random model's need not be)
+    model = factworld
+    f0, f1 = world.facts("train")[:2]
+    done = Fact(f0.prompt, f0.subject, target_new=f0.target, relation_id=f0.relation)  # what it answers now
+    todo = Fact(f1.prompt, f1.subject, target_true=f1.target, relation_id=f1.relation,
+                target_new=next(o for o in world.relation(f1.relation).objects if o != f1.target))
+    eye = {l: torch.eye(model.cfg.d_mlp, dtype=torch.float64) for l in (0, 1)}
+    hp = MemitHparams(layers=(0, 1), value=FAST, mom2_update_weight=1.0)
+    e = compute_memit_edit(model, [done, todo], stats=eye, hparams=hp)
+    assert [s["index"] for s in e.skipped] == [0] and "already satisfied" in e.skipped[0]["skipped"]
+    assert e.n_requests == 1
+    with pytest.raises(InvalidArgumentError, match="Nothing to edit"):
+        compute_memit_edit(model, [done], stats=eye, hparams=hp)
