@@ -93,3 +93,8 @@ class MissingDataError(DataFormatError, FileNotFoundError):
     """An evaluation data file (or the data folder, `$KVMEM_DATA`) that is not there
     (`kvmem.datafiles.data_path`). A `DataFormatError`, as a missing data file always was, and a
     `FileNotFoundError`."""
+
+
+class ExecutorError(KvmemError):
+    """A batch run on an executor (`kvmem.executors`) that cannot go on: Ray missing or unreachable,
+    a worker that cannot load the model, or an item whose worker died more often than allowed."""

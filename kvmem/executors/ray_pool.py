@@ -1,0 +1,178 @@
+"""The Ray executor: a pool of Ray actors, each loading the model once (`Work.setup`) and
+computing items one at a time, on this machine or a Ray cluster.
+
+Scheduling: every worker has at most `IN_FLIGHT` items queued (so it never waits for the driver
+between items); results come back as they finish and go straight to the caller (`run_items`
+logs them). A worker that dies (killed, out of memory, its node lost) is replaced by a new actor
+and its items are queued again, each at most `max_retries` times; an item that only ever kills
+its worker (one that exhausts memory, say) then stops the run with `ExecutorError` naming it.
+An item that fails for its own reasons (a `KvmemError`) comes back as a failure and is not
+retried. A worker that cannot set up (the model missing on its node, other weights than the
+driver's) stops the run at once: every other worker would fail the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any, Iterable, Iterator
+
+from kvmem.errors import ExecutorError, InvalidArgumentError, MissingDependencyError
+from kvmem.executors.run import Outcome, outcome_of
+
+#: Items queued on one worker at a time (one computing, one waiting).
+IN_FLIGHT = 2
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError(
+            "executor='ray' needs Ray: pip install 'kvmem[ray]' (or pip install ray)."
+        ) from None
+    return ray
+
+
+class _Worker:
+    """One Ray actor: the work's state, built once, and one item at a time."""
+
+    def __init__(self, work: tuple, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.setup, self.compute = work
+        self.state, self.setup_error = None, None
+        try:
+            self.state = self.setup()
+        except Exception as e:  # reported by the first item, which then stops the run
+            self.setup_error = f"{type(e).__name__}: {e}"
+
+    def run(self, item: Any) -> Outcome:
+        if self.setup_error is not None:
+            return "setup-error", self.setup_error
+        return outcome_of(self.compute, self.state, item)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+_ACTOR = None
+
+
+def _actor_class(ray):
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = ray.remote(_Worker)
+    return _ACTOR
+
+
+def connect(address: str | None = None):
+    """Ray, connected: the Ray this process already joined; else `address` ("auto": the cluster this
+    node belongs to; "ray://host:10001" or "host:6379": that cluster); else a local Ray started here
+    with this machine's cores."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        try:
+            if address is None:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except ConnectionError as e:
+            raise ExecutorError(f"Cannot reach a Ray cluster at --address {address}: {e}. Start one with "
+                                "`ray start --head` (docs/scaling.md) or leave --address out for a local Ray.") from None
+    return ray
+
+
+class RayExecutor:
+    """Items on Ray workers. `address`: see `connect`. `workers`: how many actors (default: as many
+    as the cluster's free CPUs, or GPUs when `gpus_per_worker` > 0, hold, and no more than items).
+    `cpus_per_worker` (also the worker's torch threads), `gpus_per_worker` (fractions let several
+    workers share one GPU: 0.1 puts ten on it). `max_retries`: how often one item may be handed to
+    a new worker after its worker died."""
+
+    def __init__(self, *, address: str | None = None, workers: int | None = None, cpus_per_worker: float = 1,
+                 gpus_per_worker: float = 0, max_retries: int = 3):
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise InvalidArgumentError(f"workers must be a positive integer, got {workers!r}.")
+        if not cpus_per_worker > 0 or gpus_per_worker < 0:
+            raise InvalidArgumentError("cpus_per_worker must be > 0 and gpus_per_worker >= 0.")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidArgumentError(f"max_retries must be an integer >= 0, got {max_retries!r}.")
+        self.address, self.workers, self.max_retries = address, workers, max_retries
+        self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
+        self.actors: list = []  # the live actors of the run in progress (tests kill one)
+        self.restarts = 0
+
+    def __repr__(self) -> str:
+        return (f"RayExecutor(address={self.address!r}, workers={self.workers}, cpus_per_worker={self.cpus_per_worker}, "
+                f"gpus_per_worker={self.gpus_per_worker})")
+
+    def pool_size(self, ray, n_items: int) -> int:
+        if self.workers is not None:
+            return max(1, min(self.workers, n_items))
+        total = ray.cluster_resources()
+        if self.gpus_per_worker > 0:
+            fit = int(total.get("GPU", 0) / self.gpus_per_worker + 1e-9)
+            if fit < 1:
+                raise ExecutorError(f"--gpus-per-worker {self.gpus_per_worker}: the Ray cluster has no GPU; "
+                                    "leave it at 0 to run on CPUs.")
+        else:
+            fit = int(total.get("CPU", 1) / self.cpus_per_worker + 1e-9)
+        return max(1, min(fit, n_items))
+
+    def _start(self, ray, work_ref):
+        actor = _actor_class(ray).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
+                                          max_restarts=0)
+        return actor.remote(work_ref, max(1, int(self.cpus_per_worker)))
+
+    def map(self, work, items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Outcome]]:
+        """(key, outcome) of each item, in the order they finish."""
+        ray = connect(self.address)
+        from ray.exceptions import RayActorError, RayTaskError
+
+        queue = deque(items)
+        self.restarts = 0
+        work_ref = ray.put((work.setup, work.compute))
+        self.actors = [self._start(ray, work_ref) for _ in range(self.pool_size(ray, len(queue)))]
+        tries: dict[str, int] = {}
+        inflight: dict = {}  # object ref -> (worker slot, its actor, key, item)
+
+        def submit(slot: int) -> None:
+            while queue and sum(1 for s, *_ in inflight.values() if s == slot) < IN_FLIGHT:
+                key, item = queue.popleft()
+                inflight[self.actors[slot].run.remote(item)] = (slot, self.actors[slot], key, item)
+
+        try:
+            for slot in range(len(self.actors)):
+                submit(slot)
+            while inflight:
+                (ref,), _ = ray.wait(list(inflight), num_returns=1)
+                slot, actor, key, item = inflight.pop(ref)
+                try:
+                    status, value = ray.get(ref)
+                except RayActorError as e:  # the worker died: a new one takes its items
+                    tries[key] = tries.get(key, 0) + 1
+                    if tries[key] > self.max_retries:
+                        raise ExecutorError(f"Item {key!r}: its worker died {tries[key]} times (last: "
+                                            f"{type(e).__name__}); stopped after {self.max_retries} retries. "
+                                            "A worker running out of memory on this item is the usual cause.") from None
+                    if self.actors[slot] is actor:
+                        self.actors[slot] = self._start(ray, work_ref)
+                        self.restarts += 1
+                    queue.appendleft((key, item))
+                    submit(slot)
+                    continue
+                except RayTaskError as e:  # a bug in the computation, not a bad item: stop, as serially
+                    raise e.as_instanceof_cause() from None
+                if status == "setup-error":
+                    raise ExecutorError(f"A Ray worker could not set up: {value}")
+                submit(slot)
+                yield key, (status, value)
+        finally:
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+
+    def close(self) -> None:
+        pass
