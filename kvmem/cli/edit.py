@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from kvmem.evaluation import METRICS, CounterFactEval, counterfact_frame, evaluate_record, rome_editor
+from kvmem.executors import Work
+from kvmem.editing.rome import compute_rome_edit, context_prefixes
+from kvmem.evaluation import METRICS, CounterFactEval, counterfact_frame, evaluate_record
 from kvmem.pipelines.rome_settings import rome_settings
 
 from kvmem.cli import batch, common, options
@@ -15,7 +17,8 @@ from kvmem.cli import batch, common, options
 GEN_PROMPTS, GEN_TOKENS = 2, 40
 
 
-def _edit_fact(editor, args: argparse.Namespace, model, record) -> dict:
+def _edit_fact(args: argparse.Namespace, state, record) -> dict:
+    model, editor = state
     edit = editor(model, record)  # a rejected edit raises here: logged or stops the run (--on-error)
     rows = evaluate_record(model, record, editor=lambda m, r: edit, generation=args.generation,
                            gen_prompts=GEN_PROMPTS, gen_tokens=GEN_TOKENS, seed=args.seed)
@@ -23,6 +26,15 @@ def _edit_fact(editor, args: argparse.Namespace, model, record) -> dict:
     return {"prompt": f.prompt, "subject": f.subject, "target_true": f.target_true, "target_new": f.target_new,
             "layer": edit.layer, "n_paraphrases": len(record.paraphrase_prompts),
             "n_neighbours": len(record.neighborhood_prompts), "rows": rows}
+
+
+def _with_editor(model, stats, hp, prefixes) -> tuple:
+    """(model, ROME editor): `rome_editor`'s edit, with the driver's context prefixes (every worker
+    edits with the same ones, whatever its device samples)."""
+    def editor(m, record):
+        return compute_rome_edit(m, record.request, stats=stats, hparams=hp, prefixes=prefixes)
+
+    return model, editor
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -33,8 +45,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     settings = {"analysis": "rome_edit", "model": common.fingerprint(model), "layer": hp.layer,
                 "prefixes": [list(p) for p in hp.prefixes], "stats": stats.corpus_fingerprint,
                 "n_tokens": stats.n_tokens, "generation": args.generation, "seed": args.seed}
-    compute = partial(_edit_fact, rome_editor(model, stats=stats, hparams=hp), args)
-    log = batch.run_and_log(args, model, records, out, "edit", settings, compute)
+    # each worker builds its editor once, on its own model, from the same statistics and settings
+    prefixes = context_prefixes(model, hp)
+    work = Work(batch.worker_setup(args, model, _with_editor, stats, hp, prefixes), partial(_edit_fact, args),
+                local=_with_editor(model, stats, hp, prefixes))
+    log = batch.run_and_log(args, model, records, out, "edit", settings, None, work=work)
     facts = batch.logged_rows(log, records, failed=False)
     for fact in facts:
         fact["rows"] = [common.strip_timing(row) for row in fact["rows"]]

@@ -18,8 +18,8 @@ docs/scaling.md says how to run on a laptop, one GPU machine and a cluster.
 
 from kvmem.executors.run import ItemFailure, run_items
 from kvmem.executors.serial import SerialExecutor
-from kvmem.executors.work import ModelSource, Work, model_source
+from kvmem.executors.work import ModelSource, Work, model_setup, model_source
 from kvmem.executors.select import EXECUTORS, get_executor
 
-__all__ = ["EXECUTORS", "ItemFailure", "ModelSource", "SerialExecutor", "Work", "get_executor", "model_source",
+__all__ = ["EXECUTORS", "ItemFailure", "ModelSource", "SerialExecutor", "Work", "get_executor", "model_setup", "model_source",
            "run_items"]

@@ -16,7 +16,7 @@ again, a bounded number of times (`RayExecutor.max_retries`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from kvmem import errors
@@ -31,9 +31,13 @@ class ItemFailure:
     key: str
     error_type: str
     message: str
+    error: BaseException | None = field(default=None, compare=False, repr=False)
 
     def exception(self) -> KvmemError:
-        """The error again, as its kvmem class (KvmemError if the class is not in kvmem.errors)."""
+        """The error itself when it came along, else again as its kvmem class (KvmemError if the
+        class is not in kvmem.errors)."""
+        if self.error is not None:
+            return self.error
         cls = getattr(errors, self.error_type, None)
         if not (isinstance(cls, type) and issubclass(cls, KvmemError)):
             cls = KvmemError
@@ -56,7 +60,7 @@ def outcome_of(compute: Callable[[Any, Any], Any], state: Any, item: Any) -> Out
     try:
         return "ok", compute(state, item)
     except KvmemError as e:
-        return "failed", ItemFailure("", type(e).__name__, str(e))
+        return "failed", ItemFailure("", type(e).__name__, str(e), e)
 
 
 def run_items(
@@ -88,9 +92,9 @@ def run_items(
     try:
         for key, (status, value) in stream:
             if status == "failed":
-                failure = ItemFailure(key, value.error_type, value.message)
+                failure = ItemFailure(key, value.error_type, value.message, value.error)
                 if on_failure is None:
-                    raise failure.exception()
+                    raise failure.exception()  # the item's own error, as a serial run raises it
                 value = on_failure(failure)
                 if value is None:
                     continue

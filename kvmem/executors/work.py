@@ -78,6 +78,18 @@ def load_on_worker(source: ModelSource):
     return source.load(_worker_device())
 
 
+def model_setup(model, executor) -> Callable[[], Any] | None:
+    """`Work.setup` that loads `model` on a worker (`model_source`), or None for the serial
+    executor, which computes on `model` itself and must not need its name or hash its weights."""
+    from functools import partial
+
+    from kvmem.executors.serial import SerialExecutor
+
+    if executor is None or executor == "serial" or isinstance(executor, SerialExecutor):
+        return None
+    return partial(load_on_worker, model_source(model))
+
+
 @dataclass(frozen=True)
 class Work:
     """A batch run's work. `setup()` builds a worker's state once (a model, an editor; it must
@@ -85,9 +97,11 @@ class Work:
     `local` is the state the serial executor uses (the driver's own model, so a serial run loads
     nothing again)."""
 
-    setup: Callable[[], Any]
-    compute: Callable[[Any, Any], Any]
+    setup: Callable[[], Any] | None
+    compute: Callable[..., Any]
     local: Any = field(default=None, repr=False)
 
     def local_state(self):
+        if self.local is None and self.setup is None:
+            raise ExecutorError("This work has neither a local state nor a setup.")
         return self.setup() if self.local is None else self.local

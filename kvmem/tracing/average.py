@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 import warnings
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -146,6 +147,7 @@ def average_indirect_effect(
     progress: bool | None = None,
     log: str | None = None,
     restart: bool = False,
+    executor=None,
 ) -> AverageEffect:
     """ROME's average indirect effect over `facts`, per kind x token bucket x layer.
 
@@ -159,6 +161,10 @@ def average_indirect_effect(
     `log`: a path to a resumable run log (`kvmem.runs.RunLog`, one JSON line per fact with its
     bucket effects and full score grids). Rerunning with the same settings skips finished facts;
     other settings raise unless `restart=True`.
+
+    `executor`: where the facts are traced (`kvmem.executors`): None or "serial" in this process,
+    "ray" (or a `RayExecutor`) on Ray workers that load the model by the name `kvmem.load_model`
+    recorded; the records, and so the average, do not depend on the executor.
     """
     check_trace_args(model, samples, noise, seed)
     facts = list(facts)
@@ -183,31 +189,40 @@ def average_indirect_effect(
             "window": window, "noise": float(noise), "samples": samples, "seed": seed,
         }
         run_log = RunLog(log, settings, restart=restart)
-    records: dict[str, dict] = dict(run_log.records()) if run_log is not None else {}
-    iterator = list(zip(keys, facts))
+    from kvmem.executors import Work, get_executor, run_items
+    from kvmem.executors.work import model_setup
+
+    executor = get_executor(executor)
+    setup = model_setup(model, executor)  # Ray workers load the model by its name, checked by its weights
+    compute = partial(_trace_fact, spec, float(noise), samples, seed, batch_size, memory_budget)
+    bar = None
     if config.show_progress(progress):
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="causal tracing", unit="fact", initial=0)
-    for key, fact in iterator:
-        if key in records:
-            continue
-        t0 = time.perf_counter()
-        prepared = prepare_fact(model, fact, require_target=True)
-        traces = None
-        if prepared.correct:
-            traces = trace_prepared(
-                model, prepared, spec, noise=noise, samples=samples, seed=seed, batch_size=batch_size,
-                memory_budget=memory_budget, progress=False,
-            )
-        rec = fact_record(prepared, traces)
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
-        records[key] = rec
-        if run_log is not None:
-            run_log.add(key, rec)
+        bar = tqdm(total=len(keys), desc="causal tracing", unit="fact",
+                   initial=sum(k in run_log for k in keys) if run_log is not None else 0)
+    try:
+        records = run_items(list(zip(keys, facts)), Work(setup, compute, local=model), log=run_log,
+                            executor=executor, on_done=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     return average_records(
         [records[k] for k in keys], kinds, model.cfg.n_layers, noise=float(noise), window=window, samples=samples
     )
+
+
+def _trace_fact(spec, noise: float, samples: int, seed: int, batch_size, memory_budget, model, fact: Fact) -> dict:
+    """One fact's record (`fact_record`), with the seconds it took; the work of one item."""
+    t0 = time.perf_counter()
+    prepared = prepare_fact(model, fact, require_target=True)
+    traces = None
+    if prepared.correct:
+        traces = trace_prepared(model, prepared, spec, noise=noise, samples=samples, seed=seed,
+                                batch_size=batch_size, memory_budget=memory_budget, progress=False)
+    rec = fact_record(prepared, traces)
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
 
 
 __all__ = [
