@@ -84,6 +84,11 @@ def connect(address: str | None = None):
     return ray
 
 
+def _first_lines(e: Exception, n: int = 3) -> str:
+    lines = [l.strip() for l in str(getattr(e, "error_msg", e)).splitlines() if l.strip()]
+    return " / ".join(lines[-n:])
+
+
 class RayExecutor:
     """Items on Ray workers. `address`: see `connect`. `workers`: how many actors (default: as many
     as the cluster's free CPUs, or GPUs when `gpus_per_worker` > 0, hold, and no more than items).
@@ -151,7 +156,13 @@ class RayExecutor:
                 slot, actor, key, item = inflight.pop(ref)
                 try:
                     status, value = ray.get(ref)
-                except RayActorError as e:  # the worker died: a new one takes its items
+                except RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):  # could not even start: no retry helps
+                        raise ExecutorError(
+                            f"A Ray worker could not start ({_first_lines(e)}). Install the same kvmem (and the "
+                            "code the work refers to) on every node of the cluster."
+                        ) from None
+                    # the worker died: a new one takes its items
                     tries[key] = tries.get(key, 0) + 1
                     if tries[key] > self.max_retries:
                         raise ExecutorError(f"Item {key!r}: its worker died {tries[key]} times (last: "

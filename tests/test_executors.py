@@ -1,0 +1,172 @@
+"""Batch runs on Ray (`kvmem.executors`) against the serial path, on one local Ray (2 CPUs) started
+once for the session: the same per-item results on factworld, a worker killed mid-run, the driver
+interrupted and resumed, a bad item reported once, an item that keeps killing its worker stopped,
+and the second-moment statistics summed in chunks on workers equal to the serial sum."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from kvmem.errors import DataFormatError, ExecutorError
+from kvmem.executors import ModelSource, SerialExecutor, Work, get_executor, run_items
+from kvmem.runs import RunLog
+
+ray = pytest.importorskip("ray", reason="the Ray tests need the [ray] extra (the dev extra installs it)")
+from kvmem.executors.ray_pool import RayExecutor  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray with 2 CPUs for every test here (starting one costs seconds)."""
+    import sys
+
+    # the workers unpickle this module's functions by value: the tests folder is not importable there
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _log_lines(path) -> list[str]:
+    return [json.loads(line)["key"] for line in path.read_text().splitlines()[1:]]
+
+
+def _no_seconds(records: dict) -> dict:
+    return {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in records.items()}
+
+
+class KillAfterFirst(RayExecutor):
+    """Kills one of its workers (ray.kill, as a lost node would) when the first result arrives."""
+
+    def map(self, work, items):
+        for n, out in enumerate(super().map(work, items)):
+            if n == 0:
+                ray.kill(self.actors[0])
+            yield out
+
+
+class StopAfter(RayExecutor):
+    """The driver interrupted (Ctrl-C) after `n` results."""
+
+    def __init__(self, n, **kw):
+        super().__init__(**kw)
+        self.n = n
+
+    def map(self, work, items):
+        for n, out in enumerate(super().map(work, items)):
+            if n == self.n:
+                raise KeyboardInterrupt
+            yield out
+
+
+def test_trace_on_ray_equals_serial_with_a_worker_killed(local_ray, factworld, tmp_path):
+    """average_indirect_effect on Ray workers: every fact logged once, records identical to the
+    serial run's (timings aside), though a worker was killed after the first result."""
+    from kvmem.factworld import counterfact_records
+    from kvmem.tracing import average_indirect_effect
+
+    facts = [r.request for r in counterfact_records()[:6]]
+    kw = dict(kinds=("mlp",), samples=3, noise=0.1, progress=False)
+    serial = average_indirect_effect(factworld, facts, log=str(tmp_path / "serial.jsonl"), **kw)
+    ex = KillAfterFirst(workers=2)
+    on_ray = average_indirect_effect(factworld, facts, log=str(tmp_path / "ray.jsonl"), executor=ex, **kw)
+    assert ex.restarts >= 1  # the killed worker was replaced and its items computed again
+    keys = _log_lines(tmp_path / "ray.jsonl")
+    assert sorted(keys) == sorted(_log_lines(tmp_path / "serial.jsonl")) and len(set(keys)) == len(facts)
+    a = _no_seconds(RunLog(tmp_path / "serial.jsonl", json.loads((tmp_path / "serial.jsonl").open().readline())["settings"]).records())
+    b = _no_seconds(RunLog(tmp_path / "ray.jsonl", json.loads((tmp_path / "ray.jsonl").open().readline())["settings"]).records())
+    assert a == b  # bit-identical: the same computation on the same weights, one fact at a time
+    assert torch.equal(serial.aie, on_ray.aie) and serial.n_facts == on_ray.n_facts
+
+
+def _square(state, x):
+    if x == 3:
+        raise DataFormatError("record 3 has no subject")
+    if x == 5 and state.get("die_on_5"):
+        os._exit(1)  # the worker process dies on this item, every time
+    return {"x": x, "square": x * x}
+
+
+def test_driver_interrupted_then_resumed_logs_every_item_once(local_ray, tmp_path):
+    items = [(f"k{i}", i) for i in range(10)]
+    work = Work(dict, _square)
+    failed = []
+
+    def report(f):
+        failed.append(f.key)
+        return {"error": str(f)}
+
+    settings = {"run": "squares"}
+    with pytest.raises(KeyboardInterrupt):
+        run_items(items, work, log=RunLog(tmp_path / "log.jsonl", settings), executor=StopAfter(4, workers=2),
+                  on_failure=report)
+    assert 1 <= len(_log_lines(tmp_path / "log.jsonl")) < len(items)
+    ex = RayExecutor(workers=2)
+    done = run_items(items, work, log=RunLog(tmp_path / "log.jsonl", settings), executor=ex, on_failure=report)
+    keys = _log_lines(tmp_path / "log.jsonl")
+    assert sorted(keys) == sorted(k for k, _ in items)  # nothing lost, nothing twice
+    serial = run_items(items, work, executor=SerialExecutor(), on_failure=report)
+    assert done == serial and done["k3"] == {"error": "DataFormatError: record 3 has no subject"}
+    assert failed.count("k3") == 2 and ex.restarts == 0  # reported once per run (once logged: never again)
+    assert list(done) == [k for k, _ in items]  # in the items' order, whatever order they finished in
+
+
+def test_an_item_that_keeps_killing_its_worker_stops_the_run(local_ray, tmp_path):
+    items = [(f"k{i}", i) for i in (0, 1, 2, 4, 5)]
+    log = RunLog(tmp_path / "log.jsonl", {"run": "dies"})
+    ex = RayExecutor(workers=1, max_retries=1)
+    with pytest.raises(ExecutorError, match="'k5'.*died 2 times"):
+        run_items(items, Work(lambda: {"die_on_5": True}, _square), log=log, executor=ex)
+    assert ex.restarts == 1 and set(_log_lines(tmp_path / "log.jsonl")) == {"k0", "k1", "k2", "k4"}
+
+
+def test_a_worker_with_other_weights_stops_the_run(local_ray, factworld):
+    from kvmem.executors.work import load_on_worker, model_source
+    from functools import partial
+
+    assert model_source(factworld).name == "factworld"
+    wrong = ModelSource("factworld", fingerprint="0" * 64)
+    with pytest.raises(ExecutorError, match="other weights than the driver's"):
+        run_items([("a", 1)], Work(partial(load_on_worker, wrong), _square), executor=RayExecutor(workers=1))
+    with pytest.raises(ExecutorError, match="not loaded by kvmem.load_model"):
+        model_source(torch.nn.Linear(2, 2))
+
+
+def test_second_moment_chunks_on_ray_equal_the_serial_sum(local_ray, factworld):
+    from kvmem.editing import second_moment
+    from kvmem.factworld import corpus
+
+    kw = dict(n_tokens=3000, use_cache=False, n_checkpoints=5, batch_tokens=1024, progress=False)
+    serial = second_moment(factworld, 1, corpus(), **kw)
+    on_ray = second_moment(factworld, 1, corpus(), executor=RayExecutor(workers=2), **kw)
+    assert serial.C.dtype == torch.float64 and torch.equal(serial.C, on_ray.C)
+    assert torch.equal(serial.tokens_seen, on_ray.tokens_seen) and torch.equal(serial.rel_change, on_ray.rel_change)
+    assert serial.n_tokens == on_ray.n_tokens == 3000
+
+
+def test_cli_neurons_on_ray_equal_serial(local_ray, factworld, tmp_path):
+    from kvmem.cli import main
+
+    facts = tmp_path / "facts.json"
+    assert main(["facts", "--out", str(facts), "--n", "3", "--stride", "41", "--quiet"]) == 0
+    common = ["neurons", "--facts", str(facts), "--steps", "4", "--controls", "0", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "s")]) == 0
+    assert main(common + ["--out", str(tmp_path / "r"), "--executor", "ray", "--workers", "2"]) == 0
+    rows = [json.loads((tmp_path / d / "neurons.json").read_text()) for d in ("s", "r")]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+    assert main(common + ["--out", str(tmp_path / "x"), "--workers", "2"]) == 2  # --workers needs --executor ray
+
+
+def test_get_executor():
+    assert isinstance(get_executor(None), SerialExecutor) and isinstance(get_executor("ray"), RayExecutor)
+    with pytest.raises(Exception, match="executor must be one of"):
+        get_executor("dask")
