@@ -44,31 +44,29 @@ def _no_seconds(records: dict) -> dict:
     return {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in records.items()}
 
 
-class KillAfterFirst(RayExecutor):
-    """Kills one of its workers (ray.kill, as a lost node would) when the first result arrives."""
+@pytest.fixture(scope="session")
+def pool(local_ray):
+    """The process's shared Ray executor (what `executor="ray"` and `--executor ray` use): one worker
+    per CPU of the local Ray, each started (and loading factworld) once for all the tests here."""
+    ex = get_executor("ray")
+    yield ex
+    ex.close()
 
-    def map(self, work, items):
-        for n, out in enumerate(super().map(work, items)):
-            if n == 0:
-                ray.kill(self.actors[0])
+
+def after_results(monkeypatch, ex, n, do):
+    """Make `ex` call `do()` when its `n`-th result arrives (kill a worker, interrupt the driver)."""
+    run = ex.map
+
+    def map(work, items):
+        for i, out in enumerate(run(work, items)):
+            if i == n:
+                do()
             yield out
 
-
-class StopAfter(RayExecutor):
-    """The driver interrupted (Ctrl-C) after `n` results."""
-
-    def __init__(self, n, **kw):
-        super().__init__(**kw)
-        self.n = n
-
-    def map(self, work, items):
-        for n, out in enumerate(super().map(work, items)):
-            if n == self.n:
-                raise KeyboardInterrupt
-            yield out
+    monkeypatch.setattr(ex, "map", map)
 
 
-def test_trace_on_ray_equals_serial_with_a_worker_killed(local_ray, factworld, tmp_path):
+def test_trace_on_ray_equals_serial_with_a_worker_killed(pool, factworld, tmp_path, monkeypatch):
     """average_indirect_effect on Ray workers: every fact logged once, records identical to the
     serial run's (timings aside), though a worker was killed after the first result."""
     from kvmem.factworld import counterfact_records
@@ -77,15 +75,40 @@ def test_trace_on_ray_equals_serial_with_a_worker_killed(local_ray, factworld, t
     facts = [r.request for r in counterfact_records()[:6]]
     kw = dict(kinds=("mlp",), samples=3, noise=0.1, progress=False)
     serial = average_indirect_effect(factworld, facts, log=str(tmp_path / "serial.jsonl"), **kw)
-    ex = KillAfterFirst(workers=2)
-    on_ray = average_indirect_effect(factworld, facts, log=str(tmp_path / "ray.jsonl"), executor=ex, **kw)
-    assert ex.restarts >= 1  # the killed worker was replaced and its items computed again
+    after_results(monkeypatch, pool, 0, lambda: ray.kill(pool.actors[0]))  # as a lost node would
+    on_ray = average_indirect_effect(factworld, facts, log=str(tmp_path / "ray.jsonl"), executor=pool, **kw)
+    assert pool.restarts >= 1  # the killed worker was replaced and its items computed again
     keys = _log_lines(tmp_path / "ray.jsonl")
     assert sorted(keys) == sorted(_log_lines(tmp_path / "serial.jsonl")) and len(set(keys)) == len(facts)
     a = _no_seconds(RunLog(tmp_path / "serial.jsonl", json.loads((tmp_path / "serial.jsonl").open().readline())["settings"]).records())
     b = _no_seconds(RunLog(tmp_path / "ray.jsonl", json.loads((tmp_path / "ray.jsonl").open().readline())["settings"]).records())
     assert a == b  # bit-identical: the same computation on the same weights, one fact at a time
     assert torch.equal(serial.aie, on_ray.aie) and serial.n_facts == on_ray.n_facts
+
+
+def test_second_moment_chunks_on_ray_equal_the_serial_sum(pool, factworld):
+    from kvmem.editing import second_moment
+    from kvmem.factworld import corpus
+
+    kw = dict(n_tokens=3000, use_cache=False, n_checkpoints=5, batch_tokens=1024, progress=False)
+    serial = second_moment(factworld, 1, corpus(), **kw)
+    on_ray = second_moment(factworld, 1, corpus(), executor=pool, **kw)
+    assert serial.C.dtype == torch.float64 and torch.equal(serial.C, on_ray.C)
+    assert torch.equal(serial.tokens_seen, on_ray.tokens_seen) and torch.equal(serial.rel_change, on_ray.rel_change)
+    assert serial.n_tokens == on_ray.n_tokens == 3000
+
+
+def test_cli_neurons_on_ray_equal_serial(pool, factworld, tmp_path):
+    from kvmem.cli import main
+
+    facts = tmp_path / "facts.json"
+    assert main(["facts", "--out", str(facts), "--n", "3", "--stride", "41", "--quiet"]) == 0
+    common = ["neurons", "--facts", str(facts), "--steps", "4", "--controls", "0", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "s")]) == 0
+    assert main(common + ["--out", str(tmp_path / "r"), "--executor", "ray"]) == 0  # on `pool`
+    rows = [json.loads((tmp_path / d / "neurons.json").read_text()) for d in ("s", "r")]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+    assert main(common + ["--out", str(tmp_path / "x"), "--workers", "2"]) == 2  # --workers needs --executor ray
 
 
 def _square(state, x):
@@ -96,7 +119,7 @@ def _square(state, x):
     return {"x": x, "square": x * x}
 
 
-def test_driver_interrupted_then_resumed_logs_every_item_once(local_ray, tmp_path):
+def test_driver_interrupted_then_resumed_logs_every_item_once(pool, tmp_path, monkeypatch):
     items = [(f"k{i}", i) for i in range(10)]
     work = Work(dict, _square)
     failed = []
@@ -106,17 +129,17 @@ def test_driver_interrupted_then_resumed_logs_every_item_once(local_ray, tmp_pat
         return {"error": str(f)}
 
     settings = {"run": "squares"}
-    with pytest.raises(KeyboardInterrupt):
-        run_items(items, work, log=RunLog(tmp_path / "log.jsonl", settings), executor=StopAfter(4, workers=2),
-                  on_failure=report)
-    assert 1 <= len(_log_lines(tmp_path / "log.jsonl")) < len(items)
-    ex = RayExecutor(workers=2)
-    done = run_items(items, work, log=RunLog(tmp_path / "log.jsonl", settings), executor=ex, on_failure=report)
+    with monkeypatch.context() as m:
+        after_results(m, pool, 4, lambda: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C in the driver
+        with pytest.raises(KeyboardInterrupt):
+            run_items(items, work, log=RunLog(tmp_path / "log.jsonl", settings), executor=pool, on_failure=report)
+    assert 1 <= len(_log_lines(tmp_path / "log.jsonl")) < len(items) and pool.actors == []  # workers stopped
+    done = run_items(items, work, log=RunLog(tmp_path / "log.jsonl", settings), executor=pool, on_failure=report)
     keys = _log_lines(tmp_path / "log.jsonl")
     assert sorted(keys) == sorted(k for k, _ in items)  # nothing lost, nothing twice
     serial = run_items(items, work, executor=SerialExecutor(), on_failure=report)
     assert done == serial and done["k3"] == {"error": "DataFormatError: record 3 has no subject"}
-    assert failed.count("k3") == 2 and ex.restarts == 0  # reported once per run (once logged: never again)
+    assert failed.count("k3") == 2 and pool.restarts == 0  # reported once per run (once logged: never again)
     assert list(done) == [k for k, _ in items]  # in the items' order, whatever order they finished in
 
 
@@ -129,41 +152,16 @@ def test_an_item_that_keeps_killing_its_worker_stops_the_run(local_ray, tmp_path
     assert ex.restarts == 1 and set(_log_lines(tmp_path / "log.jsonl")) == {"k0", "k1", "k2", "k4"}
 
 
-def test_a_worker_with_other_weights_stops_the_run(local_ray, factworld):
+def test_a_worker_with_other_weights_stops_the_run(pool, factworld):
     from kvmem.executors.work import load_on_worker, model_source
     from functools import partial
 
     assert model_source(factworld).name == "factworld"
     wrong = ModelSource("factworld", fingerprint="0" * 64)
     with pytest.raises(ExecutorError, match="other weights than the driver's"):
-        run_items([("a", 1)], Work(partial(load_on_worker, wrong), _square), executor=RayExecutor(workers=1))
+        run_items([("a", 1)], Work(partial(load_on_worker, wrong), _square), executor=pool)
     with pytest.raises(ExecutorError, match="not loaded by kvmem.load_model"):
         model_source(torch.nn.Linear(2, 2))
-
-
-def test_second_moment_chunks_on_ray_equal_the_serial_sum(local_ray, factworld):
-    from kvmem.editing import second_moment
-    from kvmem.factworld import corpus
-
-    kw = dict(n_tokens=3000, use_cache=False, n_checkpoints=5, batch_tokens=1024, progress=False)
-    serial = second_moment(factworld, 1, corpus(), **kw)
-    on_ray = second_moment(factworld, 1, corpus(), executor=RayExecutor(workers=2), **kw)
-    assert serial.C.dtype == torch.float64 and torch.equal(serial.C, on_ray.C)
-    assert torch.equal(serial.tokens_seen, on_ray.tokens_seen) and torch.equal(serial.rel_change, on_ray.rel_change)
-    assert serial.n_tokens == on_ray.n_tokens == 3000
-
-
-def test_cli_neurons_on_ray_equal_serial(local_ray, factworld, tmp_path):
-    from kvmem.cli import main
-
-    facts = tmp_path / "facts.json"
-    assert main(["facts", "--out", str(facts), "--n", "3", "--stride", "41", "--quiet"]) == 0
-    common = ["neurons", "--facts", str(facts), "--steps", "4", "--controls", "0", "--quiet"]
-    assert main(common + ["--out", str(tmp_path / "s")]) == 0
-    assert main(common + ["--out", str(tmp_path / "r"), "--executor", "ray", "--workers", "2"]) == 0
-    rows = [json.loads((tmp_path / d / "neurons.json").read_text()) for d in ("s", "r")]
-    assert rows[0] == rows[1] and len(rows[0]) == 3
-    assert main(common + ["--out", str(tmp_path / "x"), "--workers", "2"]) == 2  # --workers needs --executor ray
 
 
 def test_get_executor():

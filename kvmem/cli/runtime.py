@@ -57,7 +57,8 @@ def executor(args: argparse.Namespace):
         if getattr(args, "address", None) or getattr(args, "workers", None) or getattr(args, "gpus_per_worker", 0):
             raise InvalidArgumentError("--address, --workers and --gpus-per-worker go with --executor ray.")
         return get_executor("serial")
-    return get_executor("ray", address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+    options = {"address": args.address, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker or None}
+    return get_executor("ray", **{k: v for k, v in options.items() if v is not None})
 
 
 def add_out_option(p: argparse.ArgumentParser, command: str) -> None:

@@ -1,6 +1,9 @@
 """The Ray executor: a pool of Ray actors, each loading the model once (`Work.setup`) and
 computing items one at a time, on this machine or a Ray cluster.
 
+Workers outlive a run: the next run on the same executor reuses them, and one with the same
+setup (the same model) does not even load the model again; `close()` stops them.
+
 Scheduling: every worker has at most `IN_FLIGHT` items queued (so it never waits for the driver
 between items); results come back as they finish and go straight to the caller (`run_items`
 logs them). A worker that dies (killed, out of memory, its node lost) is replaced by a new actor
@@ -13,6 +16,7 @@ driver's) stops the run at once: every other worker would fail the same way.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from typing import Any, Iterable, Iterator
@@ -35,16 +39,23 @@ def import_ray():
 
 
 class _Worker:
-    """One Ray actor: the work's state, built once, and one item at a time."""
+    """One Ray actor: the state of the work it was last given (built once by `prepare`), and one
+    item at a time. It outlives a run, so the next run with the same setup (the same model)
+    neither starts a process nor loads the model again."""
 
-    def __init__(self, work: tuple, threads: int):
+    def __init__(self, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.setup, self.compute = work
-        self.state, self.setup_error = None, None
+        self.key, self.compute, self.state, self.setup_error = None, None, None, None
+
+    def prepare(self, key: str, work: tuple) -> None:
+        setup, self.compute = work
+        if key == self.key and self.setup_error is None:
+            return
+        self.key, self.state, self.setup_error = key, None, None
         try:
-            self.state = self.setup()
+            self.state = setup()
         except Exception as e:  # reported by the first item, which then stops the run
             self.setup_error = f"{type(e).__name__}: {e}"
 
@@ -106,7 +117,7 @@ class RayExecutor:
             raise InvalidArgumentError(f"max_retries must be an integer >= 0, got {max_retries!r}.")
         self.address, self.workers, self.max_retries = address, workers, max_retries
         self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
-        self.actors: list = []  # the live actors of the run in progress (tests kill one)
+        self.actors: list = []  # the live workers (a test kills one)
         self.restarts = 0
 
     def __repr__(self) -> str:
@@ -126,52 +137,65 @@ class RayExecutor:
             fit = int(total.get("CPU", 1) / self.cpus_per_worker + 1e-9)
         return max(1, min(fit, n_items))
 
-    def _start(self, ray, work_ref):
+    def _start(self, ray, key: str, work_ref):
         actor = _actor_class(ray).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
-                                          max_restarts=0)
-        return actor.remote(work_ref, max(1, int(self.cpus_per_worker)))
+                                          max_restarts=0).remote(max(1, int(self.cpus_per_worker)))
+        actor.prepare.remote(key, work_ref)  # runs before any item: an actor runs its calls in order
+        return actor
 
     def map(self, work, items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Outcome]]:
-        """(key, outcome) of each item, in the order they finish."""
+        """(key, outcome) of each item, in the order they finish. The workers stay up for the next
+        run (`close` stops them) unless this one is interrupted or fails."""
         ray = connect(self.address)
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
+
+        died = (RayActorError, OutOfMemoryError, WorkerCrashedError, NodeDiedError)  # the worker, not the item
 
         queue = deque(items)
         self.restarts = 0
+        # the setup's hash names the worker state: a worker given the same setup again keeps its model
+        key = hashlib.sha256(ray.cloudpickle.dumps(work.setup)).hexdigest()
         work_ref = ray.put((work.setup, work.compute))
-        self.actors = [self._start(ray, work_ref) for _ in range(self.pool_size(ray, len(queue)))]
+        size = self.pool_size(ray, len(queue))
+        for actor in self.actors[size:]:
+            ray.kill(actor)
+        self.actors = self.actors[:size]
+        for actor in self.actors:
+            actor.prepare.remote(key, work_ref)
+        self.actors += [self._start(ray, key, work_ref) for _ in range(size - len(self.actors))]
         tries: dict[str, int] = {}
         inflight: dict = {}  # object ref -> (worker slot, its actor, key, item)
 
         def submit(slot: int) -> None:
             while queue and sum(1 for s, *_ in inflight.values() if s == slot) < IN_FLIGHT:
-                key, item = queue.popleft()
-                inflight[self.actors[slot].run.remote(item)] = (slot, self.actors[slot], key, item)
+                item_key, item = queue.popleft()
+                inflight[self.actors[slot].run.remote(item)] = (slot, self.actors[slot], item_key, item)
 
+        finished = False
         try:
             for slot in range(len(self.actors)):
                 submit(slot)
             while inflight:
                 (ref,), _ = ray.wait(list(inflight), num_returns=1)
-                slot, actor, key, item = inflight.pop(ref)
+                slot, actor, item_key, item = inflight.pop(ref)
                 try:
                     status, value = ray.get(ref)
-                except RayActorError as e:
+                except died as e:
                     if getattr(e, "actor_init_failed", False):  # could not even start: no retry helps
                         raise ExecutorError(
                             f"A Ray worker could not start ({_first_lines(e)}). Install the same kvmem (and the "
                             "code the work refers to) on every node of the cluster."
                         ) from None
                     # the worker died: a new one takes its items
-                    tries[key] = tries.get(key, 0) + 1
-                    if tries[key] > self.max_retries:
-                        raise ExecutorError(f"Item {key!r}: its worker died {tries[key]} times (last: "
+                    tries[item_key] = tries.get(item_key, 0) + 1
+                    if tries[item_key] > self.max_retries:
+                        raise ExecutorError(f"Item {item_key!r}: its worker died {tries[item_key]} times (last: "
                                             f"{type(e).__name__}); stopped after {self.max_retries} retries. "
                                             "A worker running out of memory on this item is the usual cause.") from None
                     if self.actors[slot] is actor:
-                        self.actors[slot] = self._start(ray, work_ref)
+                        self.actors[slot] = self._start(ray, key, work_ref)
                         self.restarts += 1
-                    queue.appendleft((key, item))
+                    queue.appendleft((item_key, item))
                     submit(slot)
                     continue
                 except RayTaskError as e:  # a bug in the computation, not a bad item: stop, as serially
@@ -179,11 +203,17 @@ class RayExecutor:
                 if status == "setup-error":
                     raise ExecutorError(f"A Ray worker could not set up: {value}")
                 submit(slot)
-                yield key, (status, value)
+                yield item_key, (status, value)
+            finished = True
         finally:
-            for actor in self.actors:
-                ray.kill(actor)
-            self.actors = []
+            if not finished:  # interrupted or failed: stop the work still queued on the workers
+                self.close()
 
     def close(self) -> None:
-        pass
+        """Stop the workers (the next run starts new ones)."""
+        if self.actors:
+            ray = import_ray()
+            for actor in self.actors:
+                ray.kill(actor)
+        self.actors = []
+
