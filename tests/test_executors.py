@@ -23,14 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray with 2 CPUs for every test here (starting one costs seconds)."""
-    import sys
+    """One local Ray with 2 CPUs for every test here (starting one costs seconds); its workers
+    import from this process's path, so they find this module's functions (and the benchmarks')."""
+    from kvmem.executors.ray_pool import connect
 
-    # the workers unpickle this module's functions by value: the tests folder is not importable there
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=2)
     yield ray
     if started:
         ray.shutdown()
@@ -109,6 +107,30 @@ def test_cli_neurons_on_ray_equal_serial(pool, factworld, tmp_path):
     rows = [json.loads((tmp_path / d / "neurons.json").read_text()) for d in ("s", "r")]
     assert rows[0] == rows[1] and len(rows[0]) == 3
     assert main(common + ["--out", str(tmp_path / "x"), "--workers", "2"]) == 2  # --workers needs --executor ray
+
+
+def test_bench_diagnose_on_ray_equals_serial(pool, tmp_path):
+    """The diagnose batch (benchmarks/bench_diagnose.py) on `--executor ray`: the rows of the serial
+    run, each fact once."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(benchmarks) not in sys.path:
+        sys.path.insert(0, str(benchmarks))  # as `python benchmarks/bench_diagnose.py` has it
+    bench = importlib.import_module("bench_diagnose")
+    common = ["--model", "factworld", "--n-facts", "3", "--n-unrelated", "4", "--samples", "2", "--ig-steps", "3",
+              "--bootstrap", "10", "--stats-tokens", "3000", "--quiet"]
+    bench.main(common + ["--out", str(tmp_path / "serial")])
+    bench.main(common + ["--out", str(tmp_path / "ray"), "--executor", "ray"])
+
+    def rows(path):
+        return {json.loads(line)["key"]: {k: v for k, v in json.loads(line)["record"].items() if not k.endswith("_s")}
+                for line in path.read_text().splitlines()[1:]}
+
+    serial, on_ray = rows(tmp_path / "serial.jsonl"), rows(tmp_path / "ray.jsonl")
+    assert len(serial) == 3 and json.dumps(serial, sort_keys=True) == json.dumps(on_ray, sort_keys=True)
 
 
 def _square(state, x):

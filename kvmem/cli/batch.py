@@ -6,7 +6,6 @@ soon as it is done."""
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,16 +80,9 @@ def worker_setup(args: argparse.Namespace, model, build: Callable | None = None,
     """How a Ray worker builds its state: load `model` by its name (`kvmem.executors.model_source`,
     checked against its weights), then `build(model, *extra)` if given. None for the serial
     executor, which uses the driver's own model and loads nothing."""
-    from kvmem.executors.work import model_setup
+    from kvmem.executors import model_setup
 
-    load = model_setup(model, getattr(args, "executor", "serial"))
-    if load is None:
-        return None
-    return load if build is None else partial(_build_on, load, build, extra)
-
-
-def _build_on(load: Callable, build: Callable, extra: tuple):
-    return build(load(), *extra)
+    return model_setup(model, getattr(args, "executor", "serial"), build, *extra)
 
 
 def run_and_log(

@@ -162,6 +162,7 @@ def _add_small_commands(sub) -> None:
     _statistics_options(s, "a text file or 'wiki' (default for factworld: its training sentences)")
     s.add_argument("--restart", action="store_true", help=RESTART_HELP)
     s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    add_executor_options(s)
     s.set_defaults(func=cmd_stats)
 
     f = sub.add_parser("facts", help="write fact-world facts as a CounterFact-format JSON file")

@@ -49,7 +49,14 @@ def _gpu_share(text: str) -> float:
 
 
 def executor(args: argparse.Namespace):
-    """The executor of `add_executor_options`' flags."""
+    """The executor of `add_executor_options`' flags: one per command (its Ray workers serve every
+    step of the command: the statistics, then the facts)."""
+    if getattr(args, "executor_", None) is None:
+        args.executor_ = _make_executor(args)
+    return args.executor_
+
+
+def _make_executor(args: argparse.Namespace):
     from kvmem.executors import get_executor
 
     name = getattr(args, "executor", "serial")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import weakref
 from collections import deque
 from typing import Any, Iterable, Iterator
 
@@ -69,6 +71,9 @@ class _Worker:
 
 
 _ACTOR = None
+#: Every RayExecutor of this process: an idle one's workers are stopped when another one needs
+#: workers, else they would hold the cluster's CPUs (or GPU shares) and the new ones never start.
+_EXECUTORS: "weakref.WeakSet[RayExecutor]" = weakref.WeakSet()
 
 
 def _actor_class(ray):
@@ -78,15 +83,18 @@ def _actor_class(ray):
     return _ACTOR
 
 
-def connect(address: str | None = None):
+def connect(address: str | None = None, *, num_cpus: int | None = None):
     """Ray, connected: the Ray this process already joined; else `address` ("auto": the cluster this
     node belongs to; "ray://host:10001" or "host:6379": that cluster); else a local Ray started here
-    with this machine's cores."""
+    with `num_cpus` (default: this machine's cores), whose workers import from the driver's import
+    path (a script's own folder, a test folder), as the driver does."""
     ray = import_ray()
     if not ray.is_initialized():
         try:
             if address is None:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+                path = os.pathsep.join(dict.fromkeys(p for p in sys.path if p and os.path.isdir(p)))
+                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": path}})
             else:
                 ray.init(address=address, log_to_driver=False)
         except ConnectionError as e:
@@ -102,7 +110,7 @@ def _first_lines(e: Exception, n: int = 3) -> str:
 
 class RayExecutor:
     """Items on Ray workers. `address`: see `connect`. `workers`: how many actors (default: as many
-    as the cluster's free CPUs, or GPUs when `gpus_per_worker` > 0, hold, and no more than items).
+    as the cluster's CPUs, or GPUs when `gpus_per_worker` > 0, hold, and no more than items).
     `cpus_per_worker` (also the worker's torch threads), `gpus_per_worker` (fractions let several
     workers share one GPU: 0.1 puts ten on it). `max_retries`: how often one item may be handed to
     a new worker after its worker died."""
@@ -119,6 +127,16 @@ class RayExecutor:
         self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
         self.actors: list = []  # the live workers (a test kills one)
         self.restarts = 0
+        self.running = False
+        _EXECUTORS.add(self)
+
+    def __getstate__(self) -> dict:
+        # pickled (inside a command's options sent to workers): its settings, not its workers
+        return {**self.__dict__, "actors": [], "running": False}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _EXECUTORS.add(self)
 
     def __repr__(self) -> str:
         return (f"RayExecutor(address={self.address!r}, workers={self.workers}, cpus_per_worker={self.cpus_per_worker}, "
@@ -156,13 +174,14 @@ class RayExecutor:
         # the setup's hash names the worker state: a worker given the same setup again keeps its model
         key = hashlib.sha256(ray.cloudpickle.dumps(work.setup)).hexdigest()
         work_ref = ray.put((work.setup, work.compute))
-        size = self.pool_size(ray, len(queue))
-        for actor in self.actors[size:]:
-            ray.kill(actor)
-        self.actors = self.actors[:size]
-        for actor in self.actors:
+        size = self.pool_size(ray, len(queue))  # this run uses the first `size` workers; the others wait
+        for actor in self.actors[:size]:
             actor.prepare.remote(key, work_ref)
-        self.actors += [self._start(ray, key, work_ref) for _ in range(size - len(self.actors))]
+        if len(self.actors) < size:
+            for other in list(_EXECUTORS):
+                if other is not self and not other.running:
+                    other.close()  # its idle workers would keep these from starting
+            self.actors += [self._start(ray, key, work_ref) for _ in range(size - len(self.actors))]
         tries: dict[str, int] = {}
         inflight: dict = {}  # object ref -> (worker slot, its actor, key, item)
 
@@ -172,8 +191,9 @@ class RayExecutor:
                 inflight[self.actors[slot].run.remote(item)] = (slot, self.actors[slot], item_key, item)
 
         finished = False
+        self.running = True
         try:
-            for slot in range(len(self.actors)):
+            for slot in range(size):
                 submit(slot)
             while inflight:
                 (ref,), _ = ray.wait(list(inflight), num_returns=1)
@@ -206,6 +226,7 @@ class RayExecutor:
                 yield item_key, (status, value)
             finished = True
         finally:
+            self.running = False
             if not finished:  # interrupted or failed: stop the work still queued on the workers
                 self.close()
 

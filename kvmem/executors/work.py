@@ -78,8 +78,9 @@ def load_on_worker(source: ModelSource):
     return source.load(_worker_device())
 
 
-def model_setup(model, executor) -> Callable[[], Any] | None:
-    """`Work.setup` that loads `model` on a worker (`model_source`), or None for the serial
+def model_setup(model, executor, build: Callable | None = None, *extra) -> Callable[[], Any] | None:
+    """`Work.setup` that loads `model` on a worker (`model_source`) and, with `build`, makes the
+    worker's state `build(model, *extra)` (an editor, a statistics cache); None for the serial
     executor, which computes on `model` itself and must not need its name or hash its weights."""
     from functools import partial
 
@@ -87,7 +88,12 @@ def model_setup(model, executor) -> Callable[[], Any] | None:
 
     if executor is None or executor == "serial" or isinstance(executor, SerialExecutor):
         return None
-    return partial(load_on_worker, model_source(model))
+    load = partial(load_on_worker, model_source(model))
+    return load if build is None else partial(_build_on, load, build, extra)
+
+
+def _build_on(load: Callable, build: Callable, extra: tuple):
+    return build(load(), *extra)
 
 
 @dataclass(frozen=True)
