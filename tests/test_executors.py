@@ -25,8 +25,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def local_ray():
     """One local Ray with 2 CPUs for every test here (starting one costs seconds); its workers
     import from this process's path, so they find this module's functions (and the benchmarks')."""
+    import sys
+    from pathlib import Path
+
     from kvmem.executors.ray_pool import connect
 
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.append(benchmarks)  # as `python benchmarks/bench_diagnose.py` has it, for its workers too
     started = not ray.is_initialized()
     connect(num_cpus=2)
     yield ray
@@ -70,7 +76,7 @@ def test_trace_on_ray_equals_serial_with_a_worker_killed(pool, factworld, tmp_pa
     from kvmem.factworld import counterfact_records
     from kvmem.tracing import average_indirect_effect
 
-    facts = [r.request for r in counterfact_records()[:6]]
+    facts = [r.request for r in counterfact_records()[:4]]
     kw = dict(kinds=("mlp",), samples=3, noise=0.1, progress=False)
     serial = average_indirect_effect(factworld, facts, log=str(tmp_path / "serial.jsonl"), **kw)
     after_results(monkeypatch, pool, 0, lambda: ray.kill(pool.actors[0]))  # as a lost node would
@@ -109,17 +115,13 @@ def test_cli_neurons_on_ray_equal_serial(pool, factworld, tmp_path):
     assert main(common + ["--out", str(tmp_path / "x"), "--workers", "2"]) == 2  # --workers needs --executor ray
 
 
+@pytest.mark.slow
 def test_bench_diagnose_on_ray_equals_serial(pool, tmp_path):
     """The diagnose batch (benchmarks/bench_diagnose.py) on `--executor ray`: the rows of the serial
     run, each fact once."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    import importlib
 
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    if str(benchmarks) not in sys.path:
-        sys.path.insert(0, str(benchmarks))  # as `python benchmarks/bench_diagnose.py` has it
-    bench = importlib.import_module("bench_diagnose")
+    bench = importlib.import_module("bench_diagnose")  # from benchmarks/, on the path (`local_ray`)
     common = ["--model", "factworld", "--n-facts", "3", "--n-unrelated", "4", "--samples", "2", "--ig-steps", "3",
               "--bootstrap", "10", "--stats-tokens", "3000", "--quiet"]
     bench.main(common + ["--out", str(tmp_path / "serial")])
@@ -174,7 +176,7 @@ def test_an_item_that_keeps_killing_its_worker_stops_the_run(local_ray, tmp_path
     assert ex.restarts == 1 and set(_log_lines(tmp_path / "log.jsonl")) == {"k0", "k1", "k2", "k4"}
 
 
-def test_a_worker_with_other_weights_stops_the_run(pool, factworld):
+def test_a_worker_with_other_weights_or_code_it_cannot_import_stops_the_run(pool, factworld, tmp_path, monkeypatch):
     from kvmem.executors.work import load_on_worker, model_source
     from functools import partial
 
@@ -184,6 +186,13 @@ def test_a_worker_with_other_weights_stops_the_run(pool, factworld):
         run_items([("a", 1)], Work(partial(load_on_worker, wrong), _square), executor=pool)
     with pytest.raises(ExecutorError, match="not loaded by kvmem.load_model"):
         model_source(torch.nn.Linear(2, 2))
+    # code only the driver can import (a module made after the workers started)
+    (tmp_path / "only_in_the_driver.py").write_text("def f(state, x):\n    return {'x': x}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_in_the_driver
+
+    with pytest.raises(ExecutorError, match="could not set up.*only_in_the_driver"):
+        run_items([("a", 1)], Work(dict, only_in_the_driver.f), executor=pool)
 
 
 def test_get_executor():

@@ -51,10 +51,18 @@ class _Worker:
         torch.set_num_threads(threads)
         self.key, self.compute, self.state, self.setup_error = None, None, None, None
 
-    def prepare(self, key: str, work: tuple) -> None:
-        setup, self.compute = work
-        if key == self.key and self.setup_error is None:
+    def prepare(self, key: str, work: list) -> None:
+        """Take the work (its object ref in a list, so that it is fetched here and a failure to
+        unpickle it, e.g. code this node cannot import, becomes this worker's setup error)."""
+        import ray
+
+        try:
+            setup, self.compute = ray.get(work[0])
+        except Exception as e:
+            self.key, self.compute, self.state, self.setup_error = key, None, None, f"{type(e).__name__}: {e}"
             return
+        if key == self.key and self.setup_error is None:
+            return  # the same setup as the last run's: its state (the loaded model) serves again
         self.key, self.state, self.setup_error = key, None, None
         try:
             self.state = setup()
@@ -158,7 +166,7 @@ class RayExecutor:
     def _start(self, ray, key: str, work_ref):
         actor = _actor_class(ray).options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
                                           max_restarts=0).remote(max(1, int(self.cpus_per_worker)))
-        actor.prepare.remote(key, work_ref)  # runs before any item: an actor runs its calls in order
+        actor.prepare.remote(key, [work_ref])  # runs before any item: an actor runs its calls in order
         return actor
 
     def map(self, work, items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Outcome]]:
@@ -176,7 +184,7 @@ class RayExecutor:
         work_ref = ray.put((work.setup, work.compute))
         size = self.pool_size(ray, len(queue))  # this run uses the first `size` workers; the others wait
         for actor in self.actors[:size]:
-            actor.prepare.remote(key, work_ref)
+            actor.prepare.remote(key, [work_ref])
         if len(self.actors) < size:
             for other in list(_EXECUTORS):
                 if other is not self and not other.running:
