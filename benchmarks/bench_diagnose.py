@@ -32,7 +32,9 @@ computed; a rerun resumes, a rerun with other settings is refused (--restart sta
 Results: benchmarks/results/diagnose/diagnose_<model>[_pararel].json/.md/.csv/.png. The evaluation
 data is read from --data (else $KVMEM_DATA, else ../shared/data beside the repository).
 
-Splitting a run over processes or machines: `--shard I/N` diagnoses every N-th fact into
+On Ray workers (docs/scaling.md): `--executor ray` (`--address`, `--workers`, `--gpus-per-worker`)
+diagnoses the facts on workers that each load the model once, into the same run log.
+Splitting a run by hand where Ray cannot be installed: `--shard I/N` diagnoses every N-th fact into
 diagnose_<model>.shardIofN.jsonl (no summary); `--merge N` joins the shard logs into the run's
 log and summarises the facts in it (as --logged-only). --device cuda runs on a GPU.
 """
@@ -45,6 +47,7 @@ import platform
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from common import (RunPlan, add_data_arguments, add_run_arguments, bootstrap_ci, check_run_arguments, data_file, data_name, peak_rss_mb,
@@ -160,6 +163,35 @@ def spearman_ci(x, y, n: int = 2000, seed: int = 0) -> tuple[float, float, float
 
 
 # --- one fact ------------------------------------------------------------------------------
+
+def diagnose_state(model, corpus, n_tok) -> tuple:
+    """A worker's state: its model and its statistics per layer, computed (or read from kvmem's
+    cache) when a fact first needs them."""
+    from kvmem.editing import second_moment
+
+    memo = {}
+
+    def stats_for(layer):
+        if layer not in memo:
+            memo[layer] = second_moment(model, layer, corpus, n_tokens=n_tok, progress=False)
+        return memo[layer]
+
+    return model, stats_for
+
+
+def diagnose_case(unrelated, hp, prefixes, fixed, args, state, case) -> dict:
+    """One fact's logged row (`run_case`), with the device it ran on."""
+    import torch
+
+    model, stats_for = state
+    r = run_case(model, case, unrelated, stats_for, hp, prefixes, fixed, args)
+    r["fixed_layer"] = fixed
+    r["device"] = (torch.cuda.get_device_name(model.cfg.device) if str(model.cfg.device).startswith("cuda")
+                   else f"cpu ({platform.machine()})")  # a merged log can hold rows from several machines
+    if args.source == "pararel" and args.model != "factworld":
+        r["scan_index"] = args.scan_index[case.case_id]
+    return r
+
 
 def run_case(model, case, unrelated, stats_for, hp, prefixes, fixed_layer, args) -> dict:
     import kvmem
@@ -406,7 +438,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="output prefix (default benchmarks/results/diagnose/diagnose_<model>[_pararel])")
     ap.add_argument("--quiet", action="store_true")
     add_run_arguments(ap, "facts")
+    from kvmem.cli.runtime import add_executor_options
+
+    add_executor_options(ap)  # --executor ray: facts on Ray workers (docs/scaling.md)
     args = ap.parse_args(argv)
+    if args.shard and args.executor != "serial":
+        ap.error("--shard splits a run by hand; with --executor ray one run covers every fact")
     suffix = "_pararel" if args.source == "pararel" and args.model != "factworld" else ""
     out = Path(args.out or results_dir("diagnose") / f"diagnose_{args.model.replace('/', '_')}{suffix}")
     check_run_arguments(ap, args)
@@ -423,6 +460,8 @@ def main(argv=None):
     import kvmem
     from kvmem.editing import RomeHparams, context_prefixes, rome_hparams, second_moment
 
+    from kvmem.cli import runtime
+    from kvmem.executors import Work, model_setup, run_items
     from kvmem.runs import RunLog
 
     t0 = time.perf_counter()
@@ -452,12 +491,7 @@ def main(argv=None):
     hp = RomeHparams(**{**base_hp.__dict__, "layer": fixed, "prefixes": prefixes_spec})
     prefixes = context_prefixes(model, hp)
     n_tok = args.stats_tokens or max(20_000, 50 * int(model.cfg.d_mlp))
-    memo = {}
-
-    def stats_for(layer):
-        if layer not in memo:
-            memo[layer] = second_moment(model, layer, corpus, n_tokens=n_tok, progress=False)
-        return memo[layer]
+    _, stats_for = diagnose_state(model, corpus, n_tok)
 
     settings = run_settings(args, fixed)
     plan.merge_shards("facts")  # a fact in two logs keeps its first row
@@ -465,15 +499,16 @@ def main(argv=None):
     cases = [] if plan.summarising else plan.select(cases, lambda c: str(c.case_id))
     log = RunLog(plan.write_log, settings, restart=args.restart)
     resumed = sum(str(c.case_id) in log for c in cases)
-    for case in tqdm(cases, disable=args.quiet, desc="diagnose + edit"):
-        if str(case.case_id) not in log:
-            r = run_case(model, case, unrelated, stats_for, hp, prefixes, fixed, args)
-            r["fixed_layer"] = fixed
-            r["device"] = (torch.cuda.get_device_name(model.cfg.device) if str(model.cfg.device).startswith("cuda")
-                           else f"cpu ({platform.machine()})")  # a merged log can hold rows from several machines
-            if args.source == "pararel" and args.model != "factworld":
-                r["scan_index"] = args.scan_index[case.case_id]
-            log.add(str(case.case_id), r)
+    # one fact per item, on --executor: serially on this model, or on Ray workers that load it once
+    executor = runtime.executor(args)
+    work = Work(model_setup(model, executor, diagnose_state, corpus, n_tok),
+                partial(diagnose_case, unrelated, hp, prefixes, fixed, args), local=(model, stats_for))
+    bar = tqdm(total=len(cases), initial=resumed, disable=args.quiet, desc="diagnose + edit")
+    try:
+        run_items([(str(c.case_id), c) for c in cases], work, log=log, executor=executor,
+                  on_done=lambda _: bar.update())
+    finally:
+        bar.close()
     logged = log.records()
     rows = list(logged.values()) if plan.summarising else [logged[str(c.case_id)] for c in cases]
     if plan.summarising:

@@ -26,6 +26,7 @@ import json
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from common import add_data_arguments, data_file, data_name, peak_rss_mb, provenance, provenance_line, results_dir
@@ -113,6 +114,17 @@ def denominator_ratios(model, requests, stats, hp, n: int) -> dict:
             "ratio_max": float(r.max()) if r.numel() else float("nan"), "cos_median": q(c, 0.5), "cos_min": float(c.min()) if c.numel() else float("nan")}
 
 
+def run_variant(requests, stats, hp, neighborhood, known, gen, args, model, plan):
+    """One variant's sequential-edit run (`stress_edits`), resumed from its log when it has one."""
+    from kvmem.pipelines.stress import stress_edits
+
+    v, method, layers, log, edit_batch, memit = plan
+    return stress_edits(model, requests, method=method, layers=layers, stats=stats, hparams=hp, every=args.every,
+                        neighbours=neighborhood, known=known, gen_prompts=gen, gen_tokens=args.gen_tokens,
+                        on_conflict="skip", log=log, seed=args.seed, progress=not args.quiet and args.executor == "serial",
+                        stop_after=args.stop_after, edit_batch=edit_batch, memit=memit)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="factworld")
@@ -145,6 +157,9 @@ def main(argv=None):
                          "(0: summarise a run cut off earlier without adding edits; rerun without it to continue)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--device", default=None, help="torch device (default: TransformerLens's choice, cuda when available)")
+    from kvmem.cli.runtime import add_executor_options
+
+    add_executor_options(ap)  # --executor ray: one variant per worker (docs/scaling.md)
     args = ap.parse_args(argv)
     if args.stop_after is not None and args.stop_after < 0:
         ap.error("--stop-after must be 0 or more")
@@ -155,7 +170,6 @@ def main(argv=None):
     import dataclasses
 
     from kvmem.editing import RomeHparams, memit_hparams, rome_hparams, second_moment
-    from kvmem.pipelines.stress import stress_edits
 
     t0 = time.perf_counter()
     model = kvmem.load_model(args.model, device=args.device)
@@ -201,6 +215,7 @@ def main(argv=None):
     logs = Path(args.log_dir) if args.log_dir else cache_root() / "stress_logs"
     results = {}
     frames = []
+    plans = {}
     for v in args.variants:
         name, _, at = v.partition("@")
         batched = name.split("-b")[0] in ("memit", "alphaedit")
@@ -210,13 +225,20 @@ def main(argv=None):
         else:
             method, edit_batch = name.replace("-spread", ""), 1
             layers = spread if name.endswith("-spread") else (int(at) if at else layer)
-        log = logs / f"{out.name}_{v}_n{len(requests)}_s{args.seed}.jsonl"
-        print(f"== {v}: layers {layers}, {len(requests)} edits, log {log}", flush=True)
-        res = stress_edits(model, requests, method=method, layers=layers, stats=stats, hparams=hp, every=args.every,
-                           neighbours=neighborhood, known=known, gen_prompts=gen, gen_tokens=args.gen_tokens,
-                           on_conflict="skip", log=log, seed=args.seed, progress=not args.quiet,
-                           stop_after=args.stop_after, edit_batch=edit_batch,
-                           memit=memit_hp if batched else None)
+        plans[v] = (method, layers, logs / f"{out.name}_{v}_n{len(requests)}_s{args.seed}.jsonl", edit_batch,
+                    memit_hp if batched else None)
+        print(f"== {v}: layers {layers}, {len(requests)} edits, log {plans[v][2]}", flush=True)
+    # the variants are independent sequential runs: on --executor ray each runs on its own worker
+    # (which writes its stress log; a variant whose worker dies resumes from that log on another)
+    from kvmem.cli.runtime import executor as executor_of
+    from kvmem.executors import Work, model_setup, run_items
+
+    ex = executor_of(args)
+    run = partial(run_variant, requests, stats, hp, neighborhood, known, gen, args)
+    done = run_items([(v, (v, *plans[v])) for v in args.variants], Work(model_setup(model, ex), run, local=model),
+                     executor=ex)
+    for v in args.variants:
+        res, log = done[v], plans[v][2]
         df = res.to_frame()
         df.insert(0, "variant", v)
         frames.append(df)

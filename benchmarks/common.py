@@ -240,6 +240,9 @@ def bootstrap_ci(statistic: Callable[..., float], *samples, n: int = 2000, seed:
 
 
 # --- resumable, shardable runs -----------------------------------------------------------------------
+# `--shard`/`--merge` stay for one place Ray cannot serve: this project's GPU machines take files in
+# transfers of at most 64 MiB and have no network, and Ray's wheel is 79 MB (docs/scaling.md). Where
+# Ray installs, `--executor ray` (bench_diagnose.py; the kvmem batch commands) replaces them.
 
 def add_run_arguments(ap: argparse.ArgumentParser, items: str) -> None:
     """The flags of a script whose items are logged one per line (kvmem.runs.RunLog): `--restart`,

@@ -73,8 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tag", default=None, help="suffix of the output names (aie_<model>_<tag>.*)")
     add_data_arguments(ap, "known")
     add_run_arguments(ap, "facts")
+    from kvmem.cli.runtime import add_executor_options, executor
+
+    add_executor_options(ap)  # --executor ray: facts on Ray workers (docs/scaling.md)
     args = ap.parse_args(argv)
     check_run_arguments(ap, args)
+    if args.shard and args.executor != "serial":
+        ap.error("--shard splits a run by hand; with --executor ray one run covers every fact")
     if args.shard and args.choose_only:
         ap.error("--shard traces; it does not combine with --choose-only")
 
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     aie = average_indirect_effect(
         model, facts, window=window, noise=noise, samples=args.samples, seed=args.seed,
-        log=str(plan.write_log), restart=args.restart,
+        log=str(plan.write_log), restart=args.restart, executor=executor(args),
     )
     this_run = time.perf_counter() - t0
     if plan.shard is not None:

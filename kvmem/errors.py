@@ -111,3 +111,8 @@ class MissingDataError(DataFormatError, FileNotFoundError):
 class DataChecksumError(MissingDataError):
     """A downloaded data file that is not the pinned one (wrong checksum, size or record count);
     it is not kept (`kvmem.downloads`)."""
+
+
+class ExecutorError(KvmemError):
+    """A batch run on an executor (`kvmem.executors`) that cannot go on: Ray missing or unreachable,
+    a worker that cannot load the model, or an item whose worker died more often than allowed."""

@@ -271,10 +271,12 @@ def markdown_table(df, floatfmt: str = ".1f") -> str:
 
 
 def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
-                safe: bool | None = None) -> Callable[[object, CounterFactRecord], Edit]:
+                safe: bool | None = None, prefixes: Sequence[str] | None = None,
+                ) -> Callable[[object, CounterFactRecord], Edit]:
     """`editor(model, record) -> Edit` for `evaluate_counterfact` / `evaluate_record`: ROME with
     `stats` (a `SecondMoment` or C for the edit layer) and `hparams` (default: the model's preset),
-    its context prefixes sampled once here and reused for every record. `safe`: None = no check;
+    its context prefixes sampled once here (or `prefixes`, e.g. a driver's for its workers) and reused
+    for every record. `safe`: None = no check;
     False = predict the edit's interference on the record's neighbourhood prompts (records without
     any: no check) and warn above the threshold; True = refuse (`UnsafeEditError`), checking records
     without neighbours on kvmem's built-in facts the model answers."""
@@ -284,7 +286,7 @@ def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
             "ROME needs stats=second_moment(model, layer, corpus) (or hparams with mom2_adjustment=False), "
             "or pass a custom editor=..."
         )
-    prefixes = context_prefixes(model, hp)
+    prefixes = list(prefixes) if prefixes is not None else context_prefixes(model, hp)
 
     def editor(m, rec: CounterFactRecord) -> Edit:
         edit = compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)

@@ -10,6 +10,8 @@
 # outside the repository copy (each call replaces that copy) and outside $OUT (which is /root/out
 # there, emptied before each call, and returns at most 8 files), so a second call on the same
 # machine resumes them.
+# Why worker processes by hand and not `--executor ray`: the device machine has no network and takes
+# files in transfers of at most 64 MiB; Ray's wheel is 79 MB (docs/scaling.md, "The hand-made sharding").
 set -u
 H=${DEVICE_HOME:-/root}  # the device machine's writable home (setup.sh installs into $H/site)
 export PYTHONPATH=$H/site:$PWD:$PWD/benchmarks KVMEM_CACHE=$H/kvcache OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1

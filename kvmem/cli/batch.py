@@ -1,6 +1,7 @@
 """The batch commands' shared run: read `--facts` (`kvmem.data.read_fact_file`), drop the facts
 the model cannot take, and compute each fact not yet in `<out>/<command>_log.jsonl` (a
-`kvmem.runs.RunLog`), logging it as soon as it is done."""
+`kvmem.runs.RunLog`) on `--executor` (serial, or Ray workers: `kvmem.executors`), logging it as
+soon as it is done."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Callable
 from kvmem.core.facts import tokenize_fact
 from kvmem.data import CounterFactRecord, read_fact_file
 from kvmem.errors import DataFormatError, KvmemError
+from kvmem.executors import ItemFailure, Work, run_items
 from kvmem.runs import RunLog
 from kvmem.tracing import fact_key
 
@@ -74,6 +76,15 @@ def open_log(args: argparse.Namespace, out: Path, name: str, settings: dict) -> 
     return RunLog(out / f"{name}_log.jsonl", settings, restart=args.restart)
 
 
+def worker_setup(args: argparse.Namespace, model, build: Callable | None = None, *extra) -> Callable | None:
+    """How a Ray worker builds its state: load `model` by its name (`kvmem.executors.model_source`,
+    checked against its weights), then `build(model, *extra)` if given. None for the serial
+    executor, which uses the driver's own model and loads nothing."""
+    from kvmem.executors import model_setup
+
+    return model_setup(model, getattr(args, "executor", "serial"), build, *extra)
+
+
 def run_and_log(
     args: argparse.Namespace,
     model,
@@ -81,30 +92,38 @@ def run_and_log(
     out: Path,
     name: str,
     settings: dict,
-    compute: Callable[[Any, CounterFactRecord], dict],
+    compute: Callable[[Any, CounterFactRecord], dict] | None,
+    *,
+    work: Work | None = None,
 ) -> RunLog:
-    """Compute each fact not yet in `<out>/<name>_log.jsonl` and log it as soon as it is done;
-    returns the log.
+    """Compute each fact not yet in `<out>/<name>_log.jsonl` on `--executor` and log it as soon as
+    it is done; returns the log. `compute(model, record)`, or `work` (`kvmem.executors.Work`: a
+    worker state other than the model, built once per worker).
 
     A fact whose computation kvmem rejects is logged with its error under `--on-error skip`
     (rerunning does not retry it: the same inputs give the same error) or stops the run.
     """
+    from kvmem.cli.runtime import executor
+
     log = open_log(args, out, name, settings)
     todo = [r for r in records if key(r) not in log]
     if len(records) - len(todo):
         common.say(args, f"resuming: {len(records) - len(todo)} of {len(records)} facts already in {log.path}")
+    by_key = {key(r): r for r in records}
+
+    def failed(failure: ItemFailure) -> dict:
+        rec = by_key[failure.key]
+        if args.on_error == "stop":
+            e = failure.exception()
+            raise type(e)(f"{args.facts} record {rec.file_index}: {e} (pass --on-error skip to go on)") from None
+        common.warn(f"record {rec.file_index} failed: {failure.message}")
+        return {"prompt": rec.request.prompt, "subject": rec.subject, "error": str(failure)}
+
+    work = work or Work(worker_setup(args, model), compute, local=model)
     bar = common.progress_bar(args, len(records), len(records) - len(todo), name)
     try:
-        for rec in todo:
-            try:
-                row = compute(model, rec)
-            except KvmemError as e:
-                if args.on_error == "stop":
-                    raise type(e)(f"{args.facts} record {rec.file_index}: {e} (pass --on-error skip to go on)") from None
-                common.warn(f"record {rec.file_index} failed: {e}")
-                row = {"prompt": rec.request.prompt, "subject": rec.subject, "error": f"{type(e).__name__}: {e}"}
-            log.add(key(rec), row)
-            bar.update()
+        run_items([(key(r), r) for r in todo], work, log=log, executor=executor(args), on_failure=failed,
+                  on_done=lambda _: bar.update())
     finally:
         bar.close()
     return log

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from kvmem.evaluation import METRICS, CounterFactEval, batch_editor, counterfact_frame, evaluate_record, rome_editor
 from dataclasses import replace
 
 from kvmem.editing.memit import memit_hparams
+from kvmem.editing.rome import context_prefixes
 from kvmem.errors import InvalidArgumentError
+from kvmem.evaluation import METRICS, CounterFactEval, batch_editor, counterfact_frame, evaluate_record, rome_editor
+from kvmem.executors import Work
 from kvmem.pipelines.rome_settings import rome_settings
 
 from kvmem.cli import batch, common, options
@@ -20,7 +22,8 @@ GEN_PROMPTS, GEN_TOKENS = 2, 40
 LABELS = {"rome": "ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit"}  # the condition column
 
 
-def _edit_fact(editor, args: argparse.Namespace, model, record) -> dict:
+def _edit_fact(args: argparse.Namespace, state, record) -> dict:
+    model, editor = state
     edit = editor(model, record)  # a rejected edit raises here: logged or stops the run (--on-error)
     rows = evaluate_record(model, record, editor=lambda m, r: edit, generation=args.generation,
                            method=LABELS[getattr(args, "method", "rome")],
@@ -29,6 +32,12 @@ def _edit_fact(editor, args: argparse.Namespace, model, record) -> dict:
     return {"prompt": f.prompt, "subject": f.subject, "target_true": f.target_true, "target_new": f.target_new,
             "layer": edit.layers[-1], "layers": list(edit.layers), "n_paraphrases": len(record.paraphrase_prompts),
             "n_neighbours": len(record.neighborhood_prompts), "rows": rows}
+
+
+def _rome_state(model, stats, hp, prefixes, safe) -> tuple:
+    """(model, ROME editor) with the driver's context prefixes (every worker edits with the same
+    ones, whatever its device samples); `safe` as `kvmem.evaluation.rome_editor`'s."""
+    return model, rome_editor(model, stats=stats, hparams=hp, safe=safe, prefixes=prefixes)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -40,9 +49,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if args.batch_size != 1:
             raise InvalidArgumentError("--batch-size goes with --method memit or alphaedit (ROME edits one fact).")
         stats = options.stats(args, model, hp.layer, "kvmem edit")
-        editor = rome_editor(model, stats=stats, hparams=hp, safe=args.safe)
         layers = [hp.layer]
     else:  # one MEMIT/AlphaEdit edit per batch of --batch-size records, each record scored with its batch's edit
+        if getattr(args, "executor", "serial") != "serial":
+            raise InvalidArgumentError("--method memit/alphaedit makes one edit per batch of facts in order; run it with "
+                                       "--executor serial (the default).")
         if args.safe:
             raise InvalidArgumentError("--safe checks ROME edits (kvmem.predict_interference predicts a rank-one "
                                        "update's interference); leave it out with --method memit or alphaedit.")
@@ -59,8 +70,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 "n_tokens": stats.n_tokens, "generation": args.generation, "seed": args.seed}
     if method != "rome":  # only then, so that logs of ROME runs keep resuming
         settings.update(method=method, batch_size=args.batch_size, layers=layers)
-    compute = partial(_edit_fact, editor, args)
-    log = batch.run_and_log(args, model, records, out, "edit", settings, compute)
+    if method == "rome":  # each worker builds its editor once, on its own model, with the driver's prefixes
+        state = (_rome_state, stats, hp, context_prefixes(model, hp), args.safe)
+        work = Work(batch.worker_setup(args, model, *state), partial(_edit_fact, args), local=state[0](model, *state[1:]))
+    else:
+        work = Work(None, partial(_edit_fact, args), local=(model, editor))
+    log = batch.run_and_log(args, model, records, out, "edit", settings, None, work=work)
     facts = batch.logged_rows(log, records, failed=False)
     for fact in facts:
         fact["rows"] = [common.strip_timing(row) for row in fact["rows"]]

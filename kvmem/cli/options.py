@@ -66,12 +66,13 @@ def n_tokens(args: argparse.Namespace, model, corpus=None) -> int:
 
 def stats(args: argparse.Namespace, model, layer: int, what: str):
     """ROME's second-moment statistics of `layer` over `--corpus` (cached under `--cache-dir`)."""
+    from kvmem.cli.runtime import executor
     from kvmem.editing import second_moment
 
     given = corpus(args, what)[0]
     text = model_corpus(args, model, given)
     return second_moment(model, layer, text, n_tokens=n_tokens(args, model, given), cache_dir=args.cache_dir,
-                         progress=not args.quiet)
+                         progress=not args.quiet, executor=executor(args))
 
 
 def _pick(facts: list, index: int):

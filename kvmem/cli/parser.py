@@ -13,7 +13,7 @@ from kvmem.cli.models import cmd_models
 from kvmem.cli.neurons import cmd_neurons
 from kvmem.cli.recall import cmd_recall
 from kvmem.cli.stats import cmd_stats
-from kvmem.cli.runtime import add_out_option, add_runtime_options
+from kvmem.cli.runtime import add_executor_options, add_out_option, add_runtime_options
 from kvmem.cli.trace import cmd_trace
 
 MODEL_HELP = "factworld (default), gemma-3-270m, smollm2-135m or a folder"
@@ -90,6 +90,7 @@ def _batch_options(p: argparse.ArgumentParser, command: str, facts_required: boo
     p.add_argument("--restart", action="store_true", help=RESTART_HELP)
     p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    add_executor_options(p)
 
 
 def _statistics_options(p: argparse.ArgumentParser, corpus_help: str) -> None:
@@ -173,6 +174,7 @@ def _add_small_commands(sub) -> None:
     _statistics_options(s, "a text file or 'wiki' (default for factworld: its training sentences)")
     s.add_argument("--restart", action="store_true", help=RESTART_HELP)
     s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    add_executor_options(s)
     s.set_defaults(func=cmd_stats)
 
     f = sub.add_parser("facts", help="write fact-world facts as a CounterFact-format JSON file")

@@ -21,6 +21,53 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="where the model runs: cpu, cuda, cuda:1, mps (default: the model loader's choice, cpu)")
 
 
+def add_executor_options(p: argparse.ArgumentParser) -> None:
+    """`--executor`, `--address`, `--workers`, `--gpus-per-worker`: where a batch command's items
+    are computed (`kvmem.executors`; docs/scaling.md)."""
+    from kvmem.cli.parser import positive_int
+
+    g = p.add_argument_group("where the items run (docs/scaling.md)")
+    g.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                   help="serial: one after another in this process (default); ray: on Ray workers ([ray] extra)")
+    g.add_argument("--address", metavar="ADDR",
+                   help="--executor ray: the cluster to join ('auto': the one this node belongs to, or "
+                        "ray://HOST:10001); default: a local Ray started here with this machine's cores")
+    g.add_argument("--workers", type=positive_int, metavar="N",
+                   help="--executor ray: workers, each loading the model once (default: as many as fit)")
+    g.add_argument("--gpus-per-worker", type=_gpu_share, default=0.0, metavar="F",
+                   help="--executor ray: GPU share per worker; 0.1 puts ten workers on one GPU (default: 0, CPU)")
+
+
+def _gpu_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 0.1 or 1, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def executor(args: argparse.Namespace):
+    """The executor of `add_executor_options`' flags: one per command (its Ray workers serve every
+    step of the command: the statistics, then the facts)."""
+    if getattr(args, "executor_", None) is None:
+        args.executor_ = _make_executor(args)
+    return args.executor_
+
+
+def _make_executor(args: argparse.Namespace):
+    from kvmem.executors import get_executor
+
+    name = getattr(args, "executor", "serial")
+    if name != "ray":
+        if getattr(args, "address", None) or getattr(args, "workers", None) or getattr(args, "gpus_per_worker", 0):
+            raise InvalidArgumentError("--address, --workers and --gpus-per-worker go with --executor ray.")
+        return get_executor("serial")
+    options = {"address": args.address, "workers": args.workers, "gpus_per_worker": args.gpus_per_worker or None}
+    return get_executor("ray", **{k: v for k, v in options.items() if v is not None})
+
+
 def add_out_option(p: argparse.ArgumentParser, command: str) -> None:
     """`--out`, defaulting to `default_out(command, --model)` (resolved by `resolve`)."""
     p.add_argument("--out", metavar="FOLDER",

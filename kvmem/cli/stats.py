@@ -11,7 +11,7 @@ from kvmem.pipelines.moment_survey import MomentSurvey, moment_record
 from kvmem.pipelines.rome_settings import rome_settings
 from kvmem.runs import RunLog
 
-from kvmem.cli import common, options
+from kvmem.cli import common, options, runtime
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -25,12 +25,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     settings = {"analysis": "second_moment", "model": common.fingerprint(model), "corpus": corpus_name,
                 "n_tokens": n_tokens}
     log = RunLog(out / "stats_log.jsonl", settings, restart=args.restart)
+    executor = runtime.executor(args)  # --executor ray: each layer's corpus chunks on Ray workers
     bar = common.progress_bar(args, len(layers), sum(f"layer-{l}" in log for l in layers), "layers", unit="layer")
     try:
         for layer in layers:
             if f"layer-{layer}" in log:
                 continue
-            sm = second_moment(model, layer, corpus, n_tokens=n_tokens, cache_dir=args.cache_dir, progress=False)
+            sm = second_moment(model, layer, corpus, n_tokens=n_tokens, cache_dir=args.cache_dir, progress=False,
+                               executor=executor)
             log.add(f"layer-{layer}", moment_record(sm))
             bar.update()
     finally:

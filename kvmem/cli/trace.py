@@ -8,14 +8,14 @@ import time
 from kvmem.data import CounterFactRecord
 from kvmem.errors import InvalidArgumentError
 
-from kvmem.cli import batch, common, options
+from kvmem.cli import batch, common, options, runtime
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
     if args.facts:
         return _trace_dataset(args)
-    if args.on_error != "stop" or args.limit is not None or args.restart:
-        raise InvalidArgumentError("--limit, --on-error and --restart go with --facts FILE (dataset mode).")
+    if args.on_error != "stop" or args.limit is not None or args.restart or args.executor != "serial":
+        raise InvalidArgumentError("--limit, --on-error, --restart and --executor go with --facts FILE (dataset mode).")
     common.no_display()
     from kvmem.pipelines.four_views import trace_peak
     from kvmem.tracing import trace_all
@@ -89,6 +89,7 @@ def _trace_dataset(args: argparse.Namespace) -> int:
         noise=noise_level(model, facts),  # ROME's 3 x std over the whole data set
         samples=args.samples, seed=args.seed, progress=not args.quiet, log=str(log), restart=args.restart,
         method=None if method == "exact" else method, steps=getattr(args, "steps", None),
+        executor=runtime.executor(args),
     )
     logged = RunLog(log, log_settings(log))
     files = common.write_table(out, "aie", result.to_frame())

@@ -179,6 +179,71 @@ def length_batches(rows: list[list[int]], batch_tokens: int, window: int = 256) 
             yield batch
 
 
+def moment_chunks(rows: list[list[int]], batch_tokens: int, step: int, has_bos: bool) -> list[list[list[list[int]]]]:
+    """The batches of `length_batches(rows, batch_tokens)` grouped into chunks that end where the
+    running token count first reaches the next multiple of `step` past the last chunk's end (the
+    convergence checkpoints), and at the last batch. A chunk is what one worker sums."""
+    chunks, chunk, seen, next_check = [], [], 0, step
+    batches = list(length_batches(rows, batch_tokens))
+    for i, batch in enumerate(batches):
+        chunk.append(batch)
+        seen += sum(len(r) - (1 if has_bos else 0) for r in batch)
+        if seen >= next_check or i == len(batches) - 1:
+            chunks.append(chunk)
+            chunk, next_check = [], seen + step
+    return chunks
+
+
+def chunk_moment(layer: int, model, batches: list[list[list[int]]]) -> tuple[Tensor, int]:
+    """(Σ KᵀK over the keys of `batches` in float64, the number of keys), on the model's device.
+    Each batch's KᵀK is a float32 product (float64 for a float64 model); the start token is left out."""
+    spec = spec_for(model)
+    has_bos = spec.bos_id is not None
+    device = next(model.parameters()).device
+    prod_dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    d_mlp = int(model.cfg.d_mlp)
+    part = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=device)
+    n = 0
+    kept: dict[str, Tensor] = {}  # this batch's hook_post activations, kept by the hook
+    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_post_name(model, layer), capture(kept, "post"))]):
+        for rows_b in batches:
+            batch = pad_batch(rows_b, spec.pad_id)
+            tokens = batch.tokens.to(device)
+            run_to_layer(model, tokens, layer + 1)
+            act = kept.pop("post")
+            pos = torch.arange(tokens.shape[1], device=device)
+            mask = pos[None, :] < batch.lengths.to(device)[:, None]
+            if has_bos:
+                mask[:, 0] = False
+            K = act[mask].to(prod_dtype)
+            part += (K.T @ K).double()
+            n += K.shape[0]
+    return part, n
+
+
+def _chunk_sums(model, layer: int, chunks: list, executor) -> Iterator[tuple[Tensor, int]]:
+    """(chunk sum, keys) of every chunk, in chunk order: serially here, or on the executor's workers."""
+    from functools import partial
+
+    from kvmem.executors import Work, get_executor, model_setup, run_items
+
+    executor = get_executor(executor)
+    setup = model_setup(model, executor)
+    if setup is None:  # serial: chunk by chunk, nothing held beyond the running sum
+        for batches in chunks:
+            yield chunk_moment(layer, model, batches)
+        return
+    done = run_items([(str(i), c) for i, c in enumerate(chunks)], Work(setup, partial(_cpu_chunk, layer)),
+                     executor=executor)
+    for i in range(len(chunks)):
+        yield done[str(i)]
+
+
+def _cpu_chunk(layer: int, model, batches) -> tuple[Tensor, int]:
+    part, n = chunk_moment(layer, model, batches)
+    return part.cpu(), n
+
+
 # --- cache files ------------------------------------------------------------------------
 
 def _cache_path(cache_dir: Path, model_fp: str, layer: int, corpus_fp: str, n_tokens: int) -> Path:
@@ -257,6 +322,7 @@ def second_moment(
     use_cache: bool = True,
     recompute: bool = False,
     progress: bool | None = None,
+    executor=None,
 ) -> SecondMoment:
     """Uncentred second moment C = E[k kᵀ] of layer `layer`'s MLP keys (`hook_post`) over text.
 
@@ -270,6 +336,11 @@ def second_moment(
     model fingerprint, layer, corpus fingerprint and `n_tokens`; `use_cache=False` neither reads
     nor writes, `recompute=True` overwrites. A corrupt cache file raises `CacheError`.
     `progress`: a bar over the tokens (None: `kvmem.config.PROGRESS`).
+
+    The corpus is summed in chunks, one per convergence checkpoint (`moment_chunks`): each chunk's
+    KᵀK in float64, the chunks added in order. `executor` ("ray" or a `kvmem.executors` executor;
+    default serial) computes the chunks on workers that load the model by its name; the chunks and
+    their order are the same, so C is the same as the serial result.
     """
     layer = check_layer(model, layer)
     if not isinstance(n_tokens, int) or n_tokens < 1:
@@ -295,38 +366,25 @@ def second_moment(
     d_mlp = int(model.cfg.d_mlp)
     device = next(model.parameters()).device
     C = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=device)
-    prod_dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    spec = spec_for(model)
     step = max(1, total // max(1, n_checkpoints))
-    seen, next_check = 0, step
+    # batches no larger than a checkpoint step, so that small runs still show convergence
+    chunks = moment_chunks(rows, min(batch_tokens, max(step, max_len)), step, has_bos)
+    seen = 0
     prev: Tensor | None = None
     checkpoints: list[int] = []
     changes: list[float] = []
-    kept: dict[str, Tensor] = {}  # this batch's hook_post activations, kept by the hook
     start = time.perf_counter()
     bar = tqdm(total=total, disable=not config.show_progress(progress), desc=f"C layer {layer}", unit="tok")
-    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_post_name(model, layer), capture(kept, "post"))]):
-        # batches no larger than a checkpoint step, so that small runs still show convergence
-        for rows_b in length_batches(rows, min(batch_tokens, max(step, max_len))):
-            batch = pad_batch(rows_b, spec.pad_id)
-            tokens = batch.tokens.to(device)
-            run_to_layer(model, tokens, layer + 1)
-            act = kept.pop("post")
-            pos = torch.arange(tokens.shape[1], device=device)
-            mask = pos[None, :] < batch.lengths.to(device)[:, None]
-            if has_bos:
-                mask[:, 0] = False
-            K = act[mask].to(prod_dtype)
-            C += (K.T @ K).double()
-            seen += K.shape[0]
-            bar.update(K.shape[0])
-            if seen >= next_check or seen >= total:
-                cur = C / seen
-                if prev is not None:
-                    checkpoints.append(seen)
-                    changes.append(float((cur - prev).norm() / cur.norm().clamp_min(1e-300)))
-                prev = cur
-                next_check = seen + step
+    for part, n in _chunk_sums(model, layer, chunks, executor):
+        # chunks are summed in their order, whichever worker finished first: the same C every time
+        C += part.to(device)
+        seen += n
+        bar.update(n)
+        cur = C / seen
+        if prev is not None:
+            checkpoints.append(seen)
+            changes.append(float((cur - prev).norm() / cur.norm().clamp_min(1e-300)))
+        prev = cur
     bar.close()
     seconds = time.perf_counter() - start
     if seen == 0:

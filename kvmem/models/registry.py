@@ -120,8 +120,22 @@ def load_model(
     Hugging Face checkpoint (``<cache>/<model>/hf/``, kept independent of the TransformerLens
     version), booted with ``TransformerBridge.boot_transformers(..., hf_model=...)`` and put in
     compatibility mode (`kvmem.models.bridge.boot_bridge`). Nothing is fetched from the hub.
+    The model records how it was loaded (`model.kvmem_source`: name, dtype, backend, cache folder), so that
+    Ray workers load the same model themselves (`kvmem.executors.model_source`).
     """
     backend = resolve_backend(backend)
+    model = _load(name, device, dtype, cache_dir, backend)
+    source = {"name": str(Path(str(name)).expanduser().resolve()) if Path(str(name)).expanduser().is_dir() else str(name),
+              "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None, "backend": backend,
+              "cache_dir": str(cache_dir) if cache_dir is not None else None}
+    try:
+        object.__setattr__(model, "kvmem_source", source)  # a plain attribute, not a module or parameter
+    except AttributeError:
+        pass
+    return model
+
+
+def _load(name, device, dtype, cache_dir, backend: str):
     key = ALIASES.get(str(name), str(name))
     if key == "factworld":
         from kvmem.factworld import factworld_model  # factworld imports kvmem.models

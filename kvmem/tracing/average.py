@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 import warnings
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -148,6 +149,7 @@ def average_indirect_effect(
     restart: bool = False,
     method: str | None = None,
     steps: int | None = None,
+    executor=None,
 ) -> AverageEffect:
     """ROME's average indirect effect over `facts`, per kind x token bucket x layer.
 
@@ -168,6 +170,10 @@ def average_indirect_effect(
     `method`: None traces exactly (`trace_prepared`); "atp", "atp*", "ig" or "eap-ig" estimates
     each fact's grids from gradients (`kvmem.tracing.attribution`, `steps` as there), on the same
     noise samples.
+
+    `executor`: where the facts are traced (`kvmem.executors`): None or "serial" in this process,
+    "ray" (or a `RayExecutor`) on Ray workers that load the model by the name `kvmem.load_model`
+    recorded; the records, and so the average, do not depend on the executor.
     """
     check_trace_args(model, samples, noise, seed)
     if method is not None:
@@ -198,39 +204,47 @@ def average_indirect_effect(
         if method is not None:  # exact runs keep the settings (and logs) they always had
             settings.update(method=method, steps=steps)
         run_log = RunLog(log, settings, restart=restart)
-    records: dict[str, dict] = dict(run_log.records()) if run_log is not None else {}
-    iterator = list(zip(keys, facts))
+    from kvmem.executors import Work, get_executor, run_items
+    from kvmem.executors.work import model_setup
+
+    executor = get_executor(executor)
+    setup = model_setup(model, executor)  # Ray workers load the model by its name, checked by its weights
+    compute = partial(_trace_fact, spec, float(noise), samples, seed, batch_size, memory_budget, method, steps)
+    bar = None
     if config.show_progress(progress):
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="causal tracing", unit="fact", initial=0)
-    for i, (key, fact) in enumerate(iterator):
-        if key not in records:
-            records[key] = _trace_fact(model, fact, spec, noise=noise, samples=samples, seed=seed,
-                                       batch_size=batch_size, memory_budget=memory_budget,
-                                       method=method, steps=steps)
-            if run_log is not None:
-                run_log.add(key, records[key])
-        for category, message in fact_remarks(model, [fact], [records[key]], first=i):  # as each fact is done
+        bar = tqdm(total=len(keys), desc="causal tracing", unit="fact",
+                   initial=sum(k in run_log for k in keys) if run_log is not None else 0)
+    try:
+        records = run_items(list(zip(keys, facts)), Work(setup, compute, local=model), log=run_log,
+                            executor=executor, on_done=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for i, key in enumerate(keys):  # facts whose result may mislead, named in the facts' order
+        for category, message in fact_remarks(model, [facts[i]], [records[key]], first=i):
             warnings.warn(message, category, stacklevel=2)
     return average_records(
         [records[k] for k in keys], kinds, model.cfg.n_layers, noise=float(noise), window=window, samples=samples
     )
 
 
-def _trace_fact(model, fact: Fact, spec, *, method: str | None, steps: int | None, **kw) -> dict:
-    """The run record of one fact: traced (exactly, or estimated by attribution `method`) when the
-    model answers it, else only counted."""
+def _trace_fact(spec, noise: float, samples: int, seed: int, batch_size, memory_budget, method: str | None,
+                steps: int | None, model, fact: Fact) -> dict:
+    """One fact's record (`fact_record`), traced exactly or estimated by attribution `method` when
+    the model answers it (else only counted), with the seconds it took; the work of one item."""
     t0 = time.perf_counter()
     prepared = prepare_fact(model, fact, require_target=True)
     traces = None
+    kw = dict(noise=noise, samples=samples, seed=seed, batch_size=batch_size, memory_budget=memory_budget)
     if prepared.correct and method is None:
         traces = trace_prepared(model, prepared, spec, progress=False, **kw)
     elif prepared.correct:
         from kvmem.tracing.attribution import attribution_prepared
         from kvmem.tracing.trace import corrupted_run
 
-        base = corrupted_run(model, prepared, noise=kw["noise"], samples=kw["samples"], seed=kw["seed"])
+        base = corrupted_run(model, prepared, noise=noise, samples=samples, seed=seed)
         traces = attribution_prepared(model, prepared, spec, method=method, steps=steps, base=base, **kw)
     rec = fact_record(prepared, traces)
     rec["seconds"] = round(time.perf_counter() - t0, 3)
