@@ -91,3 +91,13 @@ def per_layer_ig(model, prompt, target, layers: Sequence[int], steps, rule, site
         (g,) = torch.autograd.grad(p.sum(), h)
         out.append((x - b) * (g * weights[:, None].to(g.dtype)).sum(0))
     return torch.stack(out)
+
+
+# Plain English sentences for second-moment statistics on tiny models (the editing tests' corpus).
+ENGLISH_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "In 1889 the tower was finished for the world fair in the French capital.",
+    "Rivers flow into the sea, carrying sand and small stones from the mountains.",
+    "She plays the violin every evening; her brother prefers the piano and the drums.",
+    "Markets opened higher on Monday after the central bank held interest rates steady.",
+]

@@ -268,8 +268,8 @@ def test_missing_and_invalid_files(tmp_path, capsys):
     (tmp_path / "dict.json").write_text('{"a": 1}')
     code, _, err = _run(capsys, "trace", "--facts", tmp_path / "dict.json", "--out", tmp_path / "o")
     assert code == 2 and "expected a JSON list" in err
-    code, _, err = _run(capsys, "demo", "--model", "gemma-3-270m", "--out", tmp_path / "o")
-    assert code == 2 and "--corpus" in err
+    code, _, err = _run(capsys, "demo", "--model", "gemma-3-270m", "--corpus", tmp_path / "missing.txt", "--out", tmp_path / "o")
+    assert code == 2 and "No such corpus" in err  # checked before the model loads
     code, _, err = _run(capsys, "demo", "--window", "99", "--out", tmp_path / "o", "--cache-dir", tmp_path / "c")
     assert code == 2 and "window" in err and not (tmp_path / "c").exists()  # refused before the statistics
 

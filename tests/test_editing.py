@@ -32,16 +32,11 @@ from kvmem.errors import (
 )
 from kvmem.core.facts import Fact
 from kvmem.core.tokenize import encode
+from reference import ENGLISH_SENTENCES  # tests/reference.py
 
 LAYER = 1
 FAST = RomeHparams(prefixes=((4, 2),), v_num_grad_steps=4, seed=0)
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "In 1889 the tower was finished for the world fair in the French capital.",
-    "Rivers flow into the sea, carrying sand and small stones from the mountains.",
-    "She plays the violin every evening; her brother prefers the piano and the drums.",
-    "Markets opened higher on Monday after the central bank held interest rates steady.",
-] * 8
+CORPUS = ENGLISH_SENTENCES * 8
 REQUEST = Fact(
     "The Eiffel Tower is located in the city of", "The Eiffel Tower", target_true="Paris", target_new="Rome"
 )

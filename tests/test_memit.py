@@ -31,6 +31,7 @@ from kvmem.editing import (
     second_moment,
 )
 from kvmem.errors import DuplicateRequestError, InvalidArgumentError, LayerOutOfRangeError, ModelMismatchError
+from reference import ENGLISH_SENTENCES  # tests/reference.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,11 +40,7 @@ CORPUS = [
     "A small village lies at the foot of the hills, where farmers grow wheat and barley.",
     "The museum reopened after a long renovation, showing paintings from the last three centuries.",
     "Engineers tested the new bridge with heavy trucks before it opened to traffic in spring.",
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "In 1889 the tower was finished for the world fair in the French capital.",
-    "Rivers flow into the sea, carrying sand and small stones from the mountains.",
-    "She plays the violin every evening; her brother prefers the piano and the drums.",
-    "Markets opened higher on Monday after the central bank held interest rates steady.",
+    *ENGLISH_SENTENCES,
 ] * 8
 REQUEST = Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", target_true="Paris", target_new="Rome")
 

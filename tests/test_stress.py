@@ -14,16 +14,11 @@ from kvmem.errors import DuplicateRequestError, EmptyTargetError, InvalidArgumen
 from kvmem.core.facts import Fact
 from kvmem.pipelines.stress import check_requests, stress_edits
 from kvmem.core.weights import mlp_weights
+from reference import ENGLISH_SENTENCES  # tests/reference.py
 
 LAYERS = (0, 1)
 FAST = RomeHparams(prefixes=((3, 2),), v_num_grad_steps=3, seed=0)
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog near the river bank.",
-    "In 1889 the tower was finished for the world fair in the French capital.",
-    "Rivers flow into the sea, carrying sand and small stones from the mountains.",
-    "She plays the violin every evening; her brother prefers the piano and the drums.",
-    "Markets opened higher on Monday after the central bank held interest rates steady.",
-] * 8
+CORPUS = ENGLISH_SENTENCES * 8
 SUBJECTS = ["Alice Smith", "Bob Jones", "Carol White", "Dan Brown", "Eve Black", "Frank Green"]
 NEW = [" Rome", " Paris", " Berlin", " Madrid", " Tokyo", " Cairo"]
 REQUESTS = [Fact(f"{s} lives in the city of", s, target_true=" London", target_new=t, relation_id="city")

@@ -18,8 +18,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvmem.core.facts import Fact
-from kvmem.core.fingerprint import tensors_checksum
-from kvmem.errors import CacheError, InvalidArgumentError
+from kvmem.editing.edit_file import read_edit_file, write_edit_file
+from kvmem.errors import CacheError
 
 FORMAT = "kvmem.multi_layer_edit"
 FORMAT_VERSION = "1"
@@ -79,9 +79,6 @@ class MultiLayerEdit:
 
     def save(self, path: str | Path) -> Path:
         """Write the edit as safetensors (tensors + requests, hparams, fingerprints, checksum)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
         tensors = {"targets": _dense(self.targets)}
         for i in range(len(self.layers)):
             tensors[f"U{i}"] = _dense(self.U[i])
@@ -97,19 +94,12 @@ class MultiLayerEdit:
             "skipped": json.dumps(list(self.skipped)), "residual": json.dumps(self.residual),
             "seconds": json.dumps(self.seconds),
         }
-        if self.weights_fingerprint is not None:
-            meta["weights_fingerprint"] = self.weights_fingerprint
-        if self.backend is not None:
-            meta["backend"] = self.backend
-        meta["checksum"] = tensors_checksum(tensors, json.dumps(meta, sort_keys=True))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        return write_edit_file(path, tensors, meta, weights_fingerprint=self.weights_fingerprint, backend=self.backend)
 
     @classmethod
     def load(cls, path: str | Path) -> "MultiLayerEdit":
         """Read an edit written by `save`; a damaged or foreign file raises `CacheError`."""
-        meta, tensors = _read(path)
+        meta, tensors = read_edit_file(path)
         if meta.get("format") != FORMAT:
             raise CacheError(f"{path} holds a {meta.get('format')!r}, not a multi-layer edit; use kvmem.load_edit.")
         from kvmem.editing.memit import MemitHparams
@@ -135,28 +125,10 @@ def _dense(t: Tensor) -> Tensor:
     return t.detach().double().cpu().reshape(-1).clone().reshape(t.shape)
 
 
-def _read(path: str | Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise InvalidArgumentError(f"No edit file at {path}.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CacheError(f"Edit file {path} is unreadable ({type(e).__name__}); it is corrupt or not an edit.") from None
-    checksum = meta.pop("checksum", None)
-    if checksum != tensors_checksum(tensors, json.dumps(meta, sort_keys=True)):
-        raise CacheError(f"Edit file {path} fails its checksum: it is corrupt (or not a kvmem edit); recompute it.")
-    return meta, tensors
-
-
 def load_edit(path: str | Path):
     """Read any kvmem edit file: a ROME `Edit` (also those saved before multi-layer edits existed)
     or a `MultiLayerEdit`."""
-    meta, _ = _read(path)
+    meta, _ = read_edit_file(path)
     if meta.get("format") == FORMAT:
         return MultiLayerEdit.load(path)
     from kvmem.editing.rome import Edit

@@ -28,7 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from kvmem import config
-from kvmem.core.fingerprint import fingerprints, same_weights, tensors_checksum
+from kvmem.core.fingerprint import fingerprints, same_weights
+from kvmem.editing.edit_file import read_edit_file, write_edit_file
 from kvmem.editing.generate import sample_tokens
 from kvmem.editing.stats import SecondMoment, check_invertible
 from kvmem.editing.values import fit_value
@@ -231,9 +232,6 @@ class Edit:
     # -- files --
     def save(self, path: str | Path) -> Path:
         """Write the edit as safetensors (tensors + request, hparams, model fingerprint, checksum)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
         tensors = {
             "u": self.u.contiguous(), "lam": self.lam.contiguous(), "k_star": self.k_star.contiguous(),
             "v_star": self.v_star.contiguous(), "loss_trace": self.loss_trace.contiguous(),
@@ -247,32 +245,14 @@ class Edit:
             "hparams": json.dumps(asdict(self.hparams)),
             "seconds": repr(self.seconds),
         }
-        if self.weights_fingerprint is not None:
-            meta["weights_fingerprint"] = self.weights_fingerprint
-        if self.backend is not None:
-            meta["backend"] = self.backend
-        meta["checksum"] = tensors_checksum(tensors, json.dumps(meta, sort_keys=True))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        return write_edit_file(path, tensors, meta, weights_fingerprint=self.weights_fingerprint, backend=self.backend)
 
     @classmethod
     def load(cls, path: str | Path) -> "Edit":
         """Read an edit written by `save`; a damaged or foreign file raises `CacheError`."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise InvalidArgumentError(f"No edit file at {path}.")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise CacheError(f"Edit file {path} is unreadable ({type(e).__name__}); it is corrupt or not an edit.") from None
-        checksum = meta.pop("checksum", None)
-        if meta.get("format") != "kvmem.rome_edit" or checksum != tensors_checksum(tensors, json.dumps(meta, sort_keys=True)):
-            raise CacheError(f"Edit file {path} fails its checksum: it is corrupt (or not a kvmem edit); recompute it.")
+        meta, tensors = read_edit_file(path)
+        if meta.get("format") != "kvmem.rome_edit":
+            raise CacheError(f"Edit file {path} holds a {meta.get('format')!r}, not a ROME edit; use kvmem.load_edit.")
         hp = json.loads(meta["hparams"])
         hp["prefixes"] = tuple(tuple(p) for p in hp["prefixes"])
         return cls(
