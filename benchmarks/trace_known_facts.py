@@ -2,6 +2,8 @@
 
     python benchmarks/trace_known_facts.py --model gemma-3-270m --n-facts 150
     python benchmarks/trace_known_facts.py --model factworld --n-facts 200
+    python benchmarks/trace_known_facts.py --model gemma-3-270m --n-facts 1000 --method eap-ig --steps 4 \
+        --tag eap-ig4 --noise 3.0930848121643066   # every known fact it answers, estimated (issue 21)
 
 Facts: `known_1000.json` for real models (the first `--n-facts` the model answers top-1, in file
 order), the shipped world's training facts for factworld (every 7th, to spread over subjects and
@@ -10,7 +12,9 @@ subject embeddings over the chosen facts, as ROME.
 
 The run is resumable: per-fact results go to `benchmarks/results/tracing/aie_<model>.jsonl` as they finish;
 rerunning the same command continues. Writes `aie_<model>.json`, `.md` and `aie_<model>.png`
-(`aie_<model>_<tag>.*` with --tag).
+(`aie_<model>_<tag>.*` with --tag). `--method` estimates the grids by attribution patching
+(`average_indirect_effect(method=...)`, docs/attribution.md) on the same noise samples;
+`aie_attribution.py` sets such a run beside the exact one.
 
 Splitting a run over processes or machines: `--shard I/N` traces every N-th chosen fact into
 `aie_<model>.shardIofN.jsonl` (no summary); `--merge N` joins the N shard logs into the run's log
@@ -71,6 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--choose-only", action="store_true",
                     help="print how many facts are chosen and the default noise, then stop")
     ap.add_argument("--tag", default=None, help="suffix of the output names (aie_<model>_<tag>.*)")
+    ap.add_argument("--method", default=None, choices=["atp", "atp*", "ig", "eap-ig"],
+                    help="estimate each fact's grids by attribution (kvmem.tracing.attribution) instead of "
+                         "tracing exactly; give a --tag so the exact run's files stay")
+    ap.add_argument("--steps", type=int, default=None, help="path steps of --method ig / eap-ig")
     add_data_arguments(ap, "known")
     add_run_arguments(ap, "facts")
     from kvmem.cli.runtime import add_executor_options, executor
@@ -80,6 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
     check_run_arguments(ap, args)
     if args.shard and args.executor != "serial":
         ap.error("--shard splits a run by hand; with --executor ray one run covers every fact")
+    if args.method and not args.tag:
+        ap.error("--method writes an estimated AIE: give it a --tag (e.g. --tag eap-ig4)")
+    if args.steps is not None and not args.method:
+        ap.error("--steps goes with --method")
     if args.shard and args.choose_only:
         ap.error("--shard traces; it does not combine with --choose-only")
 
@@ -122,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     aie = average_indirect_effect(
         model, facts, window=window, noise=noise, samples=args.samples, seed=args.seed,
-        log=str(plan.write_log), restart=args.restart, executor=executor(args),
+        log=str(plan.write_log), restart=args.restart, executor=executor(args), method=args.method,
+        steps=args.steps,
     )
     this_run = time.perf_counter() - t0
     if plan.shard is not None:
@@ -132,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     fact_seconds = sum(r["seconds"] for r in records)
     summary = {
         **provenance(__file__, argv, model.cfg.device),
-        "model": args.model, "n_layers": model.cfg.n_layers,
+        "model": args.model, "n_layers": model.cfg.n_layers, "method": args.method or "exact",
+        "steps": args.steps,
         "facts_scanned": scanned, "facts_correct_in_scan": n_correct, "facts_chosen": n_chosen,
         "n_facts": aie.n_facts, "n_skipped": aie.n_skipped, "window": window, "samples": args.samples,
         "noise": aie.noise, "p_clean": aie.p_clean, "p_corrupt": aie.p_corrupt, "total_effect": aie.total_effect,
@@ -155,7 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
          if not plan.summarising else
          f"{aie.n_facts} facts answered correctly (those the run's log holds, of the {n_chosen} chosen: the first ")
         + f"correct ones of {scanned} scanned; noise from all {n_chosen}), "
-        f"{args.samples} noise samples, noise {aie.noise:.4g}, window {window} for mlp/attn. "
+        f"{args.samples} noise samples, noise {aie.noise:.4g}, window {window} for mlp/attn"
+        + (f", estimated by attribution method {args.method!r} (steps {args.steps or 'default'})" if args.method
+           else "") + ". "
         f"Mean p_clean {aie.p_clean:.3f}, p_corrupt {aie.p_corrupt:.3f}, total effect {aie.total_effect:.3f}. "
         f"Tracing time {fact_seconds:.0f} s ({fact_seconds / max(1, len(records)):.1f} s per fact"
         + (f"; summed over facts traced in {args.merge} parallel shards" if args.merge else "") + ").",

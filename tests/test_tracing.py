@@ -160,6 +160,9 @@ def test_average_indirect_effect(tiny_gpt2):
     facts = known + [wrong]
     noise = noise_level(tiny_gpt2, facts)
     res = average_indirect_effect(tiny_gpt2, facts, window=2, samples=2, seed=4, progress=False)
+    # the default in a notebook: a progress bar over the facts, counting each once
+    shown = average_indirect_effect(tiny_gpt2, facts, window=2, samples=2, seed=4, progress=True)
+    assert torch.equal(shown.aie, res.aie)
     assert isinstance(res, AverageEffect)
     assert res.n_facts == 2 and res.n_skipped == 1 and res.noise == pytest.approx(noise)
     assert res.aie.shape == (3, len(BUCKETS), tiny_gpt2.cfg.n_layers)

@@ -218,7 +218,7 @@ def average_indirect_effect(
                    initial=sum(k in run_log for k in keys) if run_log is not None else 0)
     try:
         records = run_items(list(zip(keys, facts)), Work(setup, compute, local=model), log=run_log,
-                            executor=executor, on_done=bar.update if bar is not None else None)
+                            executor=executor, on_done=(lambda _: bar.update()) if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
