@@ -20,7 +20,8 @@ from kvmem.errors import KvmemError, UnknownFactError
 from kvmem.core.facts import Fact, tokenize_fact
 from kvmem.models import load_model
 from kvmem.recall import fact_recall
-from kvmem.tracing import attribution_trace, average_indirect_effect, causal_trace, noise_level, trace_all
+from kvmem.tracing import (attribution_trace, average_indirect_effect, causal_trace, noise_level, screened_trace,
+                           trace_all)
 from kvmem.neurons import integrated_gradients, knowledge_neurons, neuron_effect
 from kvmem.memories import (
     composition_stats,
@@ -50,6 +51,7 @@ __all__ = [
     "causal_trace",
     "trace_all",
     "attribution_trace",
+    "screened_trace",
     "average_indirect_effect",
     "noise_level",
     "integrated_gradients",

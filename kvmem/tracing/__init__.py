@@ -10,6 +10,7 @@ six token buckets.
 - `average.py`: many facts (token buckets, per-fact run-log records, `average_indirect_effect`);
 - `attribution.py`: the same grids estimated from gradients (attribution patching, AtP*,
   integrated gradients), `attribution_trace` / `attribution_trace_all`;
+- `screened.py`: `screened_trace`, exact cells only where such an estimate ranks a column highest;
 - `results.py`: `CausalTrace`, `TraceSet`, `AverageEffect`; `plots.py`: their figures and views.
 
 ROME conventions kept here (checked against ROME's `experiments/causal_trace.py`):
@@ -49,6 +50,7 @@ from kvmem.tracing.average import (
     token_buckets,
 )
 from kvmem.tracing.attribution import METHODS, attribution_trace, attribution_trace_all
+from kvmem.tracing.screened import screened_trace
 from kvmem.tracing.plots import plot_average_effect, plot_trace, plot_traces, show_traces
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "answer_probability",
     "attribution_trace",
     "attribution_trace_all",
+    "screened_trace",
     "average_indirect_effect",
     "average_records",
     "causal_trace",
