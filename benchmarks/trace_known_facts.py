@@ -51,6 +51,11 @@ def choose_facts(model, name: str, n: int, scan: int, args):
     res = fact_recall(model, pool, batch_size=16, progress=False)
     frame = res.to_frame()
     correct = [f for f, ok in zip(pool, frame["rank"] == 0) if ok]
+    # known_1000 repeats a few (prompt, subject, target) triples: trace each once
+    from kvmem.tracing import fact_key
+
+    seen: set[str] = set()
+    correct = [f for f in correct if not (fact_key(f) in seen or seen.add(fact_key(f)))]
     return correct[:n], len(pool), len(correct)
 
 
