@@ -53,6 +53,20 @@ def test_ig_converges_to_the_exact_cell(tiny_model, kind, window):
     assert fine.method == "ig(k=16)" and exact.method == "exact"
 
 
+def test_atp_windows_sum_the_layers_of_the_exact_traces_window(tiny_gpt2):
+    # on the linear scale a window's AtP estimate is the sum of its layers' single-layer estimates,
+    # over exactly the layers the exact trace restores (`window_layers`, clipped at both ends)
+    from kvmem.tracing.trace import window_layers
+
+    n = tiny_gpt2.cfg.n_layers
+    kw = dict(kind="mlp", noise=0.5, method="atp", scale="prob", **COMMON)
+    one = attribution_trace(tiny_gpt2, FACT, window=1, **kw).indirect_effect.double()
+    for w in (2, 3):
+        est = attribution_trace(tiny_gpt2, FACT, window=w, **kw).indirect_effect.double()
+        expected = torch.stack([one[list(window_layers(l, w, n))].sum(0) for l in range(n)])
+        torch.testing.assert_close(est, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_corrupted_prompt(tiny_gpt2):
     corrupted = "The Colosseum is located in"
     exact = causal_trace(tiny_gpt2, FACT, kind="attn", window=1, corrupted=corrupted, progress=False)
