@@ -150,6 +150,10 @@ def test_average_indirect_effect_by_attribution(factworld, world, tmp_path):
     assert torch.equal(again.aie[ok], est.aie[ok])
     with pytest.raises(Exception, match="other settings"):  # a log of another method is not mixed in
         average_indirect_effect(factworld, facts, method="atp", log=str(log), **kw)
+    # the result says it is an estimate; steps without a method is refused, not ignored
+    assert est.method == "ig(k=16)" and exact.method == "exact"
+    with pytest.raises(InvalidArgumentError, match="steps=16 is the path of an attribution method"):
+        average_indirect_effect(factworld, facts, steps=16, **kw)
 
 
 def test_bad_input(tiny_gpt2):
@@ -174,6 +178,10 @@ def test_cli_trace_method(factworld, tmp_path, capsys):
     assert summary["method"] == "atp" and summary["mlp_peak"]["layer"] in range(4)
     assert (tmp_path / "trace.png").stat().st_size > 0
     assert main(["trace", "--out", str(tmp_path / "x"), "--steps", "4", "--quiet"]) != 0  # --steps needs ig/eap-ig
+    assert "--steps goes with --method" in capsys.readouterr().err
+    # the Ray flags are refused without --facts, not silently ignored
+    assert main(["trace", "--out", str(tmp_path / "y"), "--workers", "2", "--quiet"]) != 0
+    assert "go with --facts FILE" in capsys.readouterr().err
 
 
 def test_diagnose_prescreen_uses_the_attribution_column(factworld, world):
