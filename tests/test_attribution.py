@@ -135,6 +135,37 @@ def test_model_unchanged_and_no_gradients_left(tiny_gated, method):
     assert not [n for n, hp in tiny_gated.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
 
 
+@pytest.mark.parametrize("method", ["atp*", "ig"])
+def test_an_error_mid_pass_leaves_no_hook_and_the_grad_mode(tiny_gated, monkeypatch, method):
+    # a forward that raises halfway (out of memory, a user's hook) must not leave kvmem's hooks on
+    # the user's model, nor gradients switched on
+    from kvmem.tracing import attribution
+
+    real = attribution.forward_rows
+
+    def boom(activation, hook=None):
+        raise RuntimeError("boom")
+
+    def failing(model, run, groups, start_pos, fwd_hooks=()):
+        return real(model, run, groups, start_pos, list(fwd_hooks) + [("blocks.1.hook_resid_pre", boom)])
+
+    def module_hooks():  # every module's hooks, the bridge's cache hand-over pre-hooks included
+        return {n: (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks))
+                for n, m in tiny_gated.named_modules()}
+
+    kw = dict(kind="mlp", window=2, noise=0.5, method=method, steps=None, **COMMON)
+    attribution_trace(tiny_gated, FACT, **kw)  # a bridge wires its own capture hooks on a first forward
+    before = module_hooks()
+    monkeypatch.setattr(attribution, "forward_rows", failing)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="boom"):
+            attribution_trace(tiny_gated, FACT, **kw)
+        assert not torch.is_grad_enabled()
+    assert module_hooks() == before
+    assert not [n for n, hp in tiny_gated.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
+    assert all(p.grad is None for p in tiny_gated.parameters())
+
+
 def test_average_indirect_effect_by_attribution(factworld, world, tmp_path):
     facts = [Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation)
              for f in world.facts("train")[:2]]
