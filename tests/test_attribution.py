@@ -225,5 +225,6 @@ def test_diagnose_prescreen_uses_the_attribution_column(factworld, world):
     noise = noise_level(factworld, [fact])
     est = attribution_trace(factworld, fact, kind="mlp", window=1, noise=noise, samples=3, method="atp")
     torch.testing.assert_close(loc.trace_single[0], est.indirect_effect[:, est.subject.last].double())
-    with pytest.raises(InvalidArgumentError, match="Unknown attribution method"):
+    assert loc.trace_method == "atp" and loc.summary()["trace_method"] == "atp"
+    with pytest.raises(InvalidArgumentError, match="Unknown attribution method.*use 'exact'"):
         diagnose(factworld, fact, samples=3, steps=4, trace_method="fast")
