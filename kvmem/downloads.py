@@ -20,6 +20,7 @@ layout (a mirror, or a local server in the tests).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import urllib.error
@@ -88,7 +89,10 @@ def cached_or_download(name: str, *, cache_dir=None, progress: bool | None = Non
     if path.is_file():
         return path
     url = source_url(source)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(name, path.parent, e) from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         digest = _download(url, tmp, name, progress)
@@ -99,24 +103,53 @@ def cached_or_download(name: str, *, cache_dir=None, progress: bool | None = Non
     return path
 
 
+# what a failed or cut-off connection raises (an HTTP error is a URLError, a cut-off body IncompleteRead)
+_NETWORK_ERRORS = (urllib.error.URLError, OSError, ValueError, http.client.HTTPException)
+
+
 def _download(url: str, dest: Path, name: str, progress: bool | None) -> str:
-    """Stream `url` into `dest`; returns the sha256 of what arrived."""
+    """Stream `url` into `dest`; returns the sha256 of what arrived. The network's failures and the
+    cache's (a full disk, a folder that cannot be written) are told apart: each names what to change."""
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, dest.open("wb") as out:
-            total = response.headers.get("Content-Length")
-            with tqdm(total=int(total) if total else None, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=f"downloading {name}", disable=not config.show_progress(progress)) as bar:
-                while chunk := response.read(1 << 20):
+        response = urllib.request.urlopen(url, timeout=TIMEOUT_S)
+    except _NETWORK_ERRORS as e:
+        raise _offline(name, url, e) from None
+    with response:
+        try:
+            out = dest.open("wb")
+        except OSError as e:
+            raise _unwritable(name, dest.parent, e) from None
+        total = response.headers.get("Content-Length")
+        with out, tqdm(total=int(total) if total else None, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"downloading {name}", disable=not config.show_progress(progress)) as bar:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except _NETWORK_ERRORS as e:
+                    raise _offline(name, url, e) from None
+                if not chunk:
+                    break
+                try:
                     out.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise MissingDataError(
-            f"Could not download {name} from {url} ({reason}). Offline, set {_data_env()} to a folder holding "
-            f"{name} (or pass a path to the file); {URL_ENV} points downloads at a mirror.") from None
+                except OSError as e:
+                    raise _unwritable(name, dest.parent, e) from None
+                h.update(chunk)
+                bar.update(len(chunk))
     return h.hexdigest()
+
+
+def _offline(name: str, url: str, e: BaseException) -> MissingDataError:
+    reason = getattr(e, "reason", None) or e
+    return MissingDataError(
+        f"Could not download {name} from {url} ({reason}). Offline, set {_data_env()} to a folder holding "
+        f"{name} (or pass a path to the file); {URL_ENV} points downloads at a mirror.")
+
+
+def _unwritable(name: str, folder: Path, e: OSError) -> MissingDataError:
+    return MissingDataError(
+        f"Could not save the download of {name} in kvmem's cache {folder} ({e.strerror or e}). Set KVMEM_CACHE "
+        f"to a writable folder with room for it, or {_data_env()} to a folder holding {name}.")
 
 
 def _check(source: Source, path: Path, digest: str, url: str) -> None:

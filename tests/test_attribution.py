@@ -53,6 +53,20 @@ def test_ig_converges_to_the_exact_cell(tiny_model, kind, window):
     assert fine.method == "ig(k=16)" and exact.method == "exact"
 
 
+def test_atp_windows_sum_the_layers_of_the_exact_traces_window(tiny_gpt2):
+    # on the linear scale a window's AtP estimate is the sum of its layers' single-layer estimates,
+    # over exactly the layers the exact trace restores (`window_layers`, clipped at both ends)
+    from kvmem.tracing.trace import window_layers
+
+    n = tiny_gpt2.cfg.n_layers
+    kw = dict(kind="mlp", noise=0.5, method="atp", scale="prob", **COMMON)
+    one = attribution_trace(tiny_gpt2, FACT, window=1, **kw).indirect_effect.double()
+    for w in (2, 3):
+        est = attribution_trace(tiny_gpt2, FACT, window=w, **kw).indirect_effect.double()
+        expected = torch.stack([one[list(window_layers(l, w, n))].sum(0) for l in range(n)])
+        torch.testing.assert_close(est, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_corrupted_prompt(tiny_gpt2):
     corrupted = "The Colosseum is located in"
     exact = causal_trace(tiny_gpt2, FACT, kind="attn", window=1, corrupted=corrupted, progress=False)
@@ -121,6 +135,37 @@ def test_model_unchanged_and_no_gradients_left(tiny_gated, method):
     assert not [n for n, hp in tiny_gated.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
 
 
+@pytest.mark.parametrize("method", ["atp*", "ig"])
+def test_an_error_mid_pass_leaves_no_hook_and_the_grad_mode(tiny_gated, monkeypatch, method):
+    # a forward that raises halfway (out of memory, a user's hook) must not leave kvmem's hooks on
+    # the user's model, nor gradients switched on
+    from kvmem.tracing import attribution
+
+    real = attribution.forward_rows
+
+    def boom(activation, hook=None):
+        raise RuntimeError("boom")
+
+    def failing(model, run, groups, start_pos, fwd_hooks=()):
+        return real(model, run, groups, start_pos, list(fwd_hooks) + [("blocks.1.hook_resid_pre", boom)])
+
+    def module_hooks():  # every module's hooks, the bridge's cache hand-over pre-hooks included
+        return {n: (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks))
+                for n, m in tiny_gated.named_modules()}
+
+    kw = dict(kind="mlp", window=2, noise=0.5, method=method, steps=None, **COMMON)
+    attribution_trace(tiny_gated, FACT, **kw)  # a bridge wires its own capture hooks on a first forward
+    before = module_hooks()
+    monkeypatch.setattr(attribution, "forward_rows", failing)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="boom"):
+            attribution_trace(tiny_gated, FACT, **kw)
+        assert not torch.is_grad_enabled()
+    assert module_hooks() == before
+    assert not [n for n, hp in tiny_gated.hook_dict.items() if hp._forward_hooks or hp._backward_hooks]
+    assert all(p.grad is None for p in tiny_gated.parameters())
+
+
 def test_average_indirect_effect_by_attribution(factworld, world, tmp_path):
     facts = [Fact(f.prompt, f.subject, target_true=f.target, relation_id=f.relation)
              for f in world.facts("train")[:2]]
@@ -136,6 +181,10 @@ def test_average_indirect_effect_by_attribution(factworld, world, tmp_path):
     assert torch.equal(again.aie[ok], est.aie[ok])
     with pytest.raises(Exception, match="other settings"):  # a log of another method is not mixed in
         average_indirect_effect(factworld, facts, method="atp", log=str(log), **kw)
+    # the result says it is an estimate; steps without a method is refused, not ignored
+    assert est.method == "ig(k=16)" and exact.method == "exact"
+    with pytest.raises(InvalidArgumentError, match="steps=16 is the path of an attribution method"):
+        average_indirect_effect(factworld, facts, steps=16, **kw)
 
 
 def test_bad_input(tiny_gpt2):
@@ -160,6 +209,10 @@ def test_cli_trace_method(factworld, tmp_path, capsys):
     assert summary["method"] == "atp" and summary["mlp_peak"]["layer"] in range(4)
     assert (tmp_path / "trace.png").stat().st_size > 0
     assert main(["trace", "--out", str(tmp_path / "x"), "--steps", "4", "--quiet"]) != 0  # --steps needs ig/eap-ig
+    assert "--steps goes with --method" in capsys.readouterr().err
+    # the Ray flags are refused without --facts, not silently ignored
+    assert main(["trace", "--out", str(tmp_path / "y"), "--workers", "2", "--quiet"]) != 0
+    assert "go with --facts FILE" in capsys.readouterr().err
 
 
 def test_diagnose_prescreen_uses_the_attribution_column(factworld, world):
@@ -172,5 +225,6 @@ def test_diagnose_prescreen_uses_the_attribution_column(factworld, world):
     noise = noise_level(factworld, [fact])
     est = attribution_trace(factworld, fact, kind="mlp", window=1, noise=noise, samples=3, method="atp")
     torch.testing.assert_close(loc.trace_single[0], est.indirect_effect[:, est.subject.last].double())
-    with pytest.raises(InvalidArgumentError, match="Unknown attribution method"):
+    assert loc.trace_method == "atp" and loc.summary()["trace_method"] == "atp"
+    with pytest.raises(InvalidArgumentError, match="Unknown attribution method.*use 'exact'"):
         diagnose(factworld, fact, samples=3, steps=4, trace_method="fast")

@@ -83,6 +83,7 @@ def test_trace_dataset_and_resume(factworld, facts_file, tmp_path, capsys, monke
     assert code == 0, err
     aie = json.loads((tmp_path / "full" / "aie.json").read_text())
     assert aie["n_facts"] + aie["n_skipped"] == 4 and set(aie["aie"]) == {"resid", "mlp", "attn"}
+    assert aie["method"] == "exact" and json.loads((tmp_path / "full" / "summary.json").read_text())["method"] == "exact"
     assert (tmp_path / "full" / "aie.png").stat().st_size > 0
 
     # interrupt (Ctrl-C) while tracing the third fact

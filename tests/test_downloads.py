@@ -128,3 +128,15 @@ def test_the_data_folder_comes_first(user, monkeypatch):
     monkeypatch.setenv("KVMEM_DATA", str(folder))
     monkeypatch.setenv(URL_ENV, "http://127.0.0.1:9")  # never asked
     assert data_path(KNOWN) == folder / KNOWN and len(load_known_facts(KNOWN)) == 2
+
+
+def test_an_unwritable_cache_says_so_not_offline(user, monkeypatch):
+    # the cache folder cannot be made (a file is in the way): the error names KVMEM_CACHE, and does
+    # not send the user looking for a network problem
+    (user / "blocker").write_text("a file, not a folder")
+    monkeypatch.setenv("KVMEM_CACHE", str(user / "blocker" / "cache"))
+    with _Server(shared_data(KNOWN).parent) as server:
+        monkeypatch.setenv(URL_ENV, server.url)
+        with pytest.raises(MissingDataError, match="KVMEM_CACHE to a writable folder") as e:
+            load_known_facts(KNOWN)
+        assert "Could not download" not in str(e.value) and server.hits == {}

@@ -176,6 +176,31 @@ def test_an_item_that_keeps_killing_its_worker_stops_the_run(local_ray, tmp_path
     assert ex.restarts == 1 and set(_log_lines(tmp_path / "log.jsonl")) == {"k0", "k1", "k2", "k4"}
 
 
+def _die_once(state, x):
+    """Kills its worker the first time it sees item x in ("a", "b"), then computes it."""
+    marker = state["markers"] / f"{x}.died"
+    if x in ("a", "b") and not marker.exists():
+        marker.touch()
+        os._exit(1)
+    return {"x": x}
+
+
+def test_only_the_item_a_worker_was_running_counts_a_try(local_ray, tmp_path):
+    # "a" and "b" are on the worker together; "a" kills it, then (on the new worker) "b" kills it
+    # once. Each used its one retry; the item queued behind a death did nothing wrong and must not
+    # be charged for it (charged, "b" or "a" would count two deaths and stop the run)
+    from functools import partial
+
+    ex = RayExecutor(workers=1, max_retries=1)
+    try:
+        out = run_items([(k, k) for k in ("a", "b", "c")], Work(partial(dict, markers=tmp_path), _die_once), executor=ex)
+    finally:
+        ex.close()
+    assert out == {k: {"x": k} for k in ("a", "b", "c")} and ex.restarts == 2
+    with pytest.raises(ExecutorError, match="no setup"):
+        run_items([("a", 1)], Work(None, _square, local={}), executor=RayExecutor(workers=1))
+
+
 def test_a_worker_with_other_weights_or_code_it_cannot_import_stops_the_run(pool, factworld, tmp_path, monkeypatch):
     from kvmem.executors.work import load_on_worker, model_source
     from functools import partial

@@ -26,6 +26,9 @@ def test_samples_are_seeded_cached_and_checked(tiny_gpt2, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(CacheError, match="delete the file"):
         model_samples(tiny_gpt2, 300, seed=1, length=16, cache_dir=tmp_path)
+    (tmp_path / "file").write_text("")  # a cache folder that cannot be made: the error says what to set
+    with pytest.raises(CacheError, match="KVMEM_CACHE"):
+        model_samples(tiny_gpt2, 300, seed=1, length=16, cache_dir=tmp_path / "file" / "cache", progress=False)
 
 
 def test_default_corpus_needs_no_download(tmp_path, monkeypatch, tiny_gpt2):

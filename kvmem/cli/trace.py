@@ -12,10 +12,14 @@ from kvmem.cli import batch, common, options, runtime
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    if getattr(args, "method", "exact") == "exact" and getattr(args, "steps", None) is not None:
+        raise InvalidArgumentError("--steps goes with --method ig or eap-ig.")  # before the model loads
     if args.facts:
         return _trace_dataset(args)
-    if args.on_error != "stop" or args.limit is not None or args.restart or args.executor != "serial":
-        raise InvalidArgumentError("--limit, --on-error, --restart and --executor go with --facts FILE (dataset mode).")
+    ray_flags = args.executor != "serial" or args.address or args.workers or args.gpus_per_worker
+    if args.on_error != "stop" or args.limit is not None or args.restart or ray_flags:
+        raise InvalidArgumentError("--limit, --on-error, --restart and --executor (--address, --workers, "
+                                   "--gpus-per-worker) go with --facts FILE (dataset mode).")
     common.no_display()
     from kvmem.pipelines.four_views import trace_peak
     from kvmem.tracing import trace_all
@@ -26,8 +30,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
     fact = options.single_fact(args)
     method = getattr(args, "method", "exact")
     if method == "exact":
-        if getattr(args, "steps", None) is not None:
-            raise InvalidArgumentError("--steps goes with --method ig or eap-ig.")
         traces = trace_all(model, fact, window=args.window, kinds=args.kinds, samples=args.samples, seed=args.seed,
                            progress=not args.quiet)
     else:
@@ -52,7 +54,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def _aie_json(result) -> dict:
     return {
-        "kinds": list(result.kinds), "buckets": list(result.buckets), "window": result.window,
+        "method": result.method, "kinds": list(result.kinds), "buckets": list(result.buckets), "window": result.window,
         "samples": result.samples, "noise": result.noise, "n_facts": result.n_facts, "n_skipped": result.n_skipped,
         "p_clean": result.p_clean, "p_corrupt": result.p_corrupt, "counts": result.counts.tolist(),
         "aie": {k: {b: result.aie[i, j].tolist() for j, b in enumerate(result.buckets)}
@@ -97,9 +99,11 @@ def _trace_dataset(args: argparse.Namespace) -> int:
     common.write_json(out / "aie.json", _aie_json(result))
     common.write_json(out / "facts.json", [common.strip_timing(logged[batch.key(r)]) | {"record": r.file_index}
                                            for r in records])
+    estimated = "" if result.method == "exact" else f", estimated by {result.method}"
     common.write_figure(out / "aie.png", result.plot(title=f"{args.model}: {result.n_facts} facts "
-                                                           f"({result.n_skipped} answered wrongly, skipped)"))
-    summary = {"command": "trace", "model": args.model, "facts_file": str(args.facts), "n_records": len(records),
+                                                           f"({result.n_skipped} answered wrongly, skipped{estimated})"))
+    summary = {"command": "trace", "model": args.model, "method": result.method, "facts_file": str(args.facts),
+               "n_records": len(records),
                "n_traced": result.n_facts, "n_wrong": result.n_skipped, "skipped_records": skipped,
                "p_clean": result.p_clean, "p_corrupt": result.p_corrupt}
     common.write_json(out / "summary.json", summary)

@@ -29,6 +29,13 @@ class TokenizerSpec:
     def prepends_bos(self) -> bool:
         return self.bos_id is not None
 
+    @property
+    def sample_start_id(self) -> int | None:
+        """The token free text is sampled from (ROME's prefixes, the model's own corpus, context
+        before a prompt): the start token the model prepends, else end-of-text; None when the
+        tokenizer has neither."""
+        return self.bos_id if self.bos_id is not None else self.tokenizer.eos_token_id
+
 
 def spec_for(model_or_spec: Any) -> TokenizerSpec:
     """The tokenization spec of a HookedTransformer (or a spec passed through unchanged)."""

@@ -65,7 +65,7 @@ def model_samples(
         raise InvalidArgumentError(f"length must be in [2, {int(model.cfg.n_ctx) - 1}] (the model's context), "
                                    f"got {length}.")
     spec = spec_for(model)
-    start = spec.bos_id if spec.bos_id is not None else spec.tokenizer.eos_token_id
+    start = spec.sample_start_id
     if start is None:
         raise InvalidArgumentError("The model's tokenizer has neither a start nor an end-of-text token to "
                                    "sample from; pass a corpus instead.")
@@ -95,11 +95,14 @@ def _checksum(docs: list[str]) -> str:
 
 
 def _save(path: Path, key: str, docs: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT_VERSION, "key": key, "sha256": _checksum(docs), "docs": docs},
-                              ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    from kvmem.models.cache import write_json_atomic  # a reader never sees half a file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"format": FORMAT_VERSION, "key": key, "sha256": _checksum(docs), "docs": docs})
+    except OSError as e:
+        raise CacheError(f"Cannot cache the model samples in {path.parent} ({e.strerror or e}); set KVMEM_CACHE "
+                         "(or cache_dir) to a writable folder.") from None
 
 
 def _load(path: Path, key: str) -> list[str]:

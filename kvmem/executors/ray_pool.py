@@ -172,6 +172,9 @@ class RayExecutor:
     def map(self, work, items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Outcome]]:
         """(key, outcome) of each item, in the order they finish. The workers stay up for the next
         run (`close` stops them) unless this one is interrupted or fails."""
+        if work.setup is None:
+            raise ExecutorError("This work has no setup, so a Ray worker cannot build its state (the model); "
+                                "give Work a setup (kvmem.executors.model_setup) or use executor='serial'.")
         ray = connect(self.address)
         from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
@@ -191,12 +194,18 @@ class RayExecutor:
                     other.close()  # its idle workers would keep these from starting
             self.actors += [self._start(ray, key, work_ref) for _ in range(size - len(self.actors))]
         tries: dict[str, int] = {}
-        inflight: dict = {}  # object ref -> (worker slot, its actor, key, item)
+        inflight: dict = {}  # object ref -> (worker slot, its actor, key, item, submission number)
+        # id of a dead actor -> (the actor, the key of the item it was running when it died: the
+        # only one to blame)
+        running_when_died: dict = {}
+        submitted = 0
 
         def submit(slot: int) -> None:
+            nonlocal submitted
             while queue and sum(1 for s, *_ in inflight.values() if s == slot) < IN_FLIGHT:
                 item_key, item = queue.popleft()
-                inflight[self.actors[slot].run.remote(item)] = (slot, self.actors[slot], item_key, item)
+                submitted += 1
+                inflight[self.actors[slot].run.remote(item)] = (slot, self.actors[slot], item_key, item, submitted)
 
         finished = False
         self.running = True
@@ -205,7 +214,7 @@ class RayExecutor:
                 submit(slot)
             while inflight:
                 (ref,), _ = ray.wait(list(inflight), num_returns=1)
-                slot, actor, item_key, item = inflight.pop(ref)
+                slot, actor, item_key, item, number = inflight.pop(ref)
                 try:
                     status, value = ray.get(ref)
                 except died as e:
@@ -214,9 +223,15 @@ class RayExecutor:
                             f"A Ray worker could not start ({_first_lines(e)}). Install the same kvmem (and the "
                             "code the work refers to) on every node of the cluster."
                         ) from None
-                    # the worker died: a new one takes its items
-                    tries[item_key] = tries.get(item_key, 0) + 1
-                    if tries[item_key] > self.max_retries:
+                    # the worker died: a new one takes its items. Only the item it was running counts
+                    # a try: an actor runs its calls in order, so that is the earliest submitted of its
+                    # items not yet returned; the item queued behind it did nothing wrong.
+                    if id(actor) not in running_when_died:  # (the actor kept in the value: its id stays its own)
+                        mine = [(n, k) for _, a, k, _, n in inflight.values() if a is actor] + [(number, item_key)]
+                        running_when_died[id(actor)] = (actor, min(mine)[1])
+                    if running_when_died[id(actor)][1] == item_key:
+                        tries[item_key] = tries.get(item_key, 0) + 1
+                    if tries.get(item_key, 0) > self.max_retries:
                         raise ExecutorError(f"Item {item_key!r}: its worker died {tries[item_key]} times (last: "
                                             f"{type(e).__name__}); stopped after {self.max_retries} retries. "
                                             "A worker running out of memory on this item is the usual cause.") from None

@@ -139,8 +139,11 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file, so a reader never sees half of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no temporary file behind
 
 
 def hash_files(folder: Path) -> dict[str, dict[str, Any]]:

@@ -126,6 +126,8 @@ class Localization:
     known: bool = True
     # `kvmem.predict_interference` of the edit at the peak layer (`diagnose(..., interference_stats=)`)
     interference: object = field(default=None, repr=False)
+    # how the causal-trace profiles were made: "exact", or the attribution method that estimated them
+    trace_method: str = "exact"
 
     @property
     def n_layers(self) -> int:
@@ -154,6 +156,7 @@ class Localization:
             **{f"peak_{k}": v for k, v in self.peak_layers.items()},
             **({} if self.interference is None else
                {"interference_risk": self.interference.risk, "interference_lam_max": self.interference.lam_max}),
+            **({} if self.trace_method == "exact" else {"trace_method": self.trace_method}),
         }
 
     def to_frame(self):
@@ -292,6 +295,12 @@ def diagnose(
     if not isinstance(fact, Fact):
         raise InvalidArgumentError(f"Expected a kvmem.Fact, got {type(fact).__name__}.")
     fact.target("true")  # EmptyTargetError when missing
+    if trace_method != "exact":  # checked before any work
+        from kvmem.tracing.attribution import METHODS
+
+        if trace_method not in METHODS:
+            raise InvalidArgumentError(f"Unknown attribution method {trace_method!r} for trace_method; use 'exact' "
+                                       f"or one of {', '.join(METHODS)}.")
     if isinstance(paraphrases, (str, Fact)):
         paraphrases = [paraphrases]
     candidates = [fact] + [_as_fact(fact, p) for p in paraphrases]
@@ -361,6 +370,7 @@ def diagnose(
         layer_share=p, peak_layer=peak, peak_share=0.0 if no_effect else float(p[peak]), entropy=entropy,
         concentration=concentration, jaccard=jac, score=0.0 if no_effect else math.sqrt(max(concentration, 0.0) * jac),
         peak_layers=peak_layers, no_effect=no_effect, known=bool(known[0]), interference=interference,
+        trace_method=trace_method,
     )
 
 

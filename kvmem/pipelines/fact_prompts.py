@@ -62,7 +62,7 @@ def paraphrase_prompts(model, fact: Fact, *, n: int = N_PARAPHRASES, context_tok
     if n < 1 or context_tokens < 1:
         raise InvalidArgumentError("Need n ≥ 1 paraphrases of ≥ 1 context token.")
     spec = spec_for(model)
-    start = spec.bos_id if spec.bos_id is not None else spec.tokenizer.eos_token_id
+    start = spec.sample_start_id
     if start is None:
         raise InvalidArgumentError("The tokenizer has no start or end-of-text token to sample context from.")
     gen = torch.Generator().manual_seed(seed)

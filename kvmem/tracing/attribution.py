@@ -110,10 +110,6 @@ def _nodes(steps: int, dtype, device) -> Tensor:
     return ((torch.arange(steps, dtype=torch.float64) + 0.5) / steps).to(dtype=dtype, device=device)
 
 
-def _window(kind: str, window: int, layer: int, n_layers: int) -> range:
-    return range(layer, layer + 1) if window == 1 else window_layers(layer, window, n_layers)
-
-
 # --------------------------------------------------------------------------------------------
 # Gradients of the metric at every site of a whole run (atp, atp*, eap-ig)
 
@@ -197,10 +193,10 @@ def _first_order(grad: Tensor, base: RecordedRun, source: RecordedRun, component
     return (delta.float() * grad.float()).sum(-1)
 
 
-def _window_sum(site: Tensor, kind: str, window: int) -> Tensor:
+def _window_sum(site: Tensor, window: int) -> Tensor:
     """Per-site effects `[layer, row, pos]` summed over each layer's window: `[layer, row, pos]`."""
     n_layers = site.shape[0]
-    return torch.stack([site[list(_window(kind, window, l, n_layers))].sum(0) for l in range(n_layers)])
+    return torch.stack([site[list(window_layers(l, window, n_layers))].sum(0) for l in range(n_layers)])
 
 
 def answer_logprob(answer_id: int):
@@ -212,14 +208,20 @@ def answer_logprob(answer_id: int):
     return metric
 
 
+def _scale_metric(prepared: PreparedFact, scale: str):
+    """The metric the gradient methods linearise: p ("prob") or log p ("logprob")."""
+    return answer_probability(prepared.answer_id) if scale == "prob" else answer_logprob(prepared.answer_id)
+
+
 def _gradient_cells(
     model, prepared: PreparedFact, base: RecordedRun, spec: Sequence[TraceSpec], method: str, steps: int,
-    scale: str,
+    scale: str, p_rows: Tensor,
 ) -> Tensor:
     """Cells `[spec, layer, pos]` (the change of the answer's probability, averaged over base rows)
     of "atp", "atp*" or "eap-ig". `scale` "logprob": each row's first-order change of log p,
-    mapped back to a probability `min(1, p_row * exp(change))`; "prob": the first-order change of p."""
-    metric = answer_probability(prepared.answer_id) if scale == "prob" else answer_logprob(prepared.answer_id)
+    mapped back to a probability `min(1, p_row * exp(change))` (`p_rows`: the base rows' p);
+    "prob": the first-order change of p."""
+    metric = _scale_metric(prepared, scale)
     clean = prepared.clean
     components = sorted({COMPONENT_OF_KIND[kind] for kind, _, _ in spec})
     if method == "eap-ig":
@@ -232,13 +234,12 @@ def _gradient_cells(
         tables = [{c: g / steps for c, g in tables_sum.items()}]
     else:
         _, tables = _site_grads(model, base, base.resid[0], metric, components, drop_layers=method == "atp*")
-    with torch.no_grad():
-        p_rows = answer_probability(prepared.answer_id)(base.final_logits(model)).float()[None, :, None]
+    p_rows = p_rows.float()[None, :, None]
     cells = []
     for kind, window, _ in spec:
         c = COMPONENT_OF_KIND[kind]
         # per (layer, row, pos): each row's estimated change of the metric
-        estimates = [_window_sum(_first_order(t[c], base, clean, c), kind, window) for t in tables]
+        estimates = [_window_sum(_first_order(t[c], base, clean, c), window) for t in tables]
         if method == "atp*":
             plain, dropped = estimates[0], torch.stack(estimates[1:])
             est = torch.where(plain < 0, -1.0, 1.0) * dropped.abs().mean(0)
@@ -256,12 +257,12 @@ def _gradient_cells(
 
 def _ig_cells(
     model, prepared: PreparedFact, base: RecordedRun, spec: Sequence[TraceSpec], steps: int,
-    positions: Sequence[int], memory_budget: int, batch_size: int | None, scale: str,
+    positions: Sequence[int], memory_budget: int, batch_size: int | None, scale: str, p_rows: Tensor,
 ) -> Tensor:
     """Cells `[spec, layer, pos]` of "ig": each cell's window patch integrated along its straight
     path, `steps` midpoint nodes, one patched row per (cell, base row, node), as the exact trace's
     rows (starting at the window's first layer and the cell's position)."""
-    metric = answer_probability(prepared.answer_id) if scale == "prob" else answer_logprob(prepared.answer_id)
+    metric = _scale_metric(prepared, scale)
     clean = prepared.clean
     n_layers, n_pos, read = model.cfg.n_layers, base.n_pos, base.n_pos - 1
     dtype = base.resid.dtype
@@ -272,7 +273,7 @@ def _ig_cells(
     for k, (kind, window, _) in enumerate(spec):
         comp = COMPONENT_OF_KIND[kind]
         for layer in range(n_layers):
-            sites = list(_window(kind, window, layer, n_layers))
+            sites = list(window_layers(layer, window, n_layers))
             entry = sites[0] + 1 if comp == "resid_post" else sites[0]
             for pos in positions:
                 for r in range(base.n_rows):
@@ -291,8 +292,7 @@ def _ig_cells(
             for (k, layer, pos, r, a, _), v in zip(chunk, grads_delta.tolist()):
                 out[k, layer, pos, r] += v / steps
     if scale == "logprob":
-        with torch.no_grad():
-            p_rows = answer_probability(prepared.answer_id)(base.final_logits(model)).double().cpu()
+        p_rows = p_rows.double().cpu()
         out = (p_rows * out.exp()).clamp(max=1.0) - p_rows
     return out.mean(-1)
 
@@ -307,7 +307,7 @@ def _ig_chunk(model, base, clean, spec, chunk, alphas, metric, t0: int, read: in
         kind, window, _ = spec[k]
         comp = COMPONENT_OF_KIND[kind]
         src = r if clean.n_rows == base.n_rows else 0
-        for j in _window(kind, window, layer, n_layers):
+        for j in window_layers(layer, window, n_layers):
             b = base.activation(comp, j)[r, pos]
             d = clean.activation(comp, j)[src, pos] - b
             leaves.append((b + alphas[a] * d).detach())
@@ -370,13 +370,13 @@ def attribution_prepared(
     run). Scores are `p_corrupt + estimated effect`; unrequested positions are NaN."""
     n_layers, n_pos = model.cfg.n_layers, prepared.tf.n_tokens
     cols = list(range(n_pos)) if positions is None else list(positions)
-    metric = answer_probability(prepared.answer_id)
-    with torch.no_grad():
-        p_corrupt = float(metric(base.final_logits(model)).float().mean())
+    with torch.no_grad():  # the corrupted run's logits, unembedded once per call
+        p_rows = answer_probability(prepared.answer_id)(base.final_logits(model)).float()
+    p_corrupt = float(p_rows.mean())
     if method == "ig":
-        cells = _ig_cells(model, prepared, base, spec, steps, cols, memory_budget, batch_size, scale)
+        cells = _ig_cells(model, prepared, base, spec, steps, cols, memory_budget, batch_size, scale, p_rows)
     else:
-        cells = _gradient_cells(model, prepared, base, spec, method, steps, scale)
+        cells = _gradient_cells(model, prepared, base, spec, method, steps, scale, p_rows)
     scores = torch.full((len(spec), n_layers, n_pos), float("nan"), dtype=torch.float32)
     scores[:, :, cols] = (p_corrupt + cells.double()[:, :, cols]).float().cpu()
     tf = prepared.tf

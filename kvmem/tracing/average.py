@@ -93,10 +93,12 @@ def fact_record(prepared: PreparedFact, traces: Sequence[CausalTrace] | None) ->
 
 
 def average_records(
-    records: Sequence[dict], kinds: tuple[str, ...], n_layers: int, *, noise: float, window: int, samples: int
+    records: Sequence[dict], kinds: tuple[str, ...], n_layers: int, *, noise: float, window: int, samples: int,
+    method: str = "exact",
 ) -> AverageEffect:
     """The `AverageEffect` of per-fact records (`fact_record`): facts answered wrongly are
-    skipped; each bucket averages over the facts that have it."""
+    skipped; each bucket averages over the facts that have it. `method`: how the records' grids
+    were computed ("exact", or `kvmem.tracing.attribution.method_label`)."""
     used = [r for r in records if r["correct"]]
     ie_sum = torch.zeros(len(kinds), len(BUCKETS), n_layers, dtype=torch.float64)
     score_sum = torch.zeros_like(ie_sum)
@@ -130,6 +132,7 @@ def average_records(
         noise=noise,
         window=window,
         samples=samples,
+        method=method,
     )
 
 
@@ -169,17 +172,22 @@ def average_indirect_effect(
 
     `method`: None traces exactly (`trace_prepared`); "atp", "atp*", "ig" or "eap-ig" estimates
     each fact's grids from gradients (`kvmem.tracing.attribution`, `steps` as there), on the same
-    noise samples.
+    noise samples; the result's `method` says which.
 
     `executor`: where the facts are traced (`kvmem.executors`): None or "serial" in this process,
     "ray" (or a `RayExecutor`) on Ray workers that load the model by the name `kvmem.load_model`
     recorded; the records, and so the average, do not depend on the executor.
     """
     check_trace_args(model, samples, noise, seed)
+    label = "exact"
     if method is not None:
-        from kvmem.tracing.attribution import check_method
+        from kvmem.tracing.attribution import check_method, method_label
 
         steps = check_method(method, steps)
+        label = method_label(method, steps)
+    elif steps is not None:
+        raise InvalidArgumentError(f"steps={steps!r} is the path of an attribution method: pass method='ig' or "
+                                   "'eap-ig' with it, or leave steps out for exact tracing.")
     facts = list(facts)
     if not facts:
         raise InvalidArgumentError("average_indirect_effect needs at least one fact.")
@@ -226,7 +234,8 @@ def average_indirect_effect(
         for category, message in fact_remarks(model, [facts[i]], [records[key]], first=i):
             warnings.warn(message, category, stacklevel=2)
     return average_records(
-        [records[k] for k in keys], kinds, model.cfg.n_layers, noise=float(noise), window=window, samples=samples
+        [records[k] for k in keys], kinds, model.cfg.n_layers, noise=float(noise), window=window, samples=samples,
+        method=label,
     )
 
 

@@ -144,6 +144,8 @@ class AverageEffect:
     noise: float
     window: int
     samples: int
+    # "exact", else the attribution method that estimated every fact's grids (`CausalTrace.method`)
+    method: str = "exact"
 
     def __getitem__(self, kind: str) -> Float[Tensor, "bucket layer"]:
         if kind not in self.kinds:

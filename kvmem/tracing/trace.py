@@ -8,7 +8,7 @@ evaluates the restorations of one or several kinds through the shared engine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
@@ -73,7 +73,9 @@ def kind_windows(model, kinds: Sequence[str], window: int | None) -> list[TraceS
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """ROME's window around `layer`: `[layer - window//2, layer + window - window//2)`, clipped."""
+    """ROME's window around `layer`: `[layer - window//2, layer + window - window//2)`, clipped
+    (window 1: `layer` alone). The one definition: exact traces and their attribution estimates
+    restore these layers."""
     return range(max(0, layer - window // 2), min(n_layers, layer + window - window // 2))
 
 
@@ -117,6 +119,8 @@ class PreparedFact:
     answer: str
     correct: bool | None  # the model's top token is the target's first token (None: no target)
     p_clean: float
+    # next-token logits of the clean run (`[d_vocab]`), kept so that checks do not unembed it again
+    clean_logits: Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @torch.no_grad()
@@ -139,7 +143,7 @@ def prepare_fact(model, fact: Fact, *, require_target: bool = False) -> Prepared
     else:
         answer_id, correct = top, None
     p_clean = float(torch.softmax(logits.float(), -1)[answer_id])
-    return PreparedFact(tf, clean, answer_id, model.tokenizer.decode([answer_id]), correct, p_clean)
+    return PreparedFact(tf, clean, answer_id, model.tokenizer.decode([answer_id]), correct, p_clean, logits)
 
 
 @torch.no_grad()
@@ -150,8 +154,8 @@ def warn_target(model, prepared: PreparedFact) -> None:
     tf = prepared.tf
     if tf.fact.target_true is None:
         return
-    check = target_check_from_logits(model, tf.fact.prompt, tf.fact.target_true, tf.target_ids,
-                                     prepared.clean.final_logits(model)[0])
+    logits = prepared.clean_logits if prepared.clean_logits is not None else prepared.clean.final_logits(model)[0]
+    check = target_check_from_logits(model, tf.fact.prompt, tf.fact.target_true, tf.target_ids, logits)
     check.warn("causal tracing", stacklevel=5)  # the caller of causal_trace / trace_all
 
 
@@ -194,7 +198,7 @@ def trace_interventions(
     component = COMPONENT_OF_KIND[kind]
     out = []
     for layer in range(n_layers):
-        layers = range(layer, layer + 1) if window == 1 else window_layers(layer, window, n_layers)
+        layers = window_layers(layer, window, n_layers)  # window 1: the layer itself
         for pos in positions:
             restore = tuple(Site(component, l, pos) for l in layers)
             freeze = ()
