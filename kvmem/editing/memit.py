@@ -90,11 +90,10 @@ class MemitHparams:
     @classmethod
     def from_dict(cls, d: dict) -> "MemitHparams":
         d = dict(d)
-        v = dict(d.pop("value"))
-        v["prefixes"] = tuple(tuple(p) for p in v["prefixes"])
+        value = RomeHparams.from_dict(d.pop("value"))
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
-        return cls(value=RomeHparams(**v), **d)
+        return cls(value=value, **d)
 
 
 def _value_preset(name: str) -> RomeHparams:

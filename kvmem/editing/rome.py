@@ -122,6 +122,13 @@ class RomeHparams:
     def n_contexts(self) -> int:
         return 1 + sum(c for _, c in self.prefixes)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RomeHparams":
+        """The settings `dataclasses.asdict` wrote to JSON (an edit file, a saved session)."""
+        d = dict(d)
+        d["prefixes"] = tuple(tuple(p) for p in d["prefixes"])
+        return cls(**d)
+
 
 PRESETS: dict[str, RomeHparams] = {
     "gpt2-xl": RomeHparams(layer=17, layer_source="ROME code hparams/ROME/gpt2-xl.json (causal-tracing peak)"),
@@ -254,13 +261,12 @@ class Edit:
         if meta.get("format") != "kvmem.rome_edit":
             raise CacheError(f"Edit file {path} holds a {meta.get('format')!r}, not a ROME edit; use kvmem.load_edit.")
         hp = json.loads(meta["hparams"])
-        hp["prefixes"] = tuple(tuple(p) for p in hp["prefixes"])
         return cls(
             layer=int(meta["layer"]),
             u=tensors["u"], lam=tensors["lam"], k_star=tensors["k_star"], v_star=tensors["v_star"],
             request=Fact(**json.loads(meta["request"])),
             model_fingerprint=meta["model_fingerprint"],
-            hparams=RomeHparams(**hp),
+            hparams=RomeHparams.from_dict(hp),
             loss_trace=tensors["loss_trace"],
             seconds=float(meta["seconds"]),
             weights_fingerprint=meta.get("weights_fingerprint"),

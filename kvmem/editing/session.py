@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kvmem.core.facts import Fact
-from kvmem.core.fingerprint import model_fingerprint
+from kvmem.core.fingerprint import matrix_digest, model_fingerprint
 from kvmem.core.weights import mlp_weights
 from kvmem.editing.apply import _stack, apply_edit
 from kvmem.editing.memit import MemitHparams, check_layers, compute_memit_edit, memit_hparams
@@ -258,7 +258,7 @@ class EditSession:
         meta = {"format": SESSION_FORMAT, "method": self.method, "layers": list(self.layers),
                 "hparams": asdict(self.hparams), "fingerprint0": self.fingerprint0, "n_edit_files": len(self.edits),
                 "written": [[k[0], k[1], v] for k, v in self._written.items()], "prefixes": self.prefixes,
-                "stats": {str(l): _digest(C) for l, C in self._C.items()}}
+                "stats": {str(l): matrix_digest(C) for l, C in self._C.items()}}
         (path / "session.json").write_text(json.dumps(meta, indent=1))
         return path
 
@@ -278,10 +278,10 @@ class EditSession:
             raise InvalidArgumentError(f"{path} holds no kvmem edit session.")
         if model_fingerprint(model) != meta["fingerprint0"]:
             raise ModelMismatchError("resume needs the model as it was when the session started (fingerprint mismatch).")
-        hp = (RomeHparams(**{**meta["hparams"], "prefixes": tuple(tuple(p) for p in meta["hparams"]["prefixes"])})
-              if meta["method"] == "rome" else MemitHparams.from_dict(meta["hparams"]))
+        hp = (RomeHparams.from_dict(meta["hparams"]) if meta["method"] == "rome"
+              else MemitHparams.from_dict(meta["hparams"]))
         s = cls(model, meta["method"], stats=stats, corpus=corpus, n_tokens=n_tokens, layers=meta["layers"], hparams=hp)
-        if {str(l): _digest(C) for l, C in s._C.items()} != meta["stats"]:
+        if {str(l): matrix_digest(C) for l, C in s._C.items()} != meta["stats"]:
             raise ModelMismatchError("The statistics differ from the saved session's; pass the same stats (or corpus).")
         s.prefixes = list(meta["prefixes"])
         for i in range(meta["n_edit_files"]):
@@ -293,12 +293,6 @@ class EditSession:
         s._written = {(a, b): v for a, b, v in meta["written"]}
         s._fp_after = model_fingerprint(model)
         return s
-
-
-def _digest(C: Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(C.double().cpu().contiguous().numpy().tobytes()).hexdigest()[:20]
 
 
 __all__ = ["EditSession", "SessionStep", "METHODS"]

@@ -59,9 +59,10 @@ from tqdm.auto import tqdm
 
 from kvmem import config
 from kvmem.editing.apply import apply_edit
-from kvmem.core.fingerprint import model_fingerprint
+from kvmem.core.fingerprint import matrix_digest, model_fingerprint
 from kvmem.editing.memit import MemitHparams, compute_memit_edit, memit_hparams
 from kvmem.editing.nullspace import null_space
+from kvmem.editing.requests import find_repeats, request_key
 from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
 from kvmem.editing.stats import SecondMoment
 from kvmem.errors import DuplicateRequestError, InvalidArgumentError, KvmemError
@@ -171,38 +172,25 @@ class StressResult:
 # Requests
 
 
-def _request_key(f: Fact) -> tuple[str, str]:
-    return (f.subject, f.relation_id if f.relation_id is not None else f.prompt)
-
-
 def check_requests(requests: Sequence[Fact], *, on_conflict: str = "raise") -> tuple[list[int], list[dict]]:
     """Indices of the requests to edit, and the skipped ones with their reason.
 
     Two requests are the same fact when subject and relation (or, without `relation_id`, subject
-    and prompt) agree. A repeat with the same `target_new` is a duplicate, one with a different
-    `target_new` a conflict (the later edit would silently overwrite the earlier one). With
-    `on_conflict="raise"` either raises `DuplicateRequestError`; with "skip" the first request
-    is kept and the later ones are reported as skipped.
+    and prompt) agree (`kvmem.editing.requests.find_repeats`). A repeat with the same `target_new`
+    is a duplicate, one with a different `target_new` a conflict (the later edit would silently
+    overwrite the earlier one). With `on_conflict="raise"` either raises `DuplicateRequestError`;
+    with "skip" the first request is kept and the later ones are reported as skipped.
     """
     if on_conflict not in ("raise", "skip"):
         raise InvalidArgumentError(f"on_conflict must be 'raise' or 'skip', got {on_conflict!r}.")
-    first: dict[tuple[str, str], int] = {}
-    keep, skipped, problems = [], [], []
-    for i, f in enumerate(requests):
-        if not isinstance(f, Fact):
-            raise InvalidArgumentError(f"Request {i} is a {type(f).__name__}, not a kvmem.Fact with target_new.")
-        f.target("new")  # EmptyTargetError when missing
-        key = _request_key(f)
-        if key in first:
-            j = first[key]
-            same = requests[j].target_new.strip() == f.target_new.strip()
-            why = (f"duplicate of request {j}" if same else
-                   f"conflicts with request {j} ({requests[j].target_new!r} vs {f.target_new!r})")
-            problems.append(f"request {i} ({f.subject!r}, {key[1]!r}) {why}")
-            skipped.append({"index": i, "subject": f.subject, "skipped": why})
-            continue
-        first[key] = i
-        keep.append(i)
+    keep, repeats = find_repeats(requests)
+    skipped, problems = [], []
+    for r in repeats:
+        f, j = requests[r.index], r.first
+        why = (f"duplicate of request {j}" if r.same else
+               f"conflicts with request {j} ({requests[j].target_new!r} vs {f.target_new!r})")
+        problems.append(f"request {r.index} ({f.subject!r}, {request_key(f)[1]!r}) {why}")
+        skipped.append({"index": r.index, "subject": f.subject, "skipped": why})
     if problems and on_conflict == "raise":
         raise DuplicateRequestError(
             f"{len(problems)} request(s) edit a fact that an earlier request already edits: "
@@ -436,7 +424,7 @@ def stress_edits(
         "neighborhood": _requests_hash(neighbours), "known": _requests_hash(known),
         "gen_prompts": hashlib.sha256(json.dumps(gen_prompts).encode()).hexdigest(), "gen_tokens": gen_tokens,
         "collapse_frac": collapse_frac, "on_conflict": on_conflict,
-        "stats": {str(l): hashlib.sha256(C.double().cpu().numpy().tobytes()).hexdigest()[:20] if C is not None else None
+        "stats": {str(l): matrix_digest(C) if C is not None else None
                   for l, C in sorted(Cs.items())},
     }
     if batched:  # only for these methods, so that logs of ROME runs keep resuming
