@@ -30,7 +30,8 @@ from kvmem.editing import (
     null_space,
     second_moment,
 )
-from kvmem.errors import DuplicateRequestError, InvalidArgumentError, LayerOutOfRangeError, ModelMismatchError
+from kvmem.errors import (DuplicateRequestError, InvalidArgumentError, LayerOutOfRangeError, ModelMismatchError,
+                          SingularStatisticsError)
 from reference import ENGLISH_SENTENCES  # tests/reference.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,6 +216,9 @@ def test_bad_batches(tiny):
         compute_memit_edit(model, [REQUEST], stats=stats, layers=[1, 7], hparams=hp)
     with pytest.raises(InvalidArgumentError, match="no C for edit layer"):
         compute_memit_edit(model, [REQUEST], stats={1: stats[1]}, hparams=hp)
+    zeros = {l: torch.zeros(model.cfg.d_mlp, model.cfg.d_mlp, dtype=torch.float64) for l in (0, 1)}
+    with pytest.raises(SingularStatisticsError):  # MEMIT solves λC + KᵀK: refused before any work
+        compute_memit_edit(model, [REQUEST], stats=zeros, hparams=hp)
     foreign = build_tiny("gpt2", seed=1)
     with pytest.raises(ModelMismatchError):
         compute_memit_edit(foreign, [REQUEST], stats=stats, hparams=hp)

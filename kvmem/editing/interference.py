@@ -38,7 +38,6 @@ the neighbourhood and known-fact prompts. Only flips toward the edit's new objec
 from __future__ import annotations
 
 import html
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence

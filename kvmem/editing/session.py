@@ -37,7 +37,7 @@ from kvmem.editing.multi_edit import load_edit
 from kvmem.editing.nullspace import null_space
 from kvmem.editing.requests import request_key, screen_requests
 from kvmem.editing.rome import RomeHparams, _check_request, compute_rome_edit, context_prefixes, rome_hparams
-from kvmem.editing.stats import SecondMoment
+from kvmem.editing.stats import SecondMoment, checked_statistics
 from kvmem.errors import AlreadySatisfiedError, InvalidArgumentError, ModelMismatchError
 
 METHODS = ("rome", "memit", "alphaedit")
@@ -126,18 +126,7 @@ class EditSession:
                 if stats is not None:
                     raise InvalidArgumentError(f"stats has no C for edit layer {l}; give one per layer in {list(self.layers)}.")
                 s = second_moment(self.model, l, corpus, n_tokens=n_tokens or stats_tokens(self.model), progress=progress)
-            if isinstance(s, SecondMoment):
-                if s.layer != l:
-                    raise InvalidArgumentError(f"stats for layer {s.layer} given for edit layer {l}.")
-                if s.model_fingerprint != self.fingerprint0:
-                    raise ModelMismatchError(
-                        f"The statistics for layer {l} were computed for other weights than this model's (fingerprint "
-                        "mismatch); recompute them with second_moment(model, layer, corpus) on the unedited model.")
-                s.check_invertible()
-                s = s.C
-            if not isinstance(s, Tensor) or tuple(s.shape) != (d, d):
-                raise ModelMismatchError(f"stats for layer {l} must be a SecondMoment or a [{d}, {d}] tensor for this model.")
-            out[l] = s.double()
+            out[l] = checked_statistics(s, l, d, fingerprint=self.fingerprint0, invertible=self.method != "alphaedit")
         return out
 
     @property

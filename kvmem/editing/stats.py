@@ -34,7 +34,7 @@ from kvmem import config
 from kvmem.config import cache_root
 from kvmem.data import ensure_nonempty, read_corpus
 from kvmem.core.fingerprint import model_fingerprint, tensors_checksum
-from kvmem.errors import CacheError, InvalidArgumentError, SingularStatisticsError
+from kvmem.errors import CacheError, InvalidArgumentError, ModelMismatchError, SingularStatisticsError
 from kvmem.core.hooks import capture
 from kvmem.core.tokenize import encode, pad_batch, spec_for
 from kvmem.core.weights import check_layer, hook_post_name
@@ -131,6 +131,32 @@ def check_invertible(C: Tensor, rcond: float = 1e-12, n_tokens: int | None = Non
         for k in [k for k, v in _INVERTIBLE.items() if v[0]() is None]:
             del _INVERTIBLE[k]
     _INVERTIBLE[id(C)] = (weakref.ref(C), C._version, rcond)
+
+
+def checked_statistics(stats, layer: int, d_mlp: int, *, fingerprint: str | None, invertible: bool) -> Tensor:
+    """C of edit layer `layer` as float64, after the checks every editor makes: a `SecondMoment`
+    must be of that layer and (when `fingerprint` is given) of those weights (`ModelMismatchError`);
+    a tensor must be [d_mlp, d_mlp]; with `invertible`, C must be safely positive definite
+    (`SingularStatisticsError`: ROME's C⁻¹k*, MEMIT's λC + KᵀK; AlphaEdit's null space needs none)."""
+    if isinstance(stats, SecondMoment):
+        if stats.layer != layer:
+            raise InvalidArgumentError(f"stats are for layer {stats.layer} but the edit goes to layer {layer}.")
+        if fingerprint is not None and stats.model_fingerprint != fingerprint:
+            raise ModelMismatchError(
+                f"The statistics for layer {layer} were computed for other model weights (fingerprint mismatch); "
+                "recompute them with second_moment(model, layer, corpus) on this (unedited) model."
+            )
+        if invertible:
+            stats.check_invertible()
+        return stats.C.double()
+    if isinstance(stats, Tensor):
+        if tuple(stats.shape) != (d_mlp, d_mlp):
+            raise ModelMismatchError(f"stats for layer {layer} must be a [{d_mlp}, {d_mlp}] tensor for this model, "
+                                     f"got {tuple(stats.shape)}.")
+        if invertible:
+            check_invertible(stats)
+        return stats.double()
+    raise InvalidArgumentError(f"stats for layer {layer} must be a SecondMoment or a tensor, got {type(stats).__name__}.")
 
 
 # --- the corpus as token rows -------------------------------------------------------------
