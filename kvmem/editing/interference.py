@@ -243,19 +243,10 @@ def leakage(edit: Edit, keys: Float[Tensor, "n d_mlp"]) -> Float[Tensor, "n"]:
 
 def corpus_keys(model, layer: int, corpus, n_tokens: int, *, max_len: int = 128) -> Float[Tensor, "n d_mlp"]:
     """`n_tokens` keys (`hook_post` of `layer`) of the corpus's first non-start tokens."""
-    from kvmem.editing.stats import corpus_token_rows, length_batches
+    from kvmem.editing.stats import batch_keys, corpus_token_rows, length_batches
 
-    rows, _, has_bos = corpus_token_rows(model, corpus, n_tokens, max_len)
-    spec, name, got, out = spec_for(model), hook_post_name(model, layer), {}, []
-    device = next(model.parameters()).device
-    with torch.no_grad(), model.hooks(fwd_hooks=[(name, capture(got, "k"))]):
-        for rb in length_batches(rows, 2048):
-            batch = pad_batch(rb, spec.pad_id)
-            run_to_layer(model, batch.tokens.to(device), layer + 1)
-            mask = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
-            if has_bos:
-                mask[:, 0] = False
-            out.append(got.pop("k").detach().double().cpu()[mask])
+    rows, _, _ = corpus_token_rows(model, corpus, n_tokens, max_len)
+    out = [K.detach().double().cpu() for K in batch_keys(model, layer, length_batches(rows, 2048))]
     return torch.cat(out) if out else torch.zeros(0, int(model.cfg.d_mlp), dtype=torch.float64)
 
 

@@ -220,16 +220,13 @@ def moment_chunks(rows: list[list[int]], batch_tokens: int, step: int, has_bos: 
     return chunks
 
 
-def chunk_moment(layer: int, model, batches: list[list[list[int]]]) -> tuple[Tensor, int]:
-    """(Σ KᵀK over the keys of `batches` in float64, the number of keys), on the model's device.
-    Each batch's KᵀK is a float32 product (float64 for a float64 model); the start token is left out."""
+def batch_keys(model, layer: int, batches: Iterable[list[list[int]]]) -> Iterator[Tensor]:
+    """Per batch of token rows: the keys (`hook_post` of `layer`, [n, d_mlp], the model's dtype and
+    device) at every real token of every row, the start token left out. The one reading of a
+    corpus's keys: C's sums (`chunk_moment`) and the interference corpus bank take them here."""
     spec = spec_for(model)
     has_bos = spec.bos_id is not None
     device = next(model.parameters()).device
-    prod_dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    d_mlp = int(model.cfg.d_mlp)
-    part = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=device)
-    n = 0
     kept: dict[str, Tensor] = {}  # this batch's hook_post activations, kept by the hook
     with torch.no_grad(), model.hooks(fwd_hooks=[(hook_post_name(model, layer), capture(kept, "post"))]):
         for rows_b in batches:
@@ -241,9 +238,21 @@ def chunk_moment(layer: int, model, batches: list[list[list[int]]]) -> tuple[Ten
             mask = pos[None, :] < batch.lengths.to(device)[:, None]
             if has_bos:
                 mask[:, 0] = False
-            K = act[mask].to(prod_dtype)
-            part += (K.T @ K).double()
-            n += K.shape[0]
+            yield act[mask]
+
+
+def chunk_moment(layer: int, model, batches: list[list[list[int]]]) -> tuple[Tensor, int]:
+    """(Σ KᵀK over the keys of `batches` in float64, the number of keys), on the model's device.
+    Each batch's KᵀK is a float32 product (float64 for a float64 model); the start token is left out."""
+    device = next(model.parameters()).device
+    prod_dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    d_mlp = int(model.cfg.d_mlp)
+    part = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=device)
+    n = 0
+    for K in batch_keys(model, layer, batches):
+        K = K.to(prod_dtype)
+        part += (K.T @ K).double()
+        n += K.shape[0]
     return part, n
 
 
