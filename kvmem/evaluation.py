@@ -290,15 +290,28 @@ def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
 
     def editor(m, rec: CounterFactRecord) -> Edit:
         edit = compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)
-        # warnings only where the record brings its neighbours; a refusal always checks something
-        if safe or (safe is not None and rec.neighborhood_prompts):
-            from kvmem.editing.interference import predict_interference, warn_or_refuse
-
-            banks = ("neighbourhood",) if rec.neighborhood_prompts else ("known",)
-            warn_or_refuse(predict_interference(m, rec, edit=edit, banks=banks, require_known=False), safe=safe)
+        check_interference(m, rec, edit, safe=safe)
         return edit
 
     return editor
+
+
+def check_interference(model, record: CounterFactRecord, edit: Edit, *, safe: bool | None):
+    """`rome_editor`'s check of a ROME edit, returned (`kvmem.predict_interference`'s
+    `Interference`, or None when nothing was checked). `safe`: None = no check; False = predict
+    the interference on the record's neighbourhood prompts (records without any: no check) and warn
+    (`InterferenceWarning`) above the threshold; True = refuse (`UnsafeEditError`), checking records
+    without neighbours on kvmem's built-in facts the model answers. Costs about a tenth of the edit
+    (one forward and backward pass over two rows per neighbour; docs/interference.md)."""
+    # warnings only where the record brings its neighbours; a refusal always checks something
+    if not (safe or (safe is not None and record.neighborhood_prompts)):
+        return None
+    from kvmem.editing.interference import predict_interference, warn_or_refuse
+
+    banks = ("neighbourhood",) if record.neighborhood_prompts else ("known",)
+    result = predict_interference(model, record, edit=edit, banks=banks, require_known=False)
+    warn_or_refuse(result, safe=bool(safe))
+    return result
 
 
 def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams, batch_size: int
