@@ -326,7 +326,7 @@ def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams,
         raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}.")
     where = {id(r): i // batch_size for i, r in enumerate(records)}
     prefixes = context_prefixes(model, hparams.value)
-    memo: dict[int, object] = {}
+    memo: dict[int, object] = {}  # the current batch's edit, or the error its batch raised
 
     def editor(m, rec: CounterFactRecord):
         if id(rec) not in where:
@@ -335,8 +335,13 @@ def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams,
         if b not in memo:
             memo.clear()  # batches are visited in order: keep one edit alive
             batch = [r.request for r in records[b * batch_size:(b + 1) * batch_size]]
-            memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes)
+            try:
+                memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes)
+            except KvmemError as err:  # every record of the batch fails alike: computed once, not per record
+                memo[b] = err
         edit = memo[b]
+        if isinstance(edit, KvmemError):
+            raise edit
         if not any(q is rec.request for q in edit.requests):
             why = next((s["skipped"] for s in edit.skipped
                         if records[b * batch_size + s["index"]] is rec), "not written by its batch's edit")
