@@ -64,7 +64,7 @@ from kvmem.editing.memit import MemitHparams, compute_memit_edit, memit_hparams
 from kvmem.editing.nullspace import null_space
 from kvmem.editing.requests import find_repeats, request_key
 from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
-from kvmem.editing.stats import SecondMoment
+from kvmem.editing.stats import SecondMoment, checked_statistics
 from kvmem.errors import DuplicateRequestError, InvalidArgumentError, KvmemError
 from kvmem.evaluation import generate_texts, ngram_entropy
 from kvmem.core.facts import Fact
@@ -295,7 +295,9 @@ def _norms(model, originals: Mapping[int, Tensor], touched: set[int]) -> tuple[d
 # The run
 
 
-def _stats_for(stats, layer: int, d_mlp: int) -> Tensor | None:
+def _stats_for(stats, layer: int, d_mlp: int, *, fingerprint: str, invertible: bool) -> Tensor | None:
+    """C of one edit layer from `stats` (one C, {layer: C} or a callable layer -> C), checked as
+    every editor checks it (`kvmem.editing.stats.checked_statistics`); None where none is given."""
     s = stats
     if isinstance(stats, Mapping):
         if layer not in stats:
@@ -305,16 +307,9 @@ def _stats_for(stats, layer: int, d_mlp: int) -> Tensor | None:
         s = stats(layer)
     if s is None:
         return None
-    if isinstance(s, SecondMoment):
-        if s.layer != layer:
-            raise InvalidArgumentError(f"stats for layer {s.layer} given for edit layer {layer}.")
-        s.check_invertible()
-        return s.C
-    if isinstance(s, Tensor):
-        if tuple(s.shape) != (d_mlp, d_mlp):
-            raise InvalidArgumentError(f"stats tensor must be [{d_mlp}, {d_mlp}], got {tuple(s.shape)}.")
-        return s
-    raise InvalidArgumentError(f"stats must be a SecondMoment, a tensor, a dict or a callable, got {type(s).__name__}.")
+    if not isinstance(s, (Tensor, SecondMoment)):
+        raise InvalidArgumentError(f"stats must be a SecondMoment, a tensor, a dict or a callable, got {type(s).__name__}.")
+    return checked_statistics(s, layer, d_mlp, fingerprint=fingerprint, invertible=invertible)
 
 
 def stress_edits(
@@ -404,16 +399,20 @@ def stress_edits(
         raise InvalidArgumentError(
             "Edits spread over several layers need C for each: pass stats={layer: second_moment(model, layer, corpus)}."
         )
-    Cs = {l: _stats_for(stats, l, d_mlp) if hp.mom2_adjustment else None for l in set(layer_list)}
-    if hp.mom2_adjustment and any(C is None for C in Cs.values()):
-        raise InvalidArgumentError("stats are needed for every edit layer (or hparams.mom2_adjustment=False).")
+    fp0 = model_fingerprint(model)
+    # MEMIT/AlphaEdit always need C (λC + KᵀK, the null space); ROME unless mom2_adjustment is off
+    needs_C = hp.mom2_adjustment or batched
+    Cs = {l: _stats_for(stats, l, d_mlp, fingerprint=fp0, invertible=method != "alphaedit") if needs_C else None
+          for l in set(layer_list)}
+    if needs_C and any(C is None for C in Cs.values()):
+        raise InvalidArgumentError("stats are needed for every edit layer" +
+                                   ("." if batched else " (or hparams.mom2_adjustment=False)."))
     neighbours, known, gen_prompts = list(neighbours), list(known), list(gen_prompts)
     for name, fs in (("neighbours", neighbours), ("known", known)):
         for f in fs:
             if not isinstance(f, Fact) or f.target_true is None:
                 raise InvalidArgumentError(f"{name} must hold kvmem.Facts with target_true.")
 
-    fp0 = model_fingerprint(model)
     stack_depth = len(getattr(model, "_kvmem_edit_stack", None) or [])
     originals = {l: mlp_weights(model, l).W_out.detach().clone() for l in set(layer_list)}
     settings = {
