@@ -387,6 +387,10 @@ def predict_interference(
         request = request.request
     if not isinstance(request, Fact):
         raise InvalidArgumentError(f"request must be a kvmem.Fact or CounterFactRecord, got {type(request).__name__}.")
+    if edit is not None and not isinstance(edit, Edit):
+        raise InvalidArgumentError(
+            f"edit= must be a rank-one ROME Edit (compute_rome_edit, also with null_space=), got "
+            f"{type(edit).__name__}: the prediction is derived for one rank-one update (MEMIT/AlphaEdit: not implemented).")
     hparams = hparams or rome_hparams(model)
     if layer is None:
         layer = edit.layer if edit is not None else hparams.layer
