@@ -256,7 +256,10 @@ def compute_memit_edit(
     _fingerprint: str | None = None,
 ) -> MultiLayerEdit:
     """The MEMIT (or, with `hparams.null_space`, AlphaEdit) edit writing `requests` into `model`
-    (module docstring). Does not change the model: apply it with `apply_edit` or `edited`.
+    (module docstring). Leaves the model as it was: it writes each layer's update into the weights
+    while solving the next layers (MEMIT's sequence) and restores them bit-exactly before it returns,
+    also on an error (so do not run the model from another thread meanwhile). Apply the result with
+    `apply_edit` or `edited`.
 
     `stats`: C per edit layer (`second_moment(model, l, corpus)`; tensors are taken as they are,
     SecondMoments must match the model's fingerprint). `layers`/`hparams`: default the model's

@@ -31,8 +31,9 @@ of `layers` (AlphaEdit: with the null-space projection of each layer's C and the
 earlier batch, Σ Kp Kpᵀ, accumulated through the run as AlphaEdit's code does).
 
 C is the statistics of the ORIGINAL model for each edit layer (ROME's code caches it once and
-reuses it across sequential edits); it is passed on as a plain tensor, so the fingerprint check
-of `compute_rome_edit` (which would reject the edited model) does not apply.
+reuses it across sequential edits): a `SecondMoment` is checked against the model once, at the
+start, then passed on as a plain tensor, so the fingerprint check of `compute_rome_edit` (which
+would reject the edited model) does not apply.
 
 Seeded and resumable: with `log=path` every edit (its u and Λ in exact float64) and every
 checkpoint is appended to a run log (`kvmem.runs.RunLog`) as it happens; rerunning with the same
