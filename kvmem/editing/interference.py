@@ -448,7 +448,8 @@ def predict_interference(
         if not known:
             raise InvalidArgumentError(
                 "The 'known' bank is empty: the model answers none of the known facts given (other subjects, "
-                "answers other than target_new). Pass known_facts=... the model knows, or leave 'known' out.")
+                "answers other than target_new). Pass known_facts=... the model knows (compute_rome_edit: safe_facts=...), "
+                "or leave 'known' out.")
         items += [("known", f.prompt, f.target_true, new) for f in known]
         n_known_facts = len(known)
     lam: dict[str, Tensor] = {}
