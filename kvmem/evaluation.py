@@ -290,15 +290,28 @@ def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
 
     def editor(m, rec: CounterFactRecord) -> Edit:
         edit = compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)
-        # warnings only where the record brings its neighbours; a refusal always checks something
-        if safe or (safe is not None and rec.neighborhood_prompts):
-            from kvmem.editing.interference import predict_interference, warn_or_refuse
-
-            banks = ("neighbourhood",) if rec.neighborhood_prompts else ("known",)
-            warn_or_refuse(predict_interference(m, rec, edit=edit, banks=banks, require_known=False), safe=safe)
+        check_interference(m, rec, edit, safe=safe)
         return edit
 
     return editor
+
+
+def check_interference(model, record: CounterFactRecord, edit: Edit, *, safe: bool | None):
+    """`rome_editor`'s check of a ROME edit, returned (`kvmem.predict_interference`'s
+    `Interference`, or None when nothing was checked). `safe`: None = no check; False = predict
+    the interference on the record's neighbourhood prompts (records without any: no check) and warn
+    (`InterferenceWarning`) above the threshold; True = refuse (`UnsafeEditError`), checking records
+    without neighbours on kvmem's built-in facts the model answers. Costs about a tenth of the edit
+    (one forward and backward pass over two rows per neighbour; docs/interference.md)."""
+    # warnings only where the record brings its neighbours; a refusal always checks something
+    if not (safe or (safe is not None and record.neighborhood_prompts)):
+        return None
+    from kvmem.editing.interference import predict_interference, warn_or_refuse
+
+    banks = ("neighbourhood",) if record.neighborhood_prompts else ("known",)
+    result = predict_interference(model, record, edit=edit, banks=banks, require_known=False)
+    warn_or_refuse(result, safe=bool(safe))
+    return result
 
 
 def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams, batch_size: int
@@ -313,7 +326,7 @@ def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams,
         raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}.")
     where = {id(r): i // batch_size for i, r in enumerate(records)}
     prefixes = context_prefixes(model, hparams.value)
-    memo: dict[int, object] = {}
+    memo: dict[int, object] = {}  # the current batch's edit, or the error its batch raised
 
     def editor(m, rec: CounterFactRecord):
         if id(rec) not in where:
@@ -322,8 +335,13 @@ def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams,
         if b not in memo:
             memo.clear()  # batches are visited in order: keep one edit alive
             batch = [r.request for r in records[b * batch_size:(b + 1) * batch_size]]
-            memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes)
+            try:
+                memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes)
+            except KvmemError as err:  # every record of the batch fails alike: computed once, not per record
+                memo[b] = err
         edit = memo[b]
+        if isinstance(edit, KvmemError):
+            raise edit
         if not any(q is rec.request for q in edit.requests):
             why = next((s["skipped"] for s in edit.skipped
                         if records[b * batch_size + s["index"]] is rec), "not written by its batch's edit")

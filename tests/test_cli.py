@@ -150,7 +150,11 @@ def test_edit(factworld, facts_file, tmp_path, capsys):
     assert code == 0, err
     rows = json.loads((tmp_path / "edits.json").read_text())
     assert len(rows) == 2
+    # the interference predicted for each edit (its neighbours) is kept with the fact
+    assert all(0.0 <= r["interference"]["risk"] <= 1.0 and r["interference"]["n_prompts"] == r["n_neighbours"] > 0
+               for r in rows)
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["predicted_unsafe"] == sum(r["interference"]["unsafe"] for r in rows)
     assert summary["table"]["ROME"]["ES"] == 100.0  # ground truth: factworld edits land
     assert summary["table"]["unedited"]["ES"] == 0.0
     assert "| ROME |" in out
@@ -168,6 +172,7 @@ def test_edit_memit_batches(factworld, facts_file, tmp_path, capsys):
     assert summary["table"]["MEMIT"]["ES"] >= 50.0 and summary["table"]["unedited"]["ES"] == 0.0
     rows = json.loads((tmp_path / "edits.json").read_text())
     assert [r["rows"][1]["batch_size"] for r in rows] == [2, 2, 2, 2]
+    assert all(r["interference"] is None for r in rows)  # predicted for ROME edits only
     code, _, err = _run(capsys, "edit", "--facts", facts_file, "--limit", "2", "--out", tmp_path / "r",
                         "--batch-size", "2")
     assert code == 2 and "--method memit or alphaedit" in err

@@ -171,3 +171,26 @@ def test_counterfact_file_scores(tiny_gpt2):
     recs = load_counterfact(shared_data("counterfact", "counterfact_dev_250.json"), limit=2)
     ev = evaluate_counterfact(tiny_gpt2, recs, editor=False, generation=False, progress=False)
     assert len(ev.to_frame()) == 2 and ev.summary().index.tolist() == ["unedited"]
+
+
+def test_batch_editor_computes_a_failing_batch_once(tiny_gpt2, monkeypatch):
+    """A batch whose edit is refused (here: every request already answered, found only after
+    each v* fit) fails every record of the batch with the same error, computed once."""
+    import kvmem.editing.memit as memit_module
+    from kvmem.editing import MemitHparams
+    from kvmem.evaluation import batch_editor
+
+    calls = []
+
+    def refuse(model, batch, **kwargs):
+        calls.append(len(batch))
+        raise InvalidArgumentError("Nothing to edit: every request was skipped")
+
+    monkeypatch.setattr(memit_module, "compute_memit_edit", refuse)
+    records = [_record(i) for i in range(3)]
+    hp = MemitHparams(layers=(0, 1), value=RomeHparams(prefixes=((3, 1),), v_num_grad_steps=2))
+    editor = batch_editor(tiny_gpt2, records, stats={}, hparams=hp, batch_size=3)
+    for rec in records:
+        with pytest.raises(InvalidArgumentError, match="Nothing to edit"):
+            editor(tiny_gpt2, rec)
+    assert calls == [3]

@@ -150,8 +150,10 @@ def test_bad_input(fw, tiny_gpt2):
 
 
 def test_safe_refuses_and_warns(fw):
-    """An edit predicted to flip prompts: a zero threshold makes any flip unsafe; known facts the
-    model answers only by a hair (margins near 0) are the prompts that flip."""
+    """The warn / refuse plumbing: a threshold of −1 makes any prediction unsafe (risk ≥ 0), so
+    `warn_or_refuse` must refuse or warn; `compute_rome_edit(safe=True)` passes an edit predicted
+    safe on facts the model knows without a warning. (Whether the risk itself ranks real damage is
+    the benchmark's question: docs/interference.md, Validation.)"""
     model, rec, stats, edit, known = fw
     res = predict_interference(model, rec, edit=edit, banks=("neighbourhood",), require_known=False, threshold=-1.0)
     assert res.unsafe

@@ -30,7 +30,8 @@ from kvmem.editing import (
     null_space,
     second_moment,
 )
-from kvmem.errors import DuplicateRequestError, InvalidArgumentError, LayerOutOfRangeError, ModelMismatchError
+from kvmem.errors import (DuplicateRequestError, InvalidArgumentError, LayerOutOfRangeError, ModelMismatchError,
+                          SingularStatisticsError)
 from reference import ENGLISH_SENTENCES  # tests/reference.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,6 +216,9 @@ def test_bad_batches(tiny):
         compute_memit_edit(model, [REQUEST], stats=stats, layers=[1, 7], hparams=hp)
     with pytest.raises(InvalidArgumentError, match="no C for edit layer"):
         compute_memit_edit(model, [REQUEST], stats={1: stats[1]}, hparams=hp)
+    zeros = {l: torch.zeros(model.cfg.d_mlp, model.cfg.d_mlp, dtype=torch.float64) for l in (0, 1)}
+    with pytest.raises(SingularStatisticsError):  # MEMIT solves λC + KᵀK: refused before any work
+        compute_memit_edit(model, [REQUEST], stats=zeros, hparams=hp)
     foreign = build_tiny("gpt2", seed=1)
     with pytest.raises(ModelMismatchError):
         compute_memit_edit(foreign, [REQUEST], stats=stats, hparams=hp)
@@ -237,3 +241,39 @@ def test_already_satisfied_requests_are_skipped_with_the_reason(factworld, world
     assert e.n_requests == 1
     with pytest.raises(InvalidArgumentError, match="Nothing to edit"):
         compute_memit_edit(model, [done], stats=eye, hparams=hp)
+
+
+def test_session_failing_mid_batch_keeps_its_bookkeeping(tiny, monkeypatch):
+    """A ROME batch with bad input is refused before anything is written; a request failing after
+    earlier ones were written leaves those recorded, so the next apply is accepted; restore()
+    undoes all of it, the model's record of applied edits included."""
+    import kvmem.editing.session as session_module
+
+    model, stats = tiny
+    before = _weights(model, (0, 1))
+    depth = len(getattr(model, "_kvmem_edit_stack", []))
+    paris = Fact("Paris is the capital of", "Paris", target_true="France", target_new="Spain")
+    rivers = Fact("Rivers flow into the", "Rivers", target_true="sea", target_new="desert")
+    s = EditSession(model, "rome", stats=stats, hparams=FAST, layers=[1])
+    with pytest.raises(InvalidArgumentError, match="equals target_true"):
+        s.apply([REQUEST, Fact("Rivers flow into the", "Rivers", target_true="sea", target_new="sea")])
+    assert s.n_edits == 0 and all(torch.equal(mlp_weights(model, l).W_out, before[l]) for l in (0, 1))
+
+    real, calls = session_module.compute_rome_edit, []
+
+    def fails_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise InvalidArgumentError("v* failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "compute_rome_edit", fails_second)
+    with pytest.raises(InvalidArgumentError, match="v\\* failed"):
+        s.apply([REQUEST, paris])
+    monkeypatch.undo()
+    assert s.n_edits == 1 and len(s.edits) == 1
+    s.apply([rivers])  # the session still knows the model it changed
+    assert s.n_edits == 2
+    s.restore()
+    assert all(torch.equal(mlp_weights(model, l).W_out, before[l]) for l in (0, 1))
+    assert len(model._kvmem_edit_stack) == depth

@@ -3,6 +3,7 @@ restoration of the weights, duplicate/conflicting requests, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -232,3 +233,16 @@ def test_bad_input(tiny_gpt2, stats):
         stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=7, hparams=FAST)
     with pytest.raises(InvalidArgumentError, match="every"):
         stress_edits(tiny_gpt2, REQUESTS, stats=stats[1], layers=1, every=0)
+    # statistics of other weights are refused (passed on as plain tensors, no later check sees them)
+    from conftest import build_tiny
+    from kvmem.errors import ModelMismatchError
+
+    other = second_moment(build_tiny("gpt2", seed=1), 1, CORPUS, n_tokens=600, use_cache=False, progress=False)
+    with pytest.raises(ModelMismatchError):
+        stress_edits(tiny_gpt2, REQUESTS, stats=other, layers=1, hparams=FAST)
+    # MEMIT needs C whatever its v* settings say: refused up front, not batch by batch
+    from kvmem.editing import MemitHparams
+
+    no_c = MemitHparams(layers=LAYERS, value=dataclasses.replace(FAST, mom2_adjustment=False))
+    with pytest.raises(InvalidArgumentError, match="stats are needed"):
+        stress_edits(tiny_gpt2, REQUESTS, stats=None, layers=list(LAYERS), method="memit", memit=no_c)

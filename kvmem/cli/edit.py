@@ -11,7 +11,8 @@ from dataclasses import replace
 from kvmem.editing.memit import memit_hparams
 from kvmem.editing.rome import context_prefixes
 from kvmem.errors import InvalidArgumentError
-from kvmem.evaluation import METRICS, CounterFactEval, batch_editor, counterfact_frame, evaluate_record, rome_editor
+from kvmem.evaluation import (METRICS, CounterFactEval, batch_editor, check_interference, counterfact_frame,
+                              evaluate_record, rome_editor)
 from kvmem.executors import Work
 from kvmem.pipelines.rome_settings import rome_settings
 
@@ -23,21 +24,26 @@ LABELS = {"rome": "ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit"}  # the con
 
 
 def _edit_fact(args: argparse.Namespace, state, record) -> dict:
-    model, editor = state
+    model, editor, safe = state
     edit = editor(model, record)  # a rejected edit raises here: logged or stops the run (--on-error)
+    # ROME: the predicted interference, kept with the fact (a warning alone is lost on Ray workers);
+    # --safe refuses here, which is logged or stops the run like any rejected edit
+    check = check_interference(model, record, edit, safe=safe) if safe is not None else None
     rows = evaluate_record(model, record, editor=lambda m, r: edit, generation=args.generation,
                            method=LABELS[getattr(args, "method", "rome")],
                            gen_prompts=GEN_PROMPTS, gen_tokens=GEN_TOKENS, seed=args.seed)
     f = record.request
     return {"prompt": f.prompt, "subject": f.subject, "target_true": f.target_true, "target_new": f.target_new,
             "layer": edit.layers[-1], "layers": list(edit.layers), "n_paraphrases": len(record.paraphrase_prompts),
-            "n_neighbours": len(record.neighborhood_prompts), "rows": rows}
+            "n_neighbours": len(record.neighborhood_prompts), "rows": rows,
+            "interference": None if check is None else {"risk": check.risk, "unsafe": check.unsafe,
+                                                         "n_prompts": len(check.effects)}}
 
 
 def _rome_state(model, stats, hp, prefixes, safe) -> tuple:
-    """(model, ROME editor) with the driver's context prefixes (every worker edits with the same
-    ones, whatever its device samples); `safe` as `kvmem.evaluation.rome_editor`'s."""
-    return model, rome_editor(model, stats=stats, hparams=hp, safe=safe, prefixes=prefixes)
+    """(model, ROME editor, `safe`) with the driver's context prefixes (every worker edits with the
+    same ones, whatever its device samples); `safe` as `kvmem.evaluation.check_interference`'s."""
+    return model, rome_editor(model, stats=stats, hparams=hp, prefixes=prefixes), safe
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -74,7 +80,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         state = (_rome_state, stats, hp, context_prefixes(model, hp), args.safe)
         work = Work(batch.worker_setup(args, model, *state), partial(_edit_fact, args), local=state[0](model, *state[1:]))
     else:
-        work = Work(None, partial(_edit_fact, args), local=(model, editor))
+        work = Work(None, partial(_edit_fact, args), local=(model, editor, None))
     log = batch.run_and_log(args, model, records, out, "edit", settings, None, work=work)
     facts = batch.logged_rows(log, records, failed=False)
     for fact in facts:
@@ -82,7 +88,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     common.write_json(out / "edits.json", facts)
     summary = {"command": "edit", "model": args.model, "facts_file": str(args.facts), "layer": layers[-1],
                "method": method, "layers": layers, "batch_size": args.batch_size,
-               "n_edits": len(facts), "skipped_records": skipped, "failed": batch.failures(log, records), "table": None}
+               "n_edits": len(facts), "skipped_records": skipped, "failed": batch.failures(log, records), "table": None,
+               "predicted_unsafe": sum(bool((f.get("interference") or {}).get("unsafe")) for f in facts)}
     files = []
     if facts:
         evaluation = CounterFactEval(counterfact_frame([row for fact in facts for row in fact["rows"]]))

@@ -160,7 +160,7 @@ def _add_batch_commands(sub) -> None:
     e.add_argument("--generation", action="store_true", help="also measure generation entropy (GE; slower)")
     e.add_argument("--safe", action="store_true",
                    help="refuse edits predicted to disturb the neighbourhood (kvmem.predict_interference; "
-                   "without it such edits only warn)")
+                   "without it such edits only warn; either way each fact's predicted risk is in edits.json)")
     e.add_argument("--method", choices=("rome", "memit", "alphaedit"), default="rome",
                    help="rome: one edit per fact; memit/alphaedit: one multi-layer edit per --batch-size facts")
     e.add_argument("--batch-size", type=positive_int, default=1, help="facts per MEMIT/AlphaEdit edit (default: 1)")

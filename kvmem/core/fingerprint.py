@@ -65,6 +65,12 @@ def tensors_checksum(tensors: dict[str, Tensor], extra: str = "") -> str:
     return h.hexdigest()
 
 
+def matrix_digest(C: Tensor) -> str:
+    """20 hex digits of SHA-256 over C's float64 bytes: which statistics a run log or a saved edit
+    session was made with (both have always written this value; keep it unchanged so they resume)."""
+    return hashlib.sha256(C.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:20]
+
+
 def _cfg_items(model) -> str:
     cfg = getattr(model, "cfg", None)
     if cfg is None:

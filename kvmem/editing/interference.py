@@ -38,7 +38,6 @@ the neighbourhood and known-fact prompts. Only flips toward the edit's new objec
 from __future__ import annotations
 
 import html
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -244,19 +243,10 @@ def leakage(edit: Edit, keys: Float[Tensor, "n d_mlp"]) -> Float[Tensor, "n"]:
 
 def corpus_keys(model, layer: int, corpus, n_tokens: int, *, max_len: int = 128) -> Float[Tensor, "n d_mlp"]:
     """`n_tokens` keys (`hook_post` of `layer`) of the corpus's first non-start tokens."""
-    from kvmem.editing.stats import corpus_token_rows, length_batches
+    from kvmem.editing.stats import batch_keys, corpus_token_rows, length_batches
 
-    rows, _, has_bos = corpus_token_rows(model, corpus, n_tokens, max_len)
-    spec, name, got, out = spec_for(model), hook_post_name(model, layer), {}, []
-    device = next(model.parameters()).device
-    with torch.no_grad(), model.hooks(fwd_hooks=[(name, capture(got, "k"))]):
-        for rb in length_batches(rows, 2048):
-            batch = pad_batch(rb, spec.pad_id)
-            run_to_layer(model, batch.tokens.to(device), layer + 1)
-            mask = torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
-            if has_bos:
-                mask[:, 0] = False
-            out.append(got.pop("k").detach().double().cpu()[mask])
+    rows, _, _ = corpus_token_rows(model, corpus, n_tokens, max_len)
+    out = [K.detach().double().cpu() for K in batch_keys(model, layer, length_batches(rows, 2048))]
     return torch.cat(out) if out else torch.zeros(0, int(model.cfg.d_mlp), dtype=torch.float64)
 
 
@@ -397,6 +387,10 @@ def predict_interference(
         request = request.request
     if not isinstance(request, Fact):
         raise InvalidArgumentError(f"request must be a kvmem.Fact or CounterFactRecord, got {type(request).__name__}.")
+    if edit is not None and not isinstance(edit, Edit):
+        raise InvalidArgumentError(
+            f"edit= must be a rank-one ROME Edit (compute_rome_edit, also with null_space=), got "
+            f"{type(edit).__name__}: the prediction is derived for one rank-one update (MEMIT/AlphaEdit: not implemented).")
     hparams = hparams or rome_hparams(model)
     if layer is None:
         layer = edit.layer if edit is not None else hparams.layer
@@ -454,7 +448,8 @@ def predict_interference(
         if not known:
             raise InvalidArgumentError(
                 "The 'known' bank is empty: the model answers none of the known facts given (other subjects, "
-                "answers other than target_new). Pass known_facts=... the model knows, or leave 'known' out.")
+                "answers other than target_new). Pass known_facts=... the model knows (compute_rome_edit: safe_facts=...), "
+                "or leave 'known' out.")
         items += [("known", f.prompt, f.target_true, new) for f in known]
         n_known_facts = len(known)
     lam: dict[str, Tensor] = {}

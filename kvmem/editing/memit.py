@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -46,9 +46,9 @@ from kvmem.editing.multi_edit import MultiLayerEdit
 from kvmem.editing.nullspace import ALPHAEDIT_THRESHOLD, NullSpace, null_space
 from kvmem.editing.requests import screen_requests
 from kvmem.editing.rome import RomeHparams, _check_request, context_prefixes, rome_hparams
-from kvmem.editing.stats import SecondMoment
+from kvmem.editing.stats import SecondMoment, checked_statistics
 from kvmem.editing.values import _subject_occurrence, fit_value
-from kvmem.errors import AlreadySatisfiedError, InvalidArgumentError, ModelMismatchError
+from kvmem.errors import AlreadySatisfiedError, InvalidArgumentError
 
 KEY_ROWS_PER_PASS = 256  # context rows per forward when reading keys (memory, not results)
 
@@ -90,11 +90,10 @@ class MemitHparams:
     @classmethod
     def from_dict(cls, d: dict) -> "MemitHparams":
         d = dict(d)
-        v = dict(d.pop("value"))
-        v["prefixes"] = tuple(tuple(p) for p in v["prefixes"])
+        value = RomeHparams.from_dict(d.pop("value"))
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
-        return cls(value=RomeHparams(**v), **d)
+        return cls(value=value, **d)
 
 
 def _value_preset(name: str) -> RomeHparams:
@@ -231,23 +230,6 @@ def _plain_run(model, rows: _Rows, last: int, *, deltas: Tensor | None = None, s
     return h[r, pos].double(), scale
 
 
-def _as_matrix(s, layer: int, fp: str | None, d_mlp: int) -> Tensor:
-    if isinstance(s, SecondMoment):
-        if s.layer != layer:
-            raise InvalidArgumentError(f"stats for layer {s.layer} given for edit layer {layer}.")
-        if fp is not None and s.model_fingerprint != fp:
-            raise ModelMismatchError(
-                f"The statistics for layer {layer} were computed for other model weights (fingerprint mismatch); "
-                "recompute them with second_moment(model, layer, corpus) on this model."
-            )
-        return s.C.double()
-    if isinstance(s, Tensor):
-        if tuple(s.shape) != (d_mlp, d_mlp):
-            raise ModelMismatchError(f"stats for layer {layer} must be [{d_mlp}, {d_mlp}] for this model, got {tuple(s.shape)}.")
-        return s.double()
-    raise InvalidArgumentError(f"stats[{layer}] must be a SecondMoment or a tensor, got {type(s).__name__}.")
-
-
 def check_layers(model, layers) -> tuple[int, ...]:
     if layers is None or len(layers) == 0:
         raise InvalidArgumentError("No edit layers: pass layers=[...] (e.g. the preset's, memit_hparams(model).layers).")
@@ -274,7 +256,10 @@ def compute_memit_edit(
     _fingerprint: str | None = None,
 ) -> MultiLayerEdit:
     """The MEMIT (or, with `hparams.null_space`, AlphaEdit) edit writing `requests` into `model`
-    (module docstring). Does not change the model: apply it with `apply_edit` or `edited`.
+    (module docstring). Leaves the model as it was: it writes each layer's update into the weights
+    while solving the next layers (MEMIT's sequence) and restores them bit-exactly before it returns,
+    also on an error (so do not run the model from another thread meanwhile). Apply the result with
+    `apply_edit` or `edited`.
 
     `stats`: C per edit layer (`second_moment(model, l, corpus)`; tensors are taken as they are,
     SecondMoments must match the model's fingerprint). `layers`/`hparams`: default the model's
@@ -295,7 +280,7 @@ def compute_memit_edit(
     keep, skipped = screen_requests(requests)
     for i in keep:
         _check_request(model, requests[i])
-    d_mlp, d_model = int(model.cfg.d_mlp), int(model.cfg.d_model)
+    d_mlp = int(model.cfg.d_mlp)
     if _fingerprint is None:
         fp, weights_fp = fingerprints(model)
     else:
@@ -305,7 +290,9 @@ def compute_memit_edit(
     missing = [l for l in layers if l not in stats]
     if missing:
         raise InvalidArgumentError(f"stats has no C for edit layer(s) {missing}; pass one per layer in {list(layers)}.")
-    Cs = {l: _as_matrix(stats[l], l, fp if _fingerprint is None else None, d_mlp) for l in layers}
+    # MEMIT solves λC + KᵀK (C must be invertible); AlphaEdit projects onto C's null space
+    Cs = {l: checked_statistics(stats[l], l, d_mlp, fingerprint=fp if _fingerprint is None else None,
+                                invertible=not hp.null_space) for l in layers}
     Ps: dict[int, Tensor] = {}
     if hp.null_space:
         for l in layers:

@@ -31,7 +31,7 @@ from kvmem import config
 from kvmem.core.fingerprint import fingerprints, same_weights
 from kvmem.editing.edit_file import read_edit_file, write_edit_file
 from kvmem.editing.generate import sample_tokens
-from kvmem.editing.stats import SecondMoment, check_invertible
+from kvmem.editing.stats import SecondMoment, checked_statistics
 from kvmem.editing.values import fit_value
 from kvmem.errors import CacheError, InvalidArgumentError, ModelMismatchError
 from kvmem.core.backend import backend_of
@@ -121,6 +121,13 @@ class RomeHparams:
     @property
     def n_contexts(self) -> int:
         return 1 + sum(c for _, c in self.prefixes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RomeHparams":
+        """The settings `dataclasses.asdict` wrote to JSON (an edit file, a saved session)."""
+        d = dict(d)
+        d["prefixes"] = tuple(tuple(p) for p in d["prefixes"])
+        return cls(**d)
 
 
 PRESETS: dict[str, RomeHparams] = {
@@ -254,13 +261,12 @@ class Edit:
         if meta.get("format") != "kvmem.rome_edit":
             raise CacheError(f"Edit file {path} holds a {meta.get('format')!r}, not a ROME edit; use kvmem.load_edit.")
         hp = json.loads(meta["hparams"])
-        hp["prefixes"] = tuple(tuple(p) for p in hp["prefixes"])
         return cls(
             layer=int(meta["layer"]),
             u=tensors["u"], lam=tensors["lam"], k_star=tensors["k_star"], v_star=tensors["v_star"],
             request=Fact(**json.loads(meta["request"])),
             model_fingerprint=meta["model_fingerprint"],
-            hparams=RomeHparams(**hp),
+            hparams=RomeHparams.from_dict(hp),
             loss_trace=tensors["loss_trace"],
             seconds=float(meta["seconds"]),
             weights_fingerprint=meta.get("weights_fingerprint"),
@@ -421,21 +427,7 @@ def compute_rome_edit(
 
 def _check_stats(stats, layer: int, fp: str, d_mlp: int) -> None:
     """Raise unless `stats` is an invertible C for this layer of this model."""
-    if isinstance(stats, SecondMoment):
-        if stats.layer != layer:
-            raise InvalidArgumentError(f"stats are for layer {stats.layer} but the edit goes to layer {layer}.")
-        if stats.model_fingerprint != fp:
-            raise ModelMismatchError(
-                "stats were computed for different model weights (fingerprint mismatch); "
-                "recompute them with second_moment(model, layer, corpus)."
-            )
-        stats.check_invertible()
-    elif isinstance(stats, Tensor):
-        if tuple(stats.shape) != (d_mlp, d_mlp):
-            raise InvalidArgumentError(f"stats tensor must be [{d_mlp}, {d_mlp}], got {tuple(stats.shape)}.")
-        check_invertible(stats)
-    else:
-        raise InvalidArgumentError(f"stats must be a SecondMoment or a tensor, got {type(stats).__name__}.")
+    checked_statistics(stats, layer, d_mlp, fingerprint=fp, invertible=True)
 
 
 def _rank_one(W_out: Tensor, b_out: Tensor, k_star: Tensor, k_update: Tensor, v_star: Tensor,

@@ -29,15 +29,15 @@ import torch
 from torch import Tensor
 
 from kvmem.core.facts import Fact
-from kvmem.core.fingerprint import model_fingerprint
+from kvmem.core.fingerprint import matrix_digest, model_fingerprint
 from kvmem.core.weights import mlp_weights
-from kvmem.editing.apply import apply_edit
+from kvmem.editing.apply import _stack, apply_edit
 from kvmem.editing.memit import MemitHparams, check_layers, compute_memit_edit, memit_hparams
 from kvmem.editing.multi_edit import load_edit
 from kvmem.editing.nullspace import null_space
 from kvmem.editing.requests import request_key, screen_requests
-from kvmem.editing.rome import RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
-from kvmem.editing.stats import SecondMoment
+from kvmem.editing.rome import RomeHparams, _check_request, compute_rome_edit, context_prefixes, rome_hparams
+from kvmem.editing.stats import SecondMoment, checked_statistics
 from kvmem.errors import AlreadySatisfiedError, InvalidArgumentError, ModelMismatchError
 
 METHODS = ("rome", "memit", "alphaedit")
@@ -99,6 +99,9 @@ class EditSession:
                             if method == "alphaedit" else {})
         self.prefixes = context_prefixes(model, value)
         self._originals = {l: mlp_weights(model, l).W_out.detach().clone() for l in layer_list}
+        # apply_edit records each edit on the model (kvmem.editing.apply); restore() drops this
+        # session's records again, as `edited` does on exit
+        self._stack_depth = len(_stack(model))
         self._clear()
 
     # -- state --
@@ -123,18 +126,7 @@ class EditSession:
                 if stats is not None:
                     raise InvalidArgumentError(f"stats has no C for edit layer {l}; give one per layer in {list(self.layers)}.")
                 s = second_moment(self.model, l, corpus, n_tokens=n_tokens or stats_tokens(self.model), progress=progress)
-            if isinstance(s, SecondMoment):
-                if s.layer != l:
-                    raise InvalidArgumentError(f"stats for layer {s.layer} given for edit layer {l}.")
-                if s.model_fingerprint != self.fingerprint0:
-                    raise ModelMismatchError(
-                        f"The statistics for layer {l} were computed for other weights than this model's (fingerprint "
-                        "mismatch); recompute them with second_moment(model, layer, corpus) on the unedited model.")
-                s.check_invertible()
-                s = s.C
-            if not isinstance(s, Tensor) or tuple(s.shape) != (d, d):
-                raise ModelMismatchError(f"stats for layer {l} must be a SecondMoment or a [{d}, {d}] tensor for this model.")
-            out[l] = s.double()
+            out[l] = checked_statistics(s, l, d, fingerprint=self.fingerprint0, invertible=self.method != "alphaedit")
         return out
 
     @property
@@ -163,22 +155,30 @@ class EditSession:
             raise ModelMismatchError("The model's weights changed outside this session since its last apply; "
                                      "restore() or start a new session on the model as it is.")
         keep, skipped = screen_requests(requests, earlier=self._written)
+        for i in keep:  # bad input fails here, before any request of the batch is written
+            _check_request(self.model, requests[i])
         applied, t_values = [], 0.0
         if self.method == "rome":
-            for i in keep:
-                try:
-                    e = compute_rome_edit(self.model, requests[i], layer=self.layers[len(self.edits) % len(self.layers)],
-                                          stats=self._C[self.layers[len(self.edits) % len(self.layers)]],
-                                          hparams=self.hparams, prefixes=self.prefixes, _fingerprint="")
-                except AlreadySatisfiedError as err:
-                    if not self.skip_satisfied:
-                        raise
-                    skipped.append({"index": i, "subject": requests[i].subject, "skipped": f"already satisfied: {err}"})
-                    continue
-                apply_edit(self.model, e, check=False)
-                self.edits.append(e)
-                applied.append(i)
-                t_values += float(e.seconds)
+            try:
+                for i in keep:
+                    layer = self.layers[len(self.edits) % len(self.layers)]
+                    try:
+                        e = compute_rome_edit(self.model, requests[i], layer=layer, stats=self._C[layer],
+                                              hparams=self.hparams, prefixes=self.prefixes, _fingerprint="")
+                    except AlreadySatisfiedError as err:
+                        if not self.skip_satisfied:
+                            raise
+                        skipped.append({"index": i, "subject": requests[i].subject,
+                                        "skipped": f"already satisfied: {err}"})
+                        continue
+                    apply_edit(self.model, e, check=False)
+                    self.edits.append(e)
+                    applied.append(i)
+                    t_values += float(e.seconds)
+            finally:
+                # a request failing mid-batch leaves the earlier ones written: record them, so
+                # that the session still knows its model (and the next apply is not refused)
+                self._record(requests, applied)
         elif keep:
             sub = [requests[i] for i in keep]
             try:
@@ -201,14 +201,18 @@ class EditSession:
                     if e.keys_after:
                         ka = e.keys_after[j].double()
                         self.prev_keys[l] += ka.T @ ka
-        for i in applied:
-            self._written[request_key(requests[i])] = requests[i].target_new
-        self._fp_after = model_fingerprint(self.model)
+            self._record(requests, applied)
         total = time.perf_counter() - t0
         step = SessionStep(tuple(applied), tuple(sorted(skipped, key=lambda s: s["index"])), t_values,
                            total - t_values, total)
         self.steps.append(step)
         return step
+
+    def _record(self, requests: Sequence[Fact], applied: Sequence[int]) -> None:
+        """Remember what `apply` wrote and the fingerprint of the model carrying it."""
+        for i in applied:
+            self._written[request_key(requests[i])] = requests[i].target_new
+        self._fp_after = model_fingerprint(self.model)
 
     def _fingerprint_now(self) -> str:
         return getattr(self, "_fp_after", None) if self.edits else self.fingerprint0
@@ -220,6 +224,7 @@ class EditSession:
         with torch.no_grad():
             for l, W0 in self._originals.items():
                 mlp_weights(self.model, l).W_out.copy_(W0)
+        del _stack(self.model)[self._stack_depth:]
         n = self.n_edits
         self._clear()
         self._fp_after = None
@@ -242,7 +247,7 @@ class EditSession:
         meta = {"format": SESSION_FORMAT, "method": self.method, "layers": list(self.layers),
                 "hparams": asdict(self.hparams), "fingerprint0": self.fingerprint0, "n_edit_files": len(self.edits),
                 "written": [[k[0], k[1], v] for k, v in self._written.items()], "prefixes": self.prefixes,
-                "stats": {str(l): _digest(C) for l, C in self._C.items()}}
+                "stats": {str(l): matrix_digest(C) for l, C in self._C.items()}}
         (path / "session.json").write_text(json.dumps(meta, indent=1))
         return path
 
@@ -262,10 +267,10 @@ class EditSession:
             raise InvalidArgumentError(f"{path} holds no kvmem edit session.")
         if model_fingerprint(model) != meta["fingerprint0"]:
             raise ModelMismatchError("resume needs the model as it was when the session started (fingerprint mismatch).")
-        hp = (RomeHparams(**{**meta["hparams"], "prefixes": tuple(tuple(p) for p in meta["hparams"]["prefixes"])})
-              if meta["method"] == "rome" else MemitHparams.from_dict(meta["hparams"]))
+        hp = (RomeHparams.from_dict(meta["hparams"]) if meta["method"] == "rome"
+              else MemitHparams.from_dict(meta["hparams"]))
         s = cls(model, meta["method"], stats=stats, corpus=corpus, n_tokens=n_tokens, layers=meta["layers"], hparams=hp)
-        if {str(l): _digest(C) for l, C in s._C.items()} != meta["stats"]:
+        if {str(l): matrix_digest(C) for l, C in s._C.items()} != meta["stats"]:
             raise ModelMismatchError("The statistics differ from the saved session's; pass the same stats (or corpus).")
         s.prefixes = list(meta["prefixes"])
         for i in range(meta["n_edit_files"]):
@@ -277,12 +282,6 @@ class EditSession:
         s._written = {(a, b): v for a, b, v in meta["written"]}
         s._fp_after = model_fingerprint(model)
         return s
-
-
-def _digest(C: Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(C.double().cpu().contiguous().numpy().tobytes()).hexdigest()[:20]
 
 
 __all__ = ["EditSession", "SessionStep", "METHODS"]

@@ -34,7 +34,7 @@ from kvmem import config
 from kvmem.config import cache_root
 from kvmem.data import ensure_nonempty, read_corpus
 from kvmem.core.fingerprint import model_fingerprint, tensors_checksum
-from kvmem.errors import CacheError, InvalidArgumentError, SingularStatisticsError
+from kvmem.errors import CacheError, InvalidArgumentError, ModelMismatchError, SingularStatisticsError
 from kvmem.core.hooks import capture
 from kvmem.core.tokenize import encode, pad_batch, spec_for
 from kvmem.core.weights import check_layer, hook_post_name
@@ -133,6 +133,32 @@ def check_invertible(C: Tensor, rcond: float = 1e-12, n_tokens: int | None = Non
     _INVERTIBLE[id(C)] = (weakref.ref(C), C._version, rcond)
 
 
+def checked_statistics(stats, layer: int, d_mlp: int, *, fingerprint: str | None, invertible: bool) -> Tensor:
+    """C of edit layer `layer` as float64, after the checks every editor makes: a `SecondMoment`
+    must be of that layer and (when `fingerprint` is given) of those weights (`ModelMismatchError`);
+    a tensor must be [d_mlp, d_mlp]; with `invertible`, C must be safely positive definite
+    (`SingularStatisticsError`: ROME's C⁻¹k*, MEMIT's λC + KᵀK; AlphaEdit's null space needs none)."""
+    if isinstance(stats, SecondMoment):
+        if stats.layer != layer:
+            raise InvalidArgumentError(f"stats are for layer {stats.layer} but the edit goes to layer {layer}.")
+        if fingerprint is not None and stats.model_fingerprint != fingerprint:
+            raise ModelMismatchError(
+                f"The statistics for layer {layer} were computed for other model weights (fingerprint mismatch); "
+                "recompute them with second_moment(model, layer, corpus) on this (unedited) model."
+            )
+        if invertible:
+            stats.check_invertible()
+        return stats.C.double()
+    if isinstance(stats, Tensor):
+        if tuple(stats.shape) != (d_mlp, d_mlp):
+            raise ModelMismatchError(f"stats for layer {layer} must be a [{d_mlp}, {d_mlp}] tensor for this model, "
+                                     f"got {tuple(stats.shape)}.")
+        if invertible:
+            check_invertible(stats)
+        return stats.double()
+    raise InvalidArgumentError(f"stats for layer {layer} must be a SecondMoment or a tensor, got {type(stats).__name__}.")
+
+
 # --- the corpus as token rows -------------------------------------------------------------
 
 def corpus_token_rows(model, corpus, n_tokens: int, max_len: int) -> tuple[list[list[int]], int, bool]:
@@ -194,16 +220,13 @@ def moment_chunks(rows: list[list[int]], batch_tokens: int, step: int, has_bos: 
     return chunks
 
 
-def chunk_moment(layer: int, model, batches: list[list[list[int]]]) -> tuple[Tensor, int]:
-    """(Σ KᵀK over the keys of `batches` in float64, the number of keys), on the model's device.
-    Each batch's KᵀK is a float32 product (float64 for a float64 model); the start token is left out."""
+def batch_keys(model, layer: int, batches: Iterable[list[list[int]]]) -> Iterator[Tensor]:
+    """Per batch of token rows: the keys (`hook_post` of `layer`, [n, d_mlp], the model's dtype and
+    device) at every real token of every row, the start token left out. The one reading of a
+    corpus's keys: C's sums (`chunk_moment`) and the interference corpus bank take them here."""
     spec = spec_for(model)
     has_bos = spec.bos_id is not None
     device = next(model.parameters()).device
-    prod_dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    d_mlp = int(model.cfg.d_mlp)
-    part = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=device)
-    n = 0
     kept: dict[str, Tensor] = {}  # this batch's hook_post activations, kept by the hook
     with torch.no_grad(), model.hooks(fwd_hooks=[(hook_post_name(model, layer), capture(kept, "post"))]):
         for rows_b in batches:
@@ -215,9 +238,21 @@ def chunk_moment(layer: int, model, batches: list[list[list[int]]]) -> tuple[Ten
             mask = pos[None, :] < batch.lengths.to(device)[:, None]
             if has_bos:
                 mask[:, 0] = False
-            K = act[mask].to(prod_dtype)
-            part += (K.T @ K).double()
-            n += K.shape[0]
+            yield act[mask]
+
+
+def chunk_moment(layer: int, model, batches: list[list[list[int]]]) -> tuple[Tensor, int]:
+    """(Σ KᵀK over the keys of `batches` in float64, the number of keys), on the model's device.
+    Each batch's KᵀK is a float32 product (float64 for a float64 model); the start token is left out."""
+    device = next(model.parameters()).device
+    prod_dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    d_mlp = int(model.cfg.d_mlp)
+    part = torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=device)
+    n = 0
+    for K in batch_keys(model, layer, batches):
+        K = K.to(prod_dtype)
+        part += (K.T @ K).double()
+        n += K.shape[0]
     return part, n
 
 

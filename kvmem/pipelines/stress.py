@@ -31,8 +31,9 @@ of `layers` (AlphaEdit: with the null-space projection of each layer's C and the
 earlier batch, Σ Kp Kpᵀ, accumulated through the run as AlphaEdit's code does).
 
 C is the statistics of the ORIGINAL model for each edit layer (ROME's code caches it once and
-reuses it across sequential edits); it is passed on as a plain tensor, so the fingerprint check
-of `compute_rome_edit` (which would reject the edited model) does not apply.
+reuses it across sequential edits): a `SecondMoment` is checked against the model once, at the
+start, then passed on as a plain tensor, so the fingerprint check of `compute_rome_edit` (which
+would reject the edited model) does not apply.
 
 Seeded and resumable: with `log=path` every edit (its u and Λ in exact float64) and every
 checkpoint is appended to a run log (`kvmem.runs.RunLog`) as it happens; rerunning with the same
@@ -59,11 +60,12 @@ from tqdm.auto import tqdm
 
 from kvmem import config
 from kvmem.editing.apply import apply_edit
-from kvmem.core.fingerprint import model_fingerprint
+from kvmem.core.fingerprint import matrix_digest, model_fingerprint
 from kvmem.editing.memit import MemitHparams, compute_memit_edit, memit_hparams
 from kvmem.editing.nullspace import null_space
+from kvmem.editing.requests import find_repeats, request_key
 from kvmem.editing.rome import Edit, RomeHparams, compute_rome_edit, context_prefixes, rome_hparams
-from kvmem.editing.stats import SecondMoment
+from kvmem.editing.stats import SecondMoment, checked_statistics
 from kvmem.errors import DuplicateRequestError, InvalidArgumentError, KvmemError
 from kvmem.evaluation import generate_texts, ngram_entropy
 from kvmem.core.facts import Fact
@@ -171,38 +173,25 @@ class StressResult:
 # Requests
 
 
-def _request_key(f: Fact) -> tuple[str, str]:
-    return (f.subject, f.relation_id if f.relation_id is not None else f.prompt)
-
-
 def check_requests(requests: Sequence[Fact], *, on_conflict: str = "raise") -> tuple[list[int], list[dict]]:
     """Indices of the requests to edit, and the skipped ones with their reason.
 
     Two requests are the same fact when subject and relation (or, without `relation_id`, subject
-    and prompt) agree. A repeat with the same `target_new` is a duplicate, one with a different
-    `target_new` a conflict (the later edit would silently overwrite the earlier one). With
-    `on_conflict="raise"` either raises `DuplicateRequestError`; with "skip" the first request
-    is kept and the later ones are reported as skipped.
+    and prompt) agree (`kvmem.editing.requests.find_repeats`). A repeat with the same `target_new`
+    is a duplicate, one with a different `target_new` a conflict (the later edit would silently
+    overwrite the earlier one). With `on_conflict="raise"` either raises `DuplicateRequestError`;
+    with "skip" the first request is kept and the later ones are reported as skipped.
     """
     if on_conflict not in ("raise", "skip"):
         raise InvalidArgumentError(f"on_conflict must be 'raise' or 'skip', got {on_conflict!r}.")
-    first: dict[tuple[str, str], int] = {}
-    keep, skipped, problems = [], [], []
-    for i, f in enumerate(requests):
-        if not isinstance(f, Fact):
-            raise InvalidArgumentError(f"Request {i} is a {type(f).__name__}, not a kvmem.Fact with target_new.")
-        f.target("new")  # EmptyTargetError when missing
-        key = _request_key(f)
-        if key in first:
-            j = first[key]
-            same = requests[j].target_new.strip() == f.target_new.strip()
-            why = (f"duplicate of request {j}" if same else
-                   f"conflicts with request {j} ({requests[j].target_new!r} vs {f.target_new!r})")
-            problems.append(f"request {i} ({f.subject!r}, {key[1]!r}) {why}")
-            skipped.append({"index": i, "subject": f.subject, "skipped": why})
-            continue
-        first[key] = i
-        keep.append(i)
+    keep, repeats = find_repeats(requests)
+    skipped, problems = [], []
+    for r in repeats:
+        f, j = requests[r.index], r.first
+        why = (f"duplicate of request {j}" if r.same else
+               f"conflicts with request {j} ({requests[j].target_new!r} vs {f.target_new!r})")
+        problems.append(f"request {r.index} ({f.subject!r}, {request_key(f)[1]!r}) {why}")
+        skipped.append({"index": r.index, "subject": f.subject, "skipped": why})
     if problems and on_conflict == "raise":
         raise DuplicateRequestError(
             f"{len(problems)} request(s) edit a fact that an earlier request already edits: "
@@ -307,7 +296,9 @@ def _norms(model, originals: Mapping[int, Tensor], touched: set[int]) -> tuple[d
 # The run
 
 
-def _stats_for(stats, layer: int, d_mlp: int) -> Tensor | None:
+def _stats_for(stats, layer: int, d_mlp: int, *, fingerprint: str, invertible: bool) -> Tensor | None:
+    """C of one edit layer from `stats` (one C, {layer: C} or a callable layer -> C), checked as
+    every editor checks it (`kvmem.editing.stats.checked_statistics`); None where none is given."""
     s = stats
     if isinstance(stats, Mapping):
         if layer not in stats:
@@ -317,16 +308,9 @@ def _stats_for(stats, layer: int, d_mlp: int) -> Tensor | None:
         s = stats(layer)
     if s is None:
         return None
-    if isinstance(s, SecondMoment):
-        if s.layer != layer:
-            raise InvalidArgumentError(f"stats for layer {s.layer} given for edit layer {layer}.")
-        s.check_invertible()
-        return s.C
-    if isinstance(s, Tensor):
-        if tuple(s.shape) != (d_mlp, d_mlp):
-            raise InvalidArgumentError(f"stats tensor must be [{d_mlp}, {d_mlp}], got {tuple(s.shape)}.")
-        return s
-    raise InvalidArgumentError(f"stats must be a SecondMoment, a tensor, a dict or a callable, got {type(s).__name__}.")
+    if not isinstance(s, (Tensor, SecondMoment)):
+        raise InvalidArgumentError(f"stats must be a SecondMoment, a tensor, a dict or a callable, got {type(s).__name__}.")
+    return checked_statistics(s, layer, d_mlp, fingerprint=fingerprint, invertible=invertible)
 
 
 def stress_edits(
@@ -416,16 +400,20 @@ def stress_edits(
         raise InvalidArgumentError(
             "Edits spread over several layers need C for each: pass stats={layer: second_moment(model, layer, corpus)}."
         )
-    Cs = {l: _stats_for(stats, l, d_mlp) if hp.mom2_adjustment else None for l in set(layer_list)}
-    if hp.mom2_adjustment and any(C is None for C in Cs.values()):
-        raise InvalidArgumentError("stats are needed for every edit layer (or hparams.mom2_adjustment=False).")
+    fp0 = model_fingerprint(model)
+    # MEMIT/AlphaEdit always need C (λC + KᵀK, the null space); ROME unless mom2_adjustment is off
+    needs_C = hp.mom2_adjustment or batched
+    Cs = {l: _stats_for(stats, l, d_mlp, fingerprint=fp0, invertible=method != "alphaedit") if needs_C else None
+          for l in set(layer_list)}
+    if needs_C and any(C is None for C in Cs.values()):
+        raise InvalidArgumentError("stats are needed for every edit layer" +
+                                   ("." if batched else " (or hparams.mom2_adjustment=False)."))
     neighbours, known, gen_prompts = list(neighbours), list(known), list(gen_prompts)
     for name, fs in (("neighbours", neighbours), ("known", known)):
         for f in fs:
             if not isinstance(f, Fact) or f.target_true is None:
                 raise InvalidArgumentError(f"{name} must hold kvmem.Facts with target_true.")
 
-    fp0 = model_fingerprint(model)
     stack_depth = len(getattr(model, "_kvmem_edit_stack", None) or [])
     originals = {l: mlp_weights(model, l).W_out.detach().clone() for l in set(layer_list)}
     settings = {
@@ -436,7 +424,7 @@ def stress_edits(
         "neighborhood": _requests_hash(neighbours), "known": _requests_hash(known),
         "gen_prompts": hashlib.sha256(json.dumps(gen_prompts).encode()).hexdigest(), "gen_tokens": gen_tokens,
         "collapse_frac": collapse_frac, "on_conflict": on_conflict,
-        "stats": {str(l): hashlib.sha256(C.double().cpu().numpy().tobytes()).hexdigest()[:20] if C is not None else None
+        "stats": {str(l): matrix_digest(C) if C is not None else None
                   for l, C in sorted(Cs.items())},
     }
     if batched:  # only for these methods, so that logs of ROME runs keep resuming
