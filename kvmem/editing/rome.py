@@ -285,7 +285,7 @@ def context_prefixes(model, hparams: RomeHparams | None = None, *, seed: int | N
     hparams = hparams or rome_hparams(model)
     spec = spec_for(model)
     gen = torch.Generator().manual_seed(hparams.seed if seed is None else seed)
-    start = spec.bos_id if spec.bos_id is not None else spec.tokenizer.eos_token_id
+    start = spec.sample_start_id
     start_ids = torch.tensor([start] if start is not None else encode(spec, "The", prepend_bos=False))
     out = [""]
     for length, count in hparams.prefixes:
