@@ -142,39 +142,59 @@ def record_metrics(
     batch_size: int = 64,
 ) -> dict:
     """ES, EM, PS, PM, NS, NM (fractions / probability differences) and GE for one record."""
-    rq = record.request
-    new, true = rq.target("new"), rq.target("true")
-    groups = {  # metric letter: E(fficacy), P(araphrase), N(eighbourhood)
-        "E": [rq.prompt],
-        "P": list(record.paraphrase_prompts),
-        "N": list(record.neighborhood_prompts),
-    }
-    items = [(p, t) for ps in groups.values() for p in ps for t in (new, true)]
-    sums, counts = target_logprobs(model, items, batch_size=batch_size)
-    score = sums / counts if per_token else sums
-    score = score.view(-1, 2)  # [prompt, (new, true)]
-    out: dict = {}
-    start = 0
-    for key, ps in groups.items():
-        s = score[start : start + len(ps)]
-        start += len(ps)
-        if not ps:  # a record without paraphrases (or neighbours) has no PS, PM (or NS, NM)
-            out.update({f"{key}S": float("nan"), f"{key}M": float("nan")})
-            continue
-        p_new, p_true = s[:, 0].exp(), s[:, 1].exp()
-        if key == "N":  # neighbours must keep the true object
-            out["NS"] = float((s[:, 1] > s[:, 0]).double().mean())
-            out["NM"] = float((p_true - p_new).mean())
-        else:
-            out[f"{key}S"] = float((s[:, 0] > s[:, 1]).double().mean())
-            out[f"{key}M"] = float((p_new - p_true).mean())
-    if generation and record.generation_prompts:
-        prompts = list(record.generation_prompts)[: gen_prompts or None]
-        texts = generate_texts(model, prompts, max_new_tokens=gen_tokens, seed=seed)
-        out["GE"] = sum(ngram_entropy(t) for t in texts) / len(texts)
-    else:
-        out["GE"] = float("nan")
+    (out,) = records_metrics(model, [record], per_token=per_token, generation=generation, gen_prompts=gen_prompts,
+                             gen_tokens=gen_tokens, seed=seed, batch_size=batch_size)
     return out
+
+
+def records_metrics(
+    model,
+    records: Sequence[CounterFactRecord],
+    *,
+    per_token: bool = True,
+    generation: bool = True,
+    gen_prompts: int | None = None,
+    gen_tokens: int = 100,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[dict]:
+    """`record_metrics` of several records under the same weights, their prompts scored together
+    (`batch_size` prompt-target pairs per forward, across records): one forward per batch instead
+    of one per record's last partial batch. Generation (GE) stays per record."""
+    groups = []  # per record: metric letter E(fficacy), P(araphrase), N(eighbourhood) -> prompts
+    items = []
+    for record in records:
+        rq = record.request
+        new, true = rq.target("new"), rq.target("true")
+        g = {"E": [rq.prompt], "P": list(record.paraphrase_prompts), "N": list(record.neighborhood_prompts)}
+        groups.append(g)
+        items += [(p, t) for ps in g.values() for p in ps for t in (new, true)]
+    sums, counts = target_logprobs(model, items, batch_size=batch_size)
+    score = (sums / counts if per_token else sums).view(-1, 2)  # [prompt, (new, true)]
+    results, start = [], 0
+    for record, g in zip(records, groups):
+        out: dict = {}
+        for key, ps in g.items():
+            s = score[start : start + len(ps)]
+            start += len(ps)
+            if not ps:  # a record without paraphrases (or neighbours) has no PS, PM (or NS, NM)
+                out.update({f"{key}S": float("nan"), f"{key}M": float("nan")})
+                continue
+            p_new, p_true = s[:, 0].exp(), s[:, 1].exp()
+            if key == "N":  # neighbours must keep the true object
+                out["NS"] = float((s[:, 1] > s[:, 0]).double().mean())
+                out["NM"] = float((p_true - p_new).mean())
+            else:
+                out[f"{key}S"] = float((s[:, 0] > s[:, 1]).double().mean())
+                out[f"{key}M"] = float((p_new - p_true).mean())
+        if generation and record.generation_prompts:
+            prompts = list(record.generation_prompts)[: gen_prompts or None]
+            texts = generate_texts(model, prompts, max_new_tokens=gen_tokens, seed=seed)
+            out["GE"] = sum(ngram_entropy(t) for t in texts) / len(texts)
+        else:
+            out["GE"] = float("nan")
+        results.append(out)
+    return results
 
 
 # --- many records, with and without edits -------------------------------------------------
@@ -368,31 +388,69 @@ def evaluate_record(
     """The rows `evaluate_counterfact` gives one record: the unedited model's metrics (when
     `unedited`), then, with an `editor`, the metrics with `editor(model, record)` applied (then
     restored exactly), or the editor's error (a `KvmemError`) in the `error` column."""
-    kw = dict(per_token=per_token, generation=generation, gen_prompts=gen_prompts, gen_tokens=gen_tokens,
-              seed=seed, batch_size=batch_size)
-    rows = []
-    base = {"case_id": record.case_id, "subject": record.subject, "target_true": record.request.target_true,
-            "target_new": record.request.target_new}
+    (rows,) = evaluate_records(model, [record], editor=editor, method=method, unedited=unedited, per_token=per_token,
+                               generation=generation, gen_prompts=gen_prompts, gen_tokens=gen_tokens, seed=seed,
+                               batch_size=batch_size)
+    return rows
+
+
+def evaluate_records(
+    model,
+    records: Sequence[CounterFactRecord],
+    *,
+    editor: Callable[[object, CounterFactRecord], Edit] | None = None,
+    method: str = "ROME",
+    unedited: bool = True,
+    batch_size: int = 64,
+    **kw,
+) -> list[list[dict]]:
+    """`evaluate_record`'s rows for each of `records`, scored together: the unedited metrics of
+    all of them in shared forwards (`records_metrics`), then every record's edit computed on the
+    unedited model, and the records sharing an edit (a MEMIT batch from `batch_editor`) scored
+    together under it, applied once. Each row's `eval_s` is its group's scoring time divided
+    among the group's records."""
+    kw = dict(kw, batch_size=batch_size)
+    bases = [{"case_id": r.case_id, "subject": r.subject, "target_true": r.request.target_true,
+              "target_new": r.request.target_new} for r in records]
+    rows: list[list[dict]] = [[] for _ in records]
     if unedited:
         t = time.perf_counter()
-        rows.append({"condition": "unedited", **base, **record_metrics(model, record, **kw),
-                     "eval_s": time.perf_counter() - t, "error": None})
+        metrics = records_metrics(model, records, **kw)
+        share = (time.perf_counter() - t) / len(records)
+        for i, m in enumerate(metrics):
+            rows[i].append({"condition": "unedited", **bases[i], **m, "eval_s": share, "error": None})
     if editor is None:
         return rows
-    try:
-        edit = editor(model, record)
-    except KvmemError as e:
-        return rows + [{"condition": method, **base, "error": f"{type(e).__name__}: {e}"}]
-    t = time.perf_counter()
-    with edited(model, edit, check=False):  # computed on this very model just now
-        m = record_metrics(model, record, **kw)
-    if isinstance(edit, Edit):
-        about = {"edit_s": edit.seconds, "layer": edit.layer, "v_steps": int(edit.loss_trace.shape[0]),
-                 "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan")}
-    else:  # a multi-layer (MEMIT/AlphaEdit) edit of a batch this record belongs to: its time is the batch's
-        about = {"edit_s": edit.seconds.get("total", float("nan")), "layer": edit.layers[-1],
-                 "layers": list(edit.layers), "batch_size": edit.n_requests}
-    rows.append({"condition": method, **base, **m, **about, "eval_s": time.perf_counter() - t, "error": None})
+    edits: dict[int, object] = {}
+    for i, record in enumerate(records):
+        try:
+            edits[i] = editor(model, record)
+        except KvmemError as e:
+            edits[i] = e
+    groups: dict[int, list[int]] = {}  # id(edit) -> record indices, in order
+    for i, e in edits.items():
+        if not isinstance(e, KvmemError):
+            groups.setdefault(id(e), []).append(i)
+    scored: dict[int, tuple[dict, float]] = {}
+    for members in groups.values():
+        edit = edits[members[0]]
+        t = time.perf_counter()
+        with edited(model, edit, check=False):  # computed on this very model just now
+            metrics = records_metrics(model, [records[i] for i in members], **kw)
+        share = (time.perf_counter() - t) / len(members)
+        scored.update({i: (m, share) for i, m in zip(members, metrics)})
+    for i, edit in edits.items():
+        if isinstance(edit, KvmemError):
+            rows[i].append({"condition": method, **bases[i], "error": f"{type(edit).__name__}: {edit}"})
+            continue
+        if isinstance(edit, Edit):
+            about = {"edit_s": edit.seconds, "layer": edit.layer, "v_steps": int(edit.loss_trace.shape[0]),
+                     "final_p_target": float(edit.loss_trace[-1, 4]) if edit.loss_trace.numel() else float("nan")}
+        else:  # a multi-layer (MEMIT/AlphaEdit) edit of a batch this record belongs to: its time is the batch's
+            about = {"edit_s": edit.seconds.get("total", float("nan")), "layer": edit.layers[-1],
+                     "layers": list(edit.layers), "batch_size": edit.n_requests}
+        m, share = scored[i]
+        rows[i].append({"condition": method, **bases[i], **m, **about, "eval_s": share, "error": None})
     return rows
 
 
@@ -422,6 +480,7 @@ def evaluate_counterfact(
     gen_tokens: int = 100,
     seed: int = 0,
     batch_size: int = 64,
+    record_batch: int = 16,
     progress: bool | None = None,
     log: str | None = None,
     restart: bool = False,
@@ -437,6 +496,9 @@ def evaluate_counterfact(
     (its context prefixes sampled once and reused). A record whose edit is rejected (a
     `KvmemError`) gets its message in the `error` column and is left out of the summary.
     `editor=False` evaluates only the unedited model. `progress`: None means `kvmem.config.PROGRESS`.
+    `record_batch`: records scored together (`evaluate_records`: their prompts share forwards, a
+    MEMIT batch's records are scored under one application of its edit); `batch_size`: prompt-target
+    pairs per forward. Neither changes a metric.
     """
     records = list(records)
     if not records:
@@ -453,22 +515,30 @@ def evaluate_counterfact(
     if log is not None:
         run_log = _counterfact_log(model, log, restart, editor_is_default, hp if editor_is_default else None,
                                    stats, method, unedited, kw)
-    out = []
+    if isinstance(record_batch, bool) or not isinstance(record_batch, int) or record_batch < 1:
+        raise InvalidArgumentError(f"record_batch must be a positive integer, got {record_batch!r}.")
     conds = (["unedited"] if unedited else []) + ([method] if editor is not False else [])
     show = config.show_progress(progress)
     bar = tqdm(total=len(records) * len(conds), disable=not show, desc="CounterFact")
-    for rec in records:
-        key = str(rec.case_id)
-        if run_log is not None and key in run_log:
-            out.extend(run_log[key]["rows"])
+    done: dict[int, list[dict]] = {}
+    pending = []
+    for i, rec in enumerate(records):
+        if run_log is not None and str(rec.case_id) in run_log:
+            done[i] = run_log[str(rec.case_id)]["rows"]
+            bar.update(len(conds))
         else:
-            rows = evaluate_record(model, rec, editor=editor or None, method=method, unedited=unedited, **kw)
-            out.extend(rows)
+            pending.append(i)
+    for lo in range(0, len(pending), record_batch):
+        chunk = pending[lo : lo + record_batch]
+        rows = evaluate_records(model, [records[i] for i in chunk], editor=editor or None, method=method,
+                                unedited=unedited, **kw)
+        for i, r in zip(chunk, rows):
+            done[i] = r
             if run_log is not None:
-                run_log.add(key, {"rows": rows})
-        bar.update(len(conds))
+                run_log.add(str(records[i].case_id), {"rows": r})
+            bar.update(len(conds))
     bar.close()
-    return CounterFactEval(counterfact_frame(out))
+    return CounterFactEval(counterfact_frame([row for i in range(len(records)) for row in done[i]]))
 
 
 def _stats_identity(stats):

@@ -277,3 +277,40 @@ def test_session_failing_mid_batch_keeps_its_bookkeeping(tiny, monkeypatch):
     s.restore()
     assert all(torch.equal(mlp_weights(model, l).W_out, before[l]) for l in (0, 1))
     assert len(model._kvmem_edit_stack) == depth
+
+
+def test_counterfact_evaluation_of_a_memit_batch_scores_it_under_one_application(tiny, monkeypatch):
+    """evaluate_counterfact scores the records of one MEMIT batch together, the edit applied once,
+    with the same metrics as one record at a time (record_batch=1)."""
+    import kvmem.evaluation as evaluation
+    from kvmem.data import CounterFactRecord
+    from kvmem.evaluation import batch_editor, evaluate_counterfact
+
+    model, stats = tiny
+    facts = [REQUEST, Fact("Paris is the capital of", "Paris", target_true="France", target_new="Spain"),
+             Fact("The Colosseum is located in the city of", "The Colosseum", target_true="Rome", target_new="Paris")]
+    records = [CounterFactRecord(case_id=i, request=f, template=f.prompt, paraphrase_prompts=(f"In short, {f.prompt}",),
+                                 neighborhood_prompts=("The Louvre is located in the city of",), attribute_prompts=(),
+                                 generation_prompts=())
+               for i, f in enumerate(facts)]
+    hp = MemitHparams(layers=(0, 1), value=FAST, mom2_update_weight=50.0)
+    applied = []
+    real_edited = evaluation.edited
+
+    def counting(model, edit, **kw):
+        applied.append(id(edit))
+        return real_edited(model, edit, **kw)
+
+    monkeypatch.setattr(evaluation, "edited", counting)
+    frames = {}
+    for n in (1, 3):
+        applied.clear()
+        editor = batch_editor(model, records, stats=stats, hparams=hp, batch_size=2)
+        frames[n] = evaluate_counterfact(model, records, editor=editor, method="MEMIT", generation=False,
+                                         record_batch=n, progress=False).to_frame()
+        # batches {0, 1} and {2}: one application each when scored together, one per record otherwise
+        assert len(applied) == (3 if n == 1 else 2)
+    metrics = ["ES", "EM", "PS", "PM", "NS", "NM"]
+    torch.testing.assert_close(torch.tensor(frames[3][metrics].to_numpy(dtype=float)),
+                               torch.tensor(frames[1][metrics].to_numpy(dtype=float)), rtol=1e-5, atol=1e-6)
+    assert list(frames[3]["condition"]) == ["unedited", "MEMIT"] * 3
