@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         (f"{aie.n_facts} facts answered correctly (the first {aie.n_facts} of the {n_chosen} chosen: the first "
          if not plan.summarising else
          f"{aie.n_facts} facts answered correctly (those the run's log holds, of the {n_chosen} chosen: the first ")
-        + f"correct ones of {scanned} scanned; noise from all {n_chosen}), "
+        + f"correct ones of {scanned} scanned; "
+        + ("noise given by --noise" if args.noise is not None else f"noise from all {n_chosen}") + "), "
         f"{args.samples} noise samples, noise {aie.noise:.4g}, window {window} for mlp/attn"
         + (f", estimated by attribution method {args.method!r} (steps {args.steps or 'default'})" if args.method
            else "") + ". "
