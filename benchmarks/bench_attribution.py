@@ -1,7 +1,7 @@
 """Attribution tracing checked cell by cell against exact causal tracing, and its speed.
 
     nice -n 10 python benchmarks/bench_attribution.py --model factworld --n-facts 100
-    nice -n 10 python benchmarks/bench_attribution.py --model gemma-3-270m --n-facts 130 --time-exact-every 10
+    nice -n 10 python benchmarks/bench_attribution.py --model gemma-3-270m --n-facts 130 --steps 1 4 --time-exact-every 5
 
 Per fact and kind (mlp, attn; ROME's window), the exact trace and each estimate on the same noise
 samples (`--samples`, seed 0): "atp", "atp*", and "ig" / "eap-ig" with k in `--steps`. Per fact and

@@ -1,12 +1,13 @@
 """Exact causal tracing only where a gradient estimate points: the pre-screen.
 
-An attribution estimate (`kvmem.tracing.attribution`) ranks the layers of a column well but gets
-their values, and often the top one, wrong: on Gemma-3-270m the exact MLP peak at the last subject
-token or the last token is the estimate's own peak in 30% of facts with "eap-ig" (k=4), but it is
-among the estimate's 4 highest layers in 91% (benchmarks/results/attribution/). So the screen traces
-only those `top` cells of each requested column exactly, on the same noise rows as `causal_trace`,
-and leaves the others NaN: the peak it reports is an exact cell's, and the cost is the estimate's
-plus `top` of the column's `n_layers` exact cells.
+An attribution estimate (`kvmem.tracing.attribution`) ranks the layers of a column better than it
+gets their values or its top one: on 100 Gemma-3-270m facts the exact MLP peak is "eap-ig" (k=4)'s own
+peak in 15% of facts at the last subject token and 33% at the last token, but among its 4 highest
+layers in 55% and 85% (benchmarks/results/attribution/attribution_gemma-3-270m.md). So the screen
+traces only those `top` cells of each requested column exactly, on the same noise rows as
+`causal_trace`, and leaves the others NaN: every value it reports is an exact cell, and the cost is the
+estimate's plus `top` of the column's `n_layers` exact cells. What that buys is measured in
+docs/attribution.md (on Gemma it is little: the exact trace of a column is already cheap).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kvmem.tracing.trace import (
     warn_target,
 )
 
-DEFAULT_TOP = 4  # Gemma-3-270m, eap-ig k=4: the exact MLP peak is among the estimate's top 4 in 91% of columns
+DEFAULT_TOP = 4  # Gemma-3-270m, eap-ig k=4: the exact MLP peak is among the estimate's top 4 in 55-85% of columns
 
 
 def screened_trace(
@@ -55,7 +56,8 @@ def screened_trace(
     """`causal_trace`'s exact cells where `method`'s estimate ranks a column's layers highest.
 
     For each column in `positions` ("subject_last" by default, token indices, or None for every
-    token), the `top` layers (default `DEFAULT_TOP`, at most the model's) with the largest estimated indirect effect are traced exactly (the
+    token), the `top` layers (default `DEFAULT_TOP`, at most the model's) with the largest
+    estimated indirect effect are traced exactly (the
     same noise samples as `causal_trace` with this `seed`, so each such cell equals the exact
     trace's); every other cell is NaN. `trace.scores` is therefore exact where it is not NaN, and a
     column's NaN-ignoring maximum is the exact peak whenever the estimate puts it in its top
