@@ -401,15 +401,13 @@ def evaluate_records(
     editor: Callable[[object, CounterFactRecord], Edit] | None = None,
     method: str = "ROME",
     unedited: bool = True,
-    batch_size: int = 64,
     **kw,
 ) -> list[list[dict]]:
     """`evaluate_record`'s rows for each of `records`, scored together: the unedited metrics of
     all of them in shared forwards (`records_metrics`), then every record's edit computed on the
     unedited model, and the records sharing an edit (a MEMIT batch from `batch_editor`) scored
     together under it, applied once. Each row's `eval_s` is its group's scoring time divided
-    among the group's records."""
-    kw = dict(kw, batch_size=batch_size)
+    among the group's records. `kw`: `records_metrics`'s scoring options."""
     bases = [{"case_id": r.case_id, "subject": r.subject, "target_true": r.request.target_true,
               "target_new": r.request.target_new} for r in records]
     rows: list[list[dict]] = [[] for _ in records]
