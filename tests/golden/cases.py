@@ -252,9 +252,39 @@ FILES = {
 }
 
 
+def kernel_signature() -> dict:
+    """What decides the last bits of this machine's float computations: the torch version, the CPU
+    code path torch picked, and a digest of a probe run through the kinds of kernels the cases use
+    (float32 matrix products of several shapes, batched products, layer norm, softmax, GELU, exp and
+    log, a backward pass; float64 solve, Cholesky and eigh). Two machines with equal signatures are
+    expected to give the cases' bits exactly; a different signature (another CPU, another torch)
+    means other kernels, where the last bits may move (tests/test_golden.py then compares within a
+    tolerance). Measured on one thread, as the cases."""
+    g = torch.Generator().manual_seed(SEED)
+    r = lambda *shape, dtype=torch.float32: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    x = r(7, 512).requires_grad_(True)
+    w_in, w_out = r(512, 2048) / 20, r(2048, 512) / 40
+    hidden = torch.nn.functional.gelu(x @ w_in, approximate="tanh")
+    out = torch.nn.functional.layer_norm(hidden @ w_out + x, (512,))
+    q, k = r(4, 7, 64), r(4, 7, 64)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / 8, dim=-1)
+    logits = out @ r(512, 1000)
+    loss = torch.log_softmax(logits, -1)[:, 3].sum() + attn.exp().log1p().sum() + (r(1, 64) @ r(64, 64)).sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    a = r(64, 64, dtype=torch.float64)
+    spd = a @ a.T + torch.eye(64, dtype=torch.float64)
+    probe = [out, attn, logits, grad, torch.linalg.solve(spd, a), torch.linalg.cholesky(spd),
+             torch.linalg.eigh(spd).eigenvalues, r(100_000).sum().reshape(1)]
+    h = hashlib.sha256()
+    for t in probe:
+        h.update(sha256(t).encode())
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends.cpu, "get_cpu_capability") else "?"
+    return {"torch": str(torch.__version__), "cpu_capability": capability, "probe.sha256": h.hexdigest()}
+
+
 def save(name: str, inputs: dict, values: dict) -> Path:
     path = GOLDEN_DIR / FILES[name]
-    torch.save({"inputs": inputs, "values": values, "torch": str(torch.__version__)}, path)
+    torch.save({"inputs": inputs, "values": values, "kernels": kernel_signature()}, path)
     return path
 
 

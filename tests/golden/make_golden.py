@@ -4,6 +4,9 @@ each one is). Run from the repository root:
     python tests/golden/make_golden.py            # all cases (Gemma needs the [real] extra)
     python tests/golden/make_golden.py --no-gemma # the factworld cases only
 
+Each file records the kernel signature of the machine that wrote it (cases.kernel_signature); the
+tests compare bit for bit only on a machine with the same signature.
+
 Regenerate only on purpose (a deliberate change of numbers), never to make tests/test_golden.py
 pass after a refactor that was meant to change no number.
 """
