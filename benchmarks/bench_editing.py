@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (RunPlan, add_data_arguments, add_run_arguments, check_run_arguments, data_file, data_name,
-                    peak_rss_mb, provenance, provenance_line, results_dir, tiny_random_model)
+from common import (RunPlan, add_data_arguments, add_run_arguments, bootstrap_ci, check_run_arguments, data_file, data_name,
+                    peak_rss_mb, provenance, provenance_line, results_dir, table, tiny_random_model)
 
 
 # --- models and records -------------------------------------------------------------------
@@ -144,9 +144,15 @@ def run_model(name: str, args) -> dict:
     if args.clamp_norm_factor is not None:
         hp = dataclasses.replace(hp, clamp_norm_factor=args.clamp_norm_factor)
         out["hparams"] = dataclasses.asdict(hp)
+    ns = None
+    if args.null_space is not None:  # AlphaEdit's constraint on each ROME update, from the same C
+        from kvmem.editing.nullspace import null_space
+
+        ns = null_space(sm, threshold=args.null_space)
+        out["null_space"] = {"threshold": ns.threshold, "rank": ns.rank, "d_mlp": ns.d_mlp}
     t = time.perf_counter()
     ev = evaluate_counterfact(
-        model, records, stats=sm, hparams=dataclasses.replace(hp, layer=layer),
+        model, records, stats=sm, hparams=dataclasses.replace(hp, layer=layer), null_space=ns,
         generation=args.gen_tokens > 0, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
         seed=args.seed, progress=not args.quiet,
         log=str(plan.write_log), restart=args.restart,
@@ -166,6 +172,33 @@ def run_model(name: str, args) -> dict:
     records_csv = Path(f"{args.out}_{name.replace('/', '_')}_records.csv")
     frame.to_csv(records_csv, index=False)
     out["records_csv"] = str(records_csv)
+    if args.paired_with:
+        out["paired"] = paired_differences(frame, args.paired_with)
+    return out
+
+
+def paired_differences(frame, other_csv: str, metrics=("ES", "PS", "NS"), n_boot: int = 2000) -> dict:
+    """This run's edited metrics minus another run's (its records CSV) on the records both edited,
+    with 95% bootstrap CIs; the unedited rows must agree, else the two runs scored other things."""
+    import numpy as np
+    import pandas as pd
+
+    other = pd.read_csv(other_csv)
+    mine = frame[frame["error"].isna()].set_index(["condition", "case_id"])
+    theirs = other[other["error"].isna()].set_index(["condition", "case_id"])
+    both = sorted(set(mine.loc["ROME"].index) & set(theirs.loc["ROME"].index))
+    base = [c for c in both if c in mine.loc["unedited"].index and c in theirs.loc["unedited"].index]
+    unedited_gap = max((abs(mine.loc[("unedited", c), m] - theirs.loc[("unedited", c), m])
+                        for c in base for m in metrics), default=float("nan"))
+    out = {"other": str(other_csv), "n": len(both), "unedited_max_abs_diff": float(unedited_gap)}
+    for m in metrics:
+        d = np.array([mine.loc[("ROME", c), m] - theirs.loc[("ROME", c), m] for c in both], dtype=float)
+        d = d[~np.isnan(d)]
+        ci = bootstrap_ci(np.mean, d, n=n_boot, seed=0) if len(d) > 1 else None
+        out[m] = {"this": float(mine.loc[[("ROME", c) for c in both], m].mean()),
+                  "other": float(theirs.loc[[("ROME", c) for c in both], m].mean()),
+                  "diff": float(d.mean()) if len(d) else float("nan"),
+                  "ci": [ci.lo, ci.hi] if ci else [float("nan"), float("nan")]}
     return out
 
 
@@ -180,7 +213,10 @@ def markdown(results: list[dict], prov: dict) -> str:
         lines += [f"## {r['model']}", "",
                   f"Edit layer {r['layer']} ({r['layer_source']}); {r['n_contexts']} contexts for k*/v*; "
                   f"v* norm clamp {r['hparams']['clamp_norm_factor']} x |v_init|; "
-                  + (f"GPU: {r['gpu']}; " if r.get("gpu") else "") +
+                  + (f"GPU: {r['gpu']}; " if r.get("gpu") else "")
+                  + (f"ROME's update confined to C's null space (AlphaEdit's constraint: eigenvalues of C below "
+                     f"{r['null_space']['threshold']:g}, rank {r['null_space']['rank']} of {r['null_space']['d_mlp']}); "
+                     if r.get("null_space") else "") +
                   f"records: {r['records']['source']} (n={r['records']['n']} of {r['records'].get('n_requested', '?')} requested"
                   + (f"; evaluated by {r['records']['merged_shards']} parallel processes, whose times per edit "
                      "include their contention" if r['records'].get('merged_shards') else "") + ").", "",
@@ -194,6 +230,14 @@ def markdown(results: list[dict], prov: dict) -> str:
                   f"checkpoints: {', '.join(f'{x:.2e}' for x in s['convergence']['rel_change'][-3:])} "
                   f"(at {', '.join(str(x) for x in s['convergence']['tokens_seen'][-3:])} tokens)",
                   f"- peak RSS {r['peak_rss_mb']:.0f} MB; failed edits: {len(r['errors'])}", ""]
+        if r.get("paired"):
+            p = r["paired"]
+            lines += [f"Paired with `{p['other']}` on the {p['n']} records both runs edited (this run minus that one, "
+                      f"×100, 95% bootstrap CI; their unedited metrics differ by at most {p['unedited_max_abs_diff']:.2g}):", "",
+                      table(["metric", "this run", "other run", "difference [95% CI]"],
+                            [[m, f"{100 * v['this']:.1f}", f"{100 * v['other']:.1f}",
+                              f"{100 * v['diff']:+.1f} [{100 * v['ci'][0]:+.1f}, {100 * v['ci'][1]:+.1f}]"]
+                             for m, v in p.items() if isinstance(v, dict)]), ""]
     return "\n".join(lines)
 
 
@@ -213,6 +257,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=str(results_dir("editing") / "editing"), help="output prefix (.json, .md)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--clamp-norm-factor", type=float, default=None, help="override the preset's v* norm clamp")
+    ap.add_argument("--null-space", type=float, default=None, metavar="THRESHOLD",
+                    help="confine each ROME update to the null space of C (AlphaEdit; eigenvalues below THRESHOLD, e.g. 0.02)")
+    ap.add_argument("--paired-with", default=None, metavar="CSV",
+                    help="another run's records CSV: ES/PS/NS differences on the records both edited, with CIs")
     add_run_arguments(ap, "records")
     args = ap.parse_args(argv)
     check_run_arguments(ap, args)

@@ -291,7 +291,7 @@ def markdown_table(df, floatfmt: str = ".1f") -> str:
 
 
 def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
-                safe: bool | None = None, prefixes: Sequence[str] | None = None,
+                safe: bool | None = None, prefixes: Sequence[str] | None = None, null_space=None,
                 ) -> Callable[[object, CounterFactRecord], Edit]:
     """`editor(model, record) -> Edit` for `evaluate_counterfact` / `evaluate_record`: ROME with
     `stats` (a `SecondMoment` or C for the edit layer) and `hparams` (default: the model's preset),
@@ -299,8 +299,14 @@ def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
     for every record. `safe`: None = no check;
     False = predict the edit's interference on the record's neighbourhood prompts (records without
     any: no check) and warn above the threshold; True = refuse (`UnsafeEditError`), checking records
-    without neighbours on kvmem's built-in facts the model answers."""
+    without neighbours on kvmem's built-in facts the model answers. `null_space`: AlphaEdit's
+    constraint on every edit (`kvmem.editing.nullspace.null_space(C)` of the edit layer's statistics;
+    `compute_rome_edit`'s argument)."""
     hp = hparams or rome_hparams(model)
+    ns_layer = getattr(null_space, "layer", None)
+    if ns_layer is not None and ns_layer != hp.layer:
+        raise InvalidArgumentError(f"The null space is layer {ns_layer}'s, the edit is at layer {hp.layer}; "
+                                   "compute it from that layer's statistics.")
     if hp.mom2_adjustment and stats is None:
         raise InvalidArgumentError(
             "ROME needs stats=second_moment(model, layer, corpus) (or hparams with mom2_adjustment=False), "
@@ -309,7 +315,7 @@ def rome_editor(model, *, stats=None, hparams: RomeHparams | None = None,
     prefixes = list(prefixes) if prefixes is not None else context_prefixes(model, hp)
 
     def editor(m, rec: CounterFactRecord) -> Edit:
-        edit = compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes)
+        edit = compute_rome_edit(m, rec.request, stats=stats, hparams=hp, prefixes=prefixes, null_space=null_space)
         check_interference(m, rec, edit, safe=safe)
         return edit
 
@@ -479,6 +485,7 @@ def evaluate_counterfact(
     seed: int = 0,
     batch_size: int = 64,
     record_batch: int = 1,
+    null_space=None,
     progress: bool | None = None,
     log: str | None = None,
     restart: bool = False,
@@ -494,6 +501,8 @@ def evaluate_counterfact(
     (its context prefixes sampled once and reused). A record whose edit is rejected (a
     `KvmemError`) gets its message in the `error` column and is left out of the summary.
     `editor=False` evaluates only the unedited model. `progress`: None means `kvmem.config.PROGRESS`.
+    `null_space`: the default editor's AlphaEdit constraint (`rome_editor`'s; logged by its
+    threshold, rank and P's digest).
     `record_batch`: records scored together (`evaluate_records`: their prompts share forwards, a
     MEMIT batch's records are scored under one application of its edit); `batch_size`: prompt-target
     pairs per forward. Neither changes a metric. Default 1: on a CPU, chunks are not faster (Gemma-3-270m:
@@ -506,14 +515,17 @@ def evaluate_counterfact(
     hp = None
     if editor is None:
         hp = hparams or rome_hparams(model)
-        editor = rome_editor(model, stats=stats, hparams=hp)  # raises without the statistics ROME needs
+        # raises without the statistics ROME needs
+        editor = rome_editor(model, stats=stats, hparams=hp, null_space=null_space)
+    elif null_space is not None:
+        raise InvalidArgumentError("null_space= constrains the default ROME editor; give it to your editor instead.")
 
     kw = dict(per_token=per_token, generation=generation, gen_prompts=gen_prompts, gen_tokens=gen_tokens,
               seed=seed, batch_size=batch_size)
     run_log = None
     if log is not None:
         run_log = _counterfact_log(model, log, restart, editor_is_default, hp if editor_is_default else None,
-                                   stats, method, unedited, kw)
+                                   stats, method, unedited, kw, null_space)
     if isinstance(record_batch, bool) or not isinstance(record_batch, int) or record_batch < 1:
         raise InvalidArgumentError(f"record_batch must be a positive integer, got {record_batch!r}.")
     conds = (["unedited"] if unedited else []) + ([method] if editor is not False else [])
@@ -550,7 +562,7 @@ def _stats_identity(stats):
     return [stats.layer, stats.n_tokens, stats.corpus_fingerprint, stats.model_fingerprint]
 
 
-def _counterfact_log(model, path, restart, editor_is_default, hp, stats, method, unedited, kw):
+def _counterfact_log(model, path, restart, editor_is_default, hp, stats, method, unedited, kw, null_space=None):
     import dataclasses
 
     from kvmem.core.fingerprint import model_fingerprint
@@ -568,6 +580,13 @@ def _counterfact_log(model, path, restart, editor_is_default, hp, stats, method,
         "stats": _stats_identity(stats),
         **kw,
     }
+    if null_space is not None:  # only when set, so the logs of unconstrained runs still resume
+        from kvmem.core.fingerprint import matrix_digest
+
+        settings["null_space"] = {"threshold": getattr(null_space, "threshold", None),
+                                  "relative": getattr(null_space, "relative", None),
+                                  "rank": getattr(null_space, "rank", None),
+                                  "P": matrix_digest(getattr(null_space, "P", null_space))}
     return RunLog(path, settings, restart=restart)
 
 

@@ -155,6 +155,39 @@ def test_evaluate_counterfact_resumes_from_its_log(tiny_gated, tmp_path):
         evaluate_counterfact(tiny_gated, recs, log=str(log), **{**kw, "gen_tokens": 5})
 
 
+def test_evaluate_counterfact_with_a_null_space(tiny_gated, tmp_path):
+    """null_space= constrains the default editor's every update to range P (AlphaEdit), is logged
+    (a run with another P does not resume), and is refused where it cannot apply."""
+    from kvmem.editing.nullspace import null_space
+    from kvmem.errors import RunLogError
+
+    d = int(tiny_gated.cfg.d_mlp)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(d // 2, d, generator=g, dtype=torch.float64)  # C of rank d/2: a null space of rank d/2
+    ns = dataclasses.replace(null_space(keys.T @ keys / keys.shape[0], threshold=1e-8), layer=1)
+    assert ns.rank == d - d // 2
+    hp = RomeHparams(prefixes=((3, 1),), v_num_grad_steps=3, mom2_adjustment=False, layer=1)
+    edit = rome_editor(tiny_gated, hparams=hp, null_space=ns)(tiny_gated, _record(0))
+    delta = edit.delta().double()  # [d_mlp, d_model]: the update's input side is its rows
+    assert float((delta - ns.P @ delta).norm()) <= 1e-9 * float(delta.norm())
+    free = rome_editor(tiny_gated, hparams=hp)(tiny_gated, _record(0))
+    assert float((free.delta().double() - ns.P @ free.delta().double()).norm()) > 1e-3 * float(free.delta().norm())
+
+    recs = [_record(0), _record(1)]
+    kw = dict(hparams=hp, gen_prompts=1, gen_tokens=4, progress=False)
+    log = tmp_path / "ns.jsonl"
+    first = evaluate_counterfact(tiny_gated, recs, null_space=ns, log=str(log), **kw).to_frame()
+    again = evaluate_counterfact(tiny_gated, recs, null_space=ns, log=str(log), **kw).to_frame()
+    assert list(first["ES"]) == list(again["ES"]) and list(first["NS"]) == list(again["NS"])
+    other = dataclasses.replace(null_space(keys.T @ keys / keys.shape[0], threshold=1e-8, relative=True), layer=1)
+    with pytest.raises(RunLogError, match="null_space"):
+        evaluate_counterfact(tiny_gated, recs, null_space=other, log=str(log), **kw)
+    with pytest.raises(InvalidArgumentError, match="layer 0's"):
+        rome_editor(tiny_gated, hparams=hp, null_space=dataclasses.replace(ns, layer=0))
+    with pytest.raises(InvalidArgumentError, match="default ROME editor"):
+        evaluate_counterfact(tiny_gated, recs, editor=lambda m, r: edit, null_space=ns, **kw)
+
+
 def test_evaluate_counterfact_records_rejected_edits(tiny_gpt2):
     bad = _record(5)
     bad = CounterFactRecord(**{**bad.__dict__, "request": Fact.from_template(

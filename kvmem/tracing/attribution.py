@@ -392,7 +392,10 @@ def attribution_prepared(
     ]
 
 
-def _base_run(model, prepared, corrupted, noise, samples, seed, facts):
+def base_run(model, prepared, corrupted, noise, samples, seed, facts):
+    """The corrupted run an estimate starts from, with the noise and sample count it used: the
+    user's corrupted prompt (one run, noise 0), else `samples` noised runs at `noise` (default
+    `noise_level` over `facts`). Shared with `screened_trace`, whose exact cells reuse these rows."""
     if corrupted is not None:
         return corrupted_prompt_run(model, prepared, corrupted), 0.0, 1
     if noise is None:
@@ -431,7 +434,7 @@ def attribution_trace(
     prepared = prepare_fact(model, fact)
     warn_target(model, prepared)
     cols = resolve_positions(prepared, positions)
-    base, noise, samples = _base_run(model, prepared, corrupted, noise, samples, seed, [fact])
+    base, noise, samples = base_run(model, prepared, corrupted, noise, samples, seed, [fact])
     (trace,) = attribution_prepared(
         model, prepared, [spec], method=method, steps=steps, base=base, noise=noise, samples=samples,
         seed=seed, positions=cols, batch_size=batch_size, memory_budget=memory_budget, scale=scale,
@@ -463,7 +466,7 @@ def attribution_trace_all(
     spec = kind_windows(model, kinds, window)
     prepared = prepare_fact(model, fact)
     warn_target(model, prepared)
-    base, noise, samples = _base_run(model, prepared, corrupted, noise, samples, seed, [fact])
+    base, noise, samples = base_run(model, prepared, corrupted, noise, samples, seed, [fact])
     return TraceSet(tuple(attribution_prepared(
         model, prepared, spec, method=method, steps=steps, base=base, noise=noise, samples=samples, seed=seed,
         batch_size=batch_size, memory_budget=memory_budget, scale=scale,

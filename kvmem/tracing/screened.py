@@ -20,7 +20,7 @@ from kvmem import config
 from kvmem.core.engine import run_interventions
 from kvmem.core.facts import Fact
 from kvmem.errors import InvalidArgumentError
-from kvmem.tracing.attribution import _base_run, attribution_prepared, check_method, check_scale
+from kvmem.tracing.attribution import base_run, attribution_prepared, check_method, check_scale
 from kvmem.tracing.results import CausalTrace
 from kvmem.tracing.trace import (
     answer_probability,
@@ -76,7 +76,7 @@ def screened_trace(
     warn_target(model, prepared)
     cols = resolve_positions(prepared, positions)
     cols = list(range(prepared.tf.n_tokens)) if cols is None else cols
-    base, noise, samples = _base_run(model, prepared, corrupted, noise, samples, seed, [fact])
+    base, noise, samples = base_run(model, prepared, corrupted, noise, samples, seed, [fact])
     (estimate,) = attribution_prepared(
         model, prepared, [spec], method=method, steps=steps, base=base, noise=noise, samples=samples, seed=seed,
         positions=cols, batch_size=batch_size, memory_budget=memory_budget, scale=scale,
