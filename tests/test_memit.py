@@ -84,6 +84,32 @@ def test_memit_through_a_post_mlp_norm_delivers_the_target(tiny_postnorm, tmp_pa
     assert e.residual["z_gap"] > 0 and e.residual["after"] < 0.25, e.residual
 
 
+def test_memit_through_a_post_mlp_norm_with_a_zero_gain(tiny_postnorm, tmp_path, monkeypatch):
+    """Gemma-3-270m's post-feedforward norms have gains of exactly 0 at layers 3 and 4: the residual
+    target is passed back through them by the pseudo-inverse (those dimensions left out), not
+    divided by zero, which made every update after the first NaN."""
+    import kvmem.editing.memit as memit
+
+    model = tiny_postnorm
+    real = memit.norm_gain
+
+    def with_zeros(m, norm):
+        g = real(m, norm)
+        if g is None:
+            return g
+        g = g.detach().clone()
+        g[:3] = 0.0
+        return g
+
+    monkeypatch.setattr(memit, "norm_gain", with_zeros)
+    stats = {l: second_moment(model, l, CORPUS, n_tokens=1000, cache_dir=tmp_path, progress=False) for l in (0, 1)}
+    e = compute_memit_edit(model, [REQUEST], stats=stats, layers=[0, 1],
+                           hparams=MemitHparams(value=FAST, mom2_update_weight=1e-3))
+    assert all(bool(torch.isfinite(t).all()) for t in (*e.U, *e.V))
+    assert all(float(v[:, :3].abs().max()) == 0.0 for v in e.V)  # the unreachable dimensions
+    assert e.residual["after"] < 0.5, e.residual
+
+
 def test_null_space_projection_by_construction():
     """C = KᵀK/N with K of rank r: the eigenvalue-threshold projection has rank d − r, kills the
     span of K and leaves its orthogonal complement unchanged."""

@@ -341,7 +341,11 @@ def compute_memit_edit(
             if scale is not None:  # post-MLP norm at l: first-order inverse of out = g ⊙ m / scale(m)
                 g = norm_gain(model, mlp_post_norm(model, l))
                 if g is not None:
-                    R = R / g.detach().double().to(R.device)
+                    # a dimension the norm multiplies by 0 (Gemma-3-270m has them at layers 3 and 4)
+                    # cannot be moved through this MLP: left out (the pseudo-inverse), not divided by 0
+                    g = g.detach().double().to(R.device)
+                    reach = g.abs() > 1e-6 * float(g.abs().max())
+                    R = torch.where(reach, R / torch.where(reach, g, torch.ones_like(g)), torch.zeros_like(R))
                 R = R * scale
             C = Cs[l].to(K.device)
             if hp.null_space:
