@@ -110,6 +110,44 @@ def test_memit_through_a_post_mlp_norm_with_a_zero_gain(tiny_postnorm, tmp_path,
     assert e.residual["after"] < 0.5, e.residual
 
 
+def test_memit_spread_by_gain(tiny, tiny_postnorm, tmp_path):
+    """spread="gain" shares the residual gap by each layer's post-MLP norm gain ‖g‖: without such
+    norms every share is 1, so it is MEMIT's equal spread bit for bit; with them it still delivers."""
+    model, stats = tiny
+    prefixes = context_prefixes(model, FAST)
+    kw = dict(stats=stats, layers=[0, 1], prefixes=prefixes)
+    equal = compute_memit_edit(model, [REQUEST], hparams=MemitHparams(value=FAST, mom2_update_weight=1.0), **kw)
+    gain = compute_memit_edit(model, [REQUEST], hparams=MemitHparams(value=FAST, mom2_update_weight=1.0, spread="gain"), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(equal.V, gain.V))
+    post = tiny_postnorm
+    stats = {l: second_moment(post, l, CORPUS, n_tokens=1000, cache_dir=tmp_path, progress=False) for l in (0, 1)}
+    e = compute_memit_edit(post, [REQUEST], stats=stats, layers=[0, 1],
+                           hparams=MemitHparams(value=FAST, mom2_update_weight=1e-3, spread="gain"))
+    assert e.hparams.spread == "gain" and e.residual["after"] < 0.25, e.residual
+    with pytest.raises(InvalidArgumentError, match="spread"):
+        MemitHparams(spread="layers")
+
+
+def test_memit_value_cache_fits_each_request_once(tiny, monkeypatch):
+    import kvmem.editing.memit as memit
+
+    model, stats = tiny
+    calls = []
+    real = memit.fit_value
+    monkeypatch.setattr(memit, "fit_value", lambda *a, **k: calls.append(a[1].prompt) or real(*a, **k))
+    prefixes = context_prefixes(model, FAST)
+    cache = {}
+    a = compute_memit_edit(model, [REQUEST], stats=stats, layers=[0, 1], prefixes=prefixes, value_cache=cache,
+                           hparams=MemitHparams(value=FAST, mom2_update_weight=1.0))
+    b = compute_memit_edit(model, [REQUEST], stats=stats, layers=[1], prefixes=prefixes, value_cache=cache,
+                           hparams=MemitHparams(value=FAST, mom2_update_weight=1.0))
+    assert len(calls) == 1 and len(cache) == 1  # same last layer, same v*
+    assert torch.equal(a.targets, b.targets)
+    compute_memit_edit(model, [REQUEST], stats=stats, layers=[1], prefixes=prefixes, value_cache=cache,
+                       hparams=MemitHparams(value=dataclasses.replace(FAST, v_num_grad_steps=3), mom2_update_weight=1.0))
+    assert len(calls) == 2  # other value settings: fitted again
+
+
 def test_null_space_projection_by_construction():
     """C = KᵀK/N with K of rank r: the eigenvalue-threshold projection has rank d − r, kills the
     span of K and leaves its orthogonal complement unchanged."""

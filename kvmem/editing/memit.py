@@ -69,6 +69,11 @@ class MemitHparams:
     null_space: AlphaEdit's projection (True) or plain MEMIT (False).
     nullspace_threshold, nullspace_relative: see `kvmem.editing.nullspace` (AlphaEdit: 2e-2 absolute).
     l2: AlphaEdit's ridge α (its code's `L2`: 10 for GPT-J and Llama3-8B; the paper's formula has 1).
+    spread: how the residual gap z − h is shared among the layers still to edit. "equal" (MEMIT):
+        1/(layers left) each. "gain": in proportion to the size of each layer's post-MLP norm gain ‖g‖
+        (models with a norm between the MLP and the residual, as Gemma: such a layer's output has a
+        fixed RMS times g, so it can move the residual only about as far as ‖g‖, and an equal share
+        overshoots what the small-gain early layers can deliver); layers without such a norm count 1.
     layer_source: why these layers.
     """
 
@@ -79,6 +84,7 @@ class MemitHparams:
     nullspace_threshold: float = ALPHAEDIT_THRESHOLD
     nullspace_relative: bool = False
     l2: float = 10.0
+    spread: str = "equal"
     layer_source: str = "default"
 
     def __post_init__(self) -> None:
@@ -86,6 +92,8 @@ class MemitHparams:
             raise InvalidArgumentError("MemitHparams.layers is empty; give at least one layer (or None for the preset).")
         if not self.mom2_update_weight > 0 or not self.l2 > 0 or not self.nullspace_threshold > 0:
             raise InvalidArgumentError("mom2_update_weight, l2 and nullspace_threshold must be positive.")
+        if self.spread not in ("equal", "gain"):
+            raise InvalidArgumentError(f"MemitHparams.spread must be 'equal' or 'gain', got {self.spread!r}.")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemitHparams":
@@ -253,6 +261,7 @@ def compute_memit_edit(
     prefixes: Sequence[str] | None = None,
     skip_satisfied: bool = True,
     verbose: bool = False,
+    value_cache: dict | None = None,
     _fingerprint: str | None = None,
 ) -> MultiLayerEdit:
     """The MEMIT (or, with `hparams.null_space`, AlphaEdit) edit writing `requests` into `model`
@@ -268,7 +277,10 @@ def compute_memit_edit(
     ([d_mlp, d_mlp]; `kvmem.EditSession` keeps it). Requests: a conflict (same subject and
     relation, other target) raises `DuplicateRequestError` naming the indices; duplicates are
     skipped; with `skip_satisfied` those the model already answers are skipped (both reported in
-    `edit.skipped`); if none is left, `InvalidArgumentError` lists why.
+    `edit.skipped`); if none is left, `InvalidArgumentError` lists why. `value_cache`: a dict in
+    which v* fits are kept (keyed by request, last layer, value settings and prefixes); pass the same
+    dict to several calls on the same unedited weights (a sweep over λ, the spread, or layer sets
+    sharing their last layer) to fit each request once.
     """
     t0 = time.perf_counter()
     requests = list(requests)
@@ -307,8 +319,14 @@ def compute_memit_edit(
     last = layers[-1]
     kept, deltas, traces = [], [], []
     for i in keep:
+        key = (repr(requests[i]), last, repr(hp.value), tuple(prefixes), fp)
         try:
-            fit = fit_value(model, requests[i], last, hp.value, prefixes, verbose=verbose)
+            if value_cache is not None and key in value_cache:
+                fit = value_cache[key]
+            else:
+                fit = fit_value(model, requests[i], last, hp.value, prefixes, verbose=verbose)
+                if value_cache is not None:
+                    value_cache[key] = fit
         except AlreadySatisfiedError as err:
             if not skip_satisfied:
                 raise
@@ -329,6 +347,11 @@ def compute_memit_edit(
 
     # 2. layer by layer, on the model carrying the earlier layers' updates (restored at the end)
     originals = {l: mlp_weights(model, l).W_out.detach().clone() for l in layers}
+    share = {l: 1.0 for l in layers}
+    if hp.spread == "gain":
+        for l in layers:
+            g = norm_gain(model, mlp_post_norm(model, l)) if mlp_post_norm(model, l) is not None else None
+            share[l] = 1.0 if g is None else float(g.detach().double().norm())
     Us, Vs, Ks, Kafter = [], [], [], []
     try:
         h0 = None
@@ -337,7 +360,7 @@ def compute_memit_edit(
             h, scale = _plain_run(model, rows, last, scale_layer=l)
             if h0 is None:
                 h0 = h
-            R = (z - h) / (len(layers) - j)
+            R = (z - h) / (sum(share[m] for m in layers[j:]) / share[l])  # "equal": / (layers left)
             if scale is not None:  # post-MLP norm at l: first-order inverse of out = g ⊙ m / scale(m)
                 g = norm_gain(model, mlp_post_norm(model, l))
                 if g is not None:
