@@ -173,7 +173,10 @@ def test_an_item_that_keeps_killing_its_worker_stops_the_run(local_ray, tmp_path
     ex = RayExecutor(workers=1, max_retries=1)
     with pytest.raises(ExecutorError, match="'k5'.*died 2 times"):
         run_items(items, Work(lambda: {"die_on_5": True}, _square), log=log, executor=ex)
-    assert ex.restarts == 1 and set(_log_lines(tmp_path / "log.jsonl")) == {"k0", "k1", "k2", "k4"}
+    # k4 ran just before k5 on the same worker: when k5's death cuts off k4's reply (a race), k4 is
+    # charged first, then runs alone on the new worker and succeeds, and k5 is charged twice: one
+    # restart more, the same verdict (this test failed on that race before charged items ran alone)
+    assert ex.restarts in (1, 2) and set(_log_lines(tmp_path / "log.jsonl")) == {"k0", "k1", "k2", "k4"}
 
 
 def _die_once(state, x):

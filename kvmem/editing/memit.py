@@ -115,15 +115,21 @@ MEMIT_PRESETS: dict[str, MemitHparams] = {
     "gpt-j-6b": MemitHparams(layers=(3, 4, 5, 6, 7, 8), mom2_update_weight=15000.0,
                              value=RomeHparams(clamp_norm_factor=0.75, v_num_grad_steps=25),
                              layer_source="MEMIT code hparams/MEMIT/EleutherAI_gpt-j-6B.json"),
-    # MLP indirect effect at the last subject token (window 10, 150 known facts,
-    # benchmarks/results/tracing/aie_gemma-3-270m.md) peaks at layer 4 (0.097) and stays ≥ 0.085
-    # (~90% of the peak) over layers 2-6, then drops (0.082 at 7, 0.019 at 9): MEMIT's "critical
-    # path" around the peak, as GPT-J's 3-8 around its ROME layer 5. λ = 2,048 = d_mlp (λ/d_mlp = 1,
-    # GPT-J's 0.92 rounded); v* settings = the ROME preset's (norm clamp 1 on the MLP output).
+    # One layer, the tracing peak and ROME's layer 4 (benchmarks/results/tracing/aie_gemma-3-270m.md:
+    # the MLP indirect effect at the last subject token is ≥ 90% of its peak over 2-6). Spreading over
+    # 2-6 as MEMIT does around GPT-J's peak does not work on Gemma's blocks: a post-feedforward RMSNorm
+    # fixes the RMS of each MLP's contribution to the residual, so a layer can rotate its output but
+    # not add an arbitrary share of the gap z − h; one batch of 8 CounterFact requests left 0.90 of the
+    # gap over 2-6 (ES 37.5), 0.71 over 4-6, 0.39 over 5-6, and 0.19 at layer 4 alone with λ = 256
+    # (ES 100, PS 62.5, NS 75.0 vs 81.2 unedited; benchmarks/results/editing/memit_layers_gemma-3-270m.md).
+    # λ = 256 = d_mlp / 8: at λ = d_mlp a lone key is inserted by s/(λ+s) ≈ 0.6 (median s 2,965 at
+    # layer 4, benchmarks/results/stress/nullspace_gemma-3-270m.md) and ES was 62.5. AlphaEdit's
+    # α = 1 for the reason given for factworld below (median ‖Pk‖² 14.6 at layer 4: 0.59 inserted
+    # with α = 10, 0.94 with α = 1). v* settings = the ROME preset's (norm clamp 1 on the MLP output).
     "gemma-3-270m": MemitHparams(
-        layers=(2, 3, 4, 5, 6), mom2_update_weight=2048.0, value=_value_preset("gemma-3-270m"),
-        layer_source="MLP AIE at the last subject token ≥ 90% of its peak (layer 4): layers 2-6 "
-        "(benchmarks/results/tracing/aie_gemma-3-270m.md)"),
+        layers=(4,), mom2_update_weight=256.0, value=_value_preset("gemma-3-270m"), l2=1.0,
+        layer_source="the MLP tracing peak and ROME layer (4) alone: spreading over 2-6 fails through "
+        "Gemma's post-feedforward norms (benchmarks/results/editing/memit_layers_gemma-3-270m.md)"),
     # factworld's facts are recalled by MLPs 0 and 1 at the subject's last token (window-2 AIE 0.496
     # and 0.498; 0.024 at layer 2, benchmarks/results/tracing/aie_factworld.md); λ = d_mlp. AlphaEdit's
     # ridge α = 1 (the paper's formula) rather than its code's 10: an edit key's null-space part is

@@ -198,14 +198,23 @@ class RayExecutor:
         # id of a dead actor -> (the actor, the key of the item it was running when it died: the
         # only one to blame)
         running_when_died: dict = {}
+        requeued: dict = {}  # key of an item taken back from a dead worker -> its submission number
         submitted = 0
 
         def submit(slot: int) -> None:
+            # An item charged with a worker's death runs alone on its slot: when a worker dies with
+            # several items unreturned (the one it ran, and one whose reply the death cut off), the
+            # earliest is charged, and running it alone next time tells whether it was the cause.
             nonlocal submitted
-            while queue and sum(1 for s, *_ in inflight.values() if s == slot) < IN_FLIGHT:
+            while queue:
+                mine = [k for s, _, k, _, _ in inflight.values() if s == slot]
+                if len(mine) >= IN_FLIGHT or any(k in tries for k in mine) or (mine and queue[0][0] in tries):
+                    return
                 item_key, item = queue.popleft()
                 submitted += 1
                 inflight[self.actors[slot].run.remote(item)] = (slot, self.actors[slot], item_key, item, submitted)
+                if item_key in tries:
+                    return
 
         finished = False
         self.running = True
@@ -238,7 +247,13 @@ class RayExecutor:
                     if self.actors[slot] is actor:
                         self.actors[slot] = self._start(ray, key, work_ref)
                         self.restarts += 1
-                    queue.appendleft((item_key, item))
+                    if item_key in tries:  # charged: first, to run alone
+                        queue.appendleft((item_key, item))
+                    else:  # behind the charged ones and the earlier-submitted ones taken back
+                        requeued[item_key] = number
+                        lead = next((i for i, (k, _) in enumerate(queue)
+                                     if k not in tries and requeued.get(k, number + 1) > number), len(queue))
+                        queue.insert(lead, (item_key, item))
                     submit(slot)
                     continue
                 except RayTaskError as e:  # a bug in the computation, not a bad item: stop, as serially
