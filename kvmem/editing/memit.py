@@ -353,11 +353,11 @@ def compute_memit_edit(
 
     # 2. layer by layer, on the model carrying the earlier layers' updates (restored at the end)
     originals = {l: mlp_weights(model, l).W_out.detach().clone() for l in layers}
-    share = {l: 1.0 for l in layers}
-    if hp.spread == "gain":
-        for l in layers:
-            g = norm_gain(model, mlp_post_norm(model, l)) if mlp_post_norm(model, l) is not None else None
-            share[l] = 1.0 if g is None else float(g.detach().double().norm())
+    # each layer's post-MLP norm gain, once (W_out updates do not change it); None without such a norm
+    gains = {l: (norm_gain(model, mlp_post_norm(model, l)) if mlp_post_norm(model, l) is not None else None)
+             for l in layers}
+    share = {l: 1.0 if hp.spread == "equal" or gains[l] is None else float(gains[l].detach().double().norm())
+             for l in layers}
     Us, Vs, Ks, Kafter = [], [], [], []
     try:
         h0 = None
@@ -368,7 +368,7 @@ def compute_memit_edit(
                 h0 = h
             R = (z - h) / (sum(share[m] for m in layers[j:]) / share[l])  # "equal": / (layers left)
             if scale is not None:  # post-MLP norm at l: first-order inverse of out = g ⊙ m / scale(m)
-                g = norm_gain(model, mlp_post_norm(model, l))
+                g = gains[l]
                 if g is not None:
                     # a dimension the norm multiplies by 0 (Gemma-3-270m has them at layers 3 and 4)
                     # cannot be moved through this MLP: left out (the pseudo-inverse), not divided by 0
