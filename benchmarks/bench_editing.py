@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (RunPlan, add_data_arguments, add_run_arguments, bootstrap_ci, check_run_arguments, data_file, data_name,
-                    peak_rss_mb, provenance, provenance_line, results_dir, table, tiny_random_model)
+from common import (RunPlan, add_data_arguments, add_run_arguments, check_run_arguments, data_file, data_name,
+                    mean_difference, peak_rss_mb, provenance, provenance_line, results_dir, table, tiny_random_model)
 
 
 # --- models and records -------------------------------------------------------------------
@@ -192,13 +192,10 @@ def paired_differences(frame, other_csv: str, metrics=("ES", "PS", "NS"), n_boot
                         for c in base for m in metrics), default=float("nan"))
     out = {"other": str(other_csv), "n": len(both), "unedited_max_abs_diff": float(unedited_gap)}
     for m in metrics:
-        d = np.array([mine.loc[("ROME", c), m] - theirs.loc[("ROME", c), m] for c in both], dtype=float)
-        d = d[~np.isnan(d)]
-        ci = bootstrap_ci(np.mean, d, n=n_boot, seed=0) if len(d) > 1 else None
-        out[m] = {"this": float(mine.loc[[("ROME", c) for c in both], m].mean()),
-                  "other": float(theirs.loc[[("ROME", c) for c in both], m].mean()),
-                  "diff": float(d.mean()) if len(d) else float("nan"),
-                  "ci": [ci.lo, ci.hi] if ci else [float("nan"), float("nan")]}
+        this = [mine.loc[("ROME", c), m] for c in both]
+        that = [theirs.loc[("ROME", c), m] for c in both]
+        diff = mean_difference(this, that, n_boot=n_boot)
+        out[m] = {"this": float(np.nanmean(this)), "other": float(np.nanmean(that)), "diff": diff["diff"], "ci": diff["ci"]}
     return out
 
 

@@ -21,8 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from common import (add_data_arguments, bootstrap_ci, data_file, data_name, provenance, provenance_line,
-                    results_dir, table)
+from common import (add_data_arguments, data_file, data_name, provenance, provenance_line,
+                    mean_difference, results_dir, table)
 
 CONDITIONS = ("wiki", "samples")
 METRICS = ("ES", "PS", "NS")
@@ -45,8 +45,6 @@ def statistics(model, layer: int, corpus_file: str, n_tokens: dict, seed: int) -
 
 
 def summarise(frames: dict, n_boot: int = 2000) -> dict:
-    import numpy as np
-
     rome = {c: f[f.condition == "ROME"].set_index("case_id") for c, f in frames.items()}
     unedited = frames["wiki"][frames["wiki"].condition == "unedited"].set_index("case_id")
     ok = sorted(set(rome["wiki"].index[rome["wiki"].error.isna()]) & set(rome["samples"].index[rome["samples"].error.isna()]))
@@ -54,11 +52,10 @@ def summarise(frames: dict, n_boot: int = 2000) -> dict:
     for m in METRICS:
         row = {c: float(rome[c].loc[ok, m].mean() * 100) for c in CONDITIONS}
         row["unedited"] = float(unedited.loc[ok, m].mean() * 100)
-        diff = (rome["samples"].loc[ok, m] - rome["wiki"].loc[ok, m]).to_numpy(dtype=float) * 100
-        diff = diff[~np.isnan(diff)]
-        ci = bootstrap_ci(np.mean, diff, n=n_boot, seed=0) if len(diff) > 1 else None
-        row["diff"] = float(diff.mean()) if len(diff) else float("nan")
-        row["diff_ci"] = [ci.lo, ci.hi] if ci else None
+        diff = mean_difference(rome["samples"].loc[ok, m].to_numpy(dtype=float) * 100,
+                               rome["wiki"].loc[ok, m].to_numpy(dtype=float) * 100, n_boot=n_boot)
+        row["diff"] = diff["diff"]
+        row["diff_ci"] = diff["ci"] if diff["n"] > 1 else None
         res["metrics"][m] = row
     return res
 

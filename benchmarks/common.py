@@ -239,6 +239,18 @@ def bootstrap_ci(statistic: Callable[..., float], *samples, n: int = 2000, seed:
     return BootstrapCI(float(lo), float(hi), len(values) / n)
 
 
+def mean_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of the paired differences a − b (NaN pairs left out) with its 95% bootstrap CI:
+    {"diff", "ci": [lo, hi] (NaN with fewer than two pairs), "n"}."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    d = d[~np.isnan(d)]
+    ci = bootstrap_ci(np.mean, d, n=n_boot, seed=seed) if len(d) > 1 else None
+    return {"diff": float(d.mean()) if len(d) else float("nan"),
+            "ci": [ci.lo, ci.hi] if ci else [float("nan"), float("nan")], "n": int(len(d))}
+
+
 # --- resumable, shardable runs -----------------------------------------------------------------------
 # `--shard`/`--merge` stay for one place Ray cannot serve: this project's GPU machines take files in
 # transfers of at most 64 MiB and have no network, and Ray's wheel is 79 MB (docs/scaling.md). Where

@@ -20,7 +20,9 @@ Sources: "counterfact" = the first --n-records records of the CounterFact file a
 in the same row), each at its fixed and its diagnosed layer.
 
 Per-record rows go to PREFIX.jsonl (kvmem.runs.RunLog; rerun the same command to resume);
-`--summarise-only` rewrites PREFIX.json/.md from the log. Default PREFIX:
+`--logged-only` rewrites PREFIX.json/.md from the log; `--shard I/N` computes every N-th record
+into its own log and `--merge N` joins the shard logs into PREFIX.jsonl and summarises (two shards
+keep both cores of a 2-core machine busy). Default PREFIX:
 benchmarks/results/interference/interference_<model>_<source>.
 """
 
@@ -36,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import add_data_arguments, bootstrap_ci, data_file, data_name, provenance, provenance_line, results_dir
+from common import (RunPlan, add_data_arguments, add_run_arguments, bootstrap_ci, check_run_arguments, data_file, data_name,
+                    provenance, provenance_line, results_dir)
 
 OUTCOME = "ns_drop"  # NS before − NS after (share of neighbour prompts); "drops" = > 0
 
@@ -290,18 +293,20 @@ def main(argv=None):
     add_data_arguments(ap, "counterfact", "corpus", "pararel", "known")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--restart", action="store_true")
-    ap.add_argument("--summarise-only", action="store_true")
+    add_run_arguments(ap, "records")
     ap.add_argument("--boot", type=int, default=1000)
     args = ap.parse_args(argv)
+    check_run_arguments(ap, args)
     torch.set_num_threads(args.threads)
 
     from kvmem.runs import RunLog, write_atomic
 
     prefix = Path(args.out or results_dir("interference") / f"interference_{args.model}_{args.source}")
+    plan = RunPlan.from_args(args, f"{prefix}.jsonl")
     settings = {k: getattr(args, k) for k in ("model", "source", "stats_tokens", "n_known", "corpus_tokens")}
-    if args.summarise_only:
-        log = RunLog(f"{prefix}.jsonl", json.loads(Path(f"{prefix}.jsonl").read_text().splitlines()[0])["settings"])
+    plan.merge_shards("records")
+    if plan.summarising:
+        log = RunLog(plan.log, json.loads(plan.log.read_text().splitlines()[0])["settings"])
         records = list(log.records().values())
         meta = {**provenance(__file__, argv), "model": args.model, "source": args.source}
         old = Path(f"{prefix}.json")
@@ -315,7 +320,7 @@ def main(argv=None):
         from kvmem.recall import answered_facts
         from tqdm.auto import tqdm
 
-        model = load(args.model)
+        model = load(args.model, args.device)
         for p in model.parameters():
             p.requires_grad_(False)
         if args.model == "factworld":
@@ -337,7 +342,8 @@ def main(argv=None):
         else:
             cases, src = counterfact_cases(model, args)
         settings.update(corpus=data_name(args, "corpus") if args.model != "factworld" else "factworld", stats_tokens=n_tok)
-        log = RunLog(f"{prefix}.jsonl", settings, restart=args.restart)
+        log = RunLog(plan.write_log, settings, restart=args.restart)
+        cases = plan.select(cases, lambda c: str(c[0].case_id))
         known = answered_facts(model, pool, progress=False)
         memo = {}
 
@@ -354,6 +360,9 @@ def main(argv=None):
             if str(rec.case_id) in log:
                 continue
             log.add(str(rec.case_id), run_record(model, rec, layers, extra, stats_for, prefixes, known, corpus, args))
+        if plan.shard is not None:
+            print(f"shard {args.shard}: {len(log)} records logged to {plan.write_log}; `--merge N` summarises")
+            return
         records = [log.records()[str(r.case_id)] for r, _, _ in cases if str(r.case_id) in log]
         meta = {**provenance(__file__, argv, model.cfg.device), "model": args.model, "source": args.source,
                 "cases_from": src}
