@@ -227,3 +227,22 @@ def test_get_executor():
     assert isinstance(get_executor(None), SerialExecutor) and isinstance(get_executor("ray"), RayExecutor)
     with pytest.raises(Exception, match="executor must be one of"):
         get_executor("dask")
+
+
+def test_pending_order_charged_items_run_alone_and_taken_back_ones_keep_their_order():
+    from kvmem.executors.ray_pool import IN_FLIGHT, _Pending
+
+    q = _Pending([(k, k) for k in "abcdef"])
+    assert q.may_submit([]) and q.popleft()[0] == "a"
+    assert [q.popleft()[0] for _ in range(3)] == ["b", "c", "d"]  # submitted as 1..4
+    # a worker died running "b" with "c" unreturned; another took back "d" earlier
+    q.take_back("d", "d", 4)
+    q.take_back("c", "c", 3)
+    q.charge("b")
+    q.take_back("b", "b", 2)
+    assert [k for k, _ in q._items] == ["b", "c", "d", "e", "f"]
+    assert q.may_submit([]) and not q.may_submit(["x"])  # a charged item joins no busy worker
+    q.popleft()
+    assert not q.may_submit(["b"])  # and nothing joins it
+    assert q.may_submit(["c"] * (IN_FLIGHT - 1)) and not q.may_submit(["c"] * IN_FLIGHT)
+    assert q.tries == {"b": 1}

@@ -116,6 +116,44 @@ def _first_lines(e: Exception, n: int = 3) -> str:
     return " / ".join(lines[-n:])
 
 
+class _Pending:
+    """The items waiting for a worker, in the order they go out. When a worker dies with several
+    items unreturned (the one it ran, and one whose reply the death cut off), the earliest submitted
+    is charged (`charge`). A charged item goes first and runs alone on its worker, so that its next
+    run tells whether it was the cause; items taken back uncharged go next, in the order they were
+    first submitted; then the rest, in input order."""
+
+    def __init__(self, items: Iterable[tuple[str, Any]]):
+        self._items = deque(items)
+        self.tries: dict[str, int] = {}  # key -> deaths charged to it
+        self._submitted: dict[str, int] = {}  # key of an item taken back uncharged -> its submission number
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def popleft(self) -> tuple[str, Any]:
+        return self._items.popleft()
+
+    def charge(self, key: str) -> None:
+        self.tries[key] = self.tries.get(key, 0) + 1
+
+    def may_submit(self, running: list[str]) -> bool:
+        """Whether the next item may join a worker already running the items `running`."""
+        if not self._items or len(running) >= IN_FLIGHT or any(k in self.tries for k in running):
+            return False
+        return not (running and self._items[0][0] in self.tries)
+
+    def take_back(self, key: str, item: Any, number: int) -> None:
+        """Requeue an item its dead worker did not return; `number`: when it was submitted."""
+        if key in self.tries:
+            self._items.appendleft((key, item))
+            return
+        self._submitted[key] = number
+        lead = next((i for i, (k, _) in enumerate(self._items)
+                     if k not in self.tries and self._submitted.get(k, number + 1) > number), len(self._items))
+        self._items.insert(lead, (key, item))
+
+
 class RayExecutor:
     """Items on Ray workers. `address`: see `connect`. `workers`: how many actors (default: as many
     as the cluster's CPUs, or GPUs when `gpus_per_worker` > 0, hold, and no more than items).
@@ -180,7 +218,7 @@ class RayExecutor:
 
         died = (RayActorError, OutOfMemoryError, WorkerCrashedError, NodeDiedError)  # the worker, not the item
 
-        queue = deque(items)
+        queue = _Pending(items)
         self.restarts = 0
         # the setup's hash names the worker state: a worker given the same setup again keeps its model
         key = hashlib.sha256(ray.cloudpickle.dumps(work.setup)).hexdigest()
@@ -193,28 +231,18 @@ class RayExecutor:
                 if other is not self and not other.running:
                     other.close()  # its idle workers would keep these from starting
             self.actors += [self._start(ray, key, work_ref) for _ in range(size - len(self.actors))]
-        tries: dict[str, int] = {}
         inflight: dict = {}  # object ref -> (worker slot, its actor, key, item, submission number)
         # id of a dead actor -> (the actor, the key of the item it was running when it died: the
         # only one to blame)
         running_when_died: dict = {}
-        requeued: dict = {}  # key of an item taken back from a dead worker -> its submission number
         submitted = 0
 
         def submit(slot: int) -> None:
-            # An item charged with a worker's death runs alone on its slot: when a worker dies with
-            # several items unreturned (the one it ran, and one whose reply the death cut off), the
-            # earliest is charged, and running it alone next time tells whether it was the cause.
             nonlocal submitted
-            while queue:
-                mine = [k for s, _, k, _, _ in inflight.values() if s == slot]
-                if len(mine) >= IN_FLIGHT or any(k in tries for k in mine) or (mine and queue[0][0] in tries):
-                    return
+            while queue.may_submit([k for s, _, k, _, _ in inflight.values() if s == slot]):
                 item_key, item = queue.popleft()
                 submitted += 1
                 inflight[self.actors[slot].run.remote(item)] = (slot, self.actors[slot], item_key, item, submitted)
-                if item_key in tries:
-                    return
 
         finished = False
         self.running = True
@@ -239,21 +267,15 @@ class RayExecutor:
                         mine = [(n, k) for _, a, k, _, n in inflight.values() if a is actor] + [(number, item_key)]
                         running_when_died[id(actor)] = (actor, min(mine)[1])
                     if running_when_died[id(actor)][1] == item_key:
-                        tries[item_key] = tries.get(item_key, 0) + 1
-                    if tries.get(item_key, 0) > self.max_retries:
-                        raise ExecutorError(f"Item {item_key!r}: its worker died {tries[item_key]} times (last: "
+                        queue.charge(item_key)
+                    if queue.tries.get(item_key, 0) > self.max_retries:
+                        raise ExecutorError(f"Item {item_key!r}: its worker died {queue.tries[item_key]} times (last: "
                                             f"{type(e).__name__}); stopped after {self.max_retries} retries. "
                                             "A worker running out of memory on this item is the usual cause.") from None
                     if self.actors[slot] is actor:
                         self.actors[slot] = self._start(ray, key, work_ref)
                         self.restarts += 1
-                    if item_key in tries:  # charged: first, to run alone
-                        queue.appendleft((item_key, item))
-                    else:  # behind the charged ones and the earlier-submitted ones taken back
-                        requeued[item_key] = number
-                        lead = next((i for i, (k, _) in enumerate(queue)
-                                     if k not in tries and requeued.get(k, number + 1) > number), len(queue))
-                        queue.insert(lead, (item_key, item))
+                    queue.take_back(item_key, item, number)
                     submit(slot)
                     continue
                 except RayTaskError as e:  # a bug in the computation, not a bad item: stop, as serially
