@@ -340,12 +340,13 @@ def check_interference(model, record: CounterFactRecord, edit: Edit, *, safe: bo
     return result
 
 
-def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams, batch_size: int
-                 ) -> Callable[[object, CounterFactRecord], object]:
+def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams, batch_size: int,
+                 progress: bool = False) -> Callable[[object, CounterFactRecord], object]:
     """`editor(model, record)` that writes `records` in batches of `batch_size` (in their order) with
     one `compute_memit_edit` per batch (`hparams`: a `MemitHparams`; AlphaEdit when its null_space
     is set; `stats`: C per layer) and returns the edit of the record's batch, computed on first use.
-    A record its batch skipped (duplicate, already answered) raises `InvalidArgumentError` with the reason."""
+    A record its batch skipped (duplicate, already answered) raises `InvalidArgumentError` with the reason.
+    `progress`: a bar over each batch's v* fits (`compute_memit_edit`)."""
     from kvmem.editing.memit import compute_memit_edit
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -362,7 +363,7 @@ def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams,
             memo.clear()  # batches are visited in order: keep one edit alive
             batch = [r.request for r in records[b * batch_size:(b + 1) * batch_size]]
             try:
-                memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes)
+                memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes, progress=progress)
             except KvmemError as err:  # every record of the batch fails alike: computed once, not per record
                 memo[b] = err
         edit = memo[b]

@@ -70,7 +70,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         layers = list(mhp.layers)
         per_layer = {l: options.stats(args, model, l, "kvmem edit") for l in layers}
         stats = per_layer[layers[-1]]
-        editor = batch_editor(model, records, stats=per_layer, hparams=mhp, batch_size=args.batch_size)
+        editor = batch_editor(model, records, stats=per_layer, hparams=mhp, batch_size=args.batch_size,
+                              progress=not args.quiet)
     settings = {"analysis": "rome_edit", "model": common.fingerprint(model), "layer": hp.layer,
                 "prefixes": [list(p) for p in hp.prefixes], "stats": stats.corpus_fingerprint,
                 "n_tokens": stats.n_tokens, "generation": args.generation, "seed": args.seed}
