@@ -341,13 +341,17 @@ def check_interference(model, record: CounterFactRecord, edit: Edit, *, safe: bo
 
 
 def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams, batch_size: int,
-                 progress: bool = False) -> Callable[[object, CounterFactRecord], object]:
+                 progress: bool = False, save_dir=None) -> Callable[[object, CounterFactRecord], object]:
     """`editor(model, record)` that writes `records` in batches of `batch_size` (in their order) with
     one `compute_memit_edit` per batch (`hparams`: a `MemitHparams`; AlphaEdit when its null_space
     is set; `stats`: C per layer) and returns the edit of the record's batch, computed on first use.
     A record its batch skipped (duplicate, already answered) raises `InvalidArgumentError` with the reason.
-    `progress`: a bar over each batch's v* fits (`compute_memit_edit`)."""
+    `progress`: a bar over each batch's v* fits (`compute_memit_edit`). `save_dir`: each batch's edit
+    is saved there (`batch_edit_path`) and read back instead of recomputed when the same batch comes
+    again with the same weights, settings and statistics (a run stopped while scoring resumes
+    without refitting v*; `kvmem.load_edit` reads the files)."""
     from kvmem.editing.memit import compute_memit_edit
+    from kvmem.editing.multi_edit import MultiLayerEdit
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -362,20 +366,46 @@ def batch_editor(model, records: Sequence[CounterFactRecord], *, stats, hparams,
         if b not in memo:
             memo.clear()  # batches are visited in order: keep one edit alive
             batch = [r.request for r in records[b * batch_size:(b + 1) * batch_size]]
+            path = None if save_dir is None else batch_edit_path(save_dir, m, b, batch, stats, hparams, prefixes)
             try:
-                memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes, progress=progress)
+                if path is not None and path.exists():
+                    memo[b] = MultiLayerEdit.load(path)
+                else:
+                    memo[b] = compute_memit_edit(m, batch, stats=stats, hparams=hparams, prefixes=prefixes,
+                                                 progress=progress)
+                    if path is not None:
+                        memo[b].save(path)
             except KvmemError as err:  # every record of the batch fails alike: computed once, not per record
                 memo[b] = err
         edit = memo[b]
         if isinstance(edit, KvmemError):
             raise edit
-        if not any(q is rec.request for q in edit.requests):
-            why = next((s["skipped"] for s in edit.skipped
-                        if records[b * batch_size + s["index"]] is rec), "not written by its batch's edit")
+        # by position in the batch: an edit read back from its file holds copies of the requests
+        why = next((s["skipped"] for s in edit.skipped if records[b * batch_size + s["index"]] is rec), None)
+        if why is not None:
             raise InvalidArgumentError(f"record skipped by its batch: {why}")
         return edit
 
     return editor
+
+
+def batch_edit_path(save_dir, model, index: int, batch, stats, hparams, prefixes):
+    """Where `batch_editor` keeps batch `index`'s edit: `save_dir/batch_<index>-<digest>.safetensors`,
+    the digest over everything the edit depends on (the model's weights, the requests, the settings,
+    the context prefixes and each layer's C), so a changed input never reads a stale edit."""
+    import hashlib
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from kvmem.core.fingerprint import fingerprints, matrix_digest
+
+    h = hashlib.sha256()
+    for part in (fingerprints(model)[0], repr(list(batch)), repr(asdict(hparams)), repr(list(prefixes))):
+        h.update(part.encode() + b"\0")
+    for layer in sorted(stats):
+        C = getattr(stats[layer], "C", stats[layer])
+        h.update(f"{layer}:{matrix_digest(C)}".encode() + b"\0")
+    return Path(save_dir) / f"batch_{index:04d}-{h.hexdigest()[:16]}.safetensors"
 
 
 def evaluate_record(

@@ -162,12 +162,29 @@ def test_edit(factworld, facts_file, tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
 
 
-def test_edit_memit_batches(factworld, facts_file, tmp_path, capsys):
-    """Four facts in two MEMIT batches: every record scored with its batch's two-fact edit."""
-    code, out, err = _run(capsys, "edit", "--facts", facts_file, "--limit", "4", "--out", tmp_path,
-                          "--cache-dir", tmp_path / "cache", "--method", "memit", "--batch-size", "2")
+def test_edit_memit_batches(factworld, facts_file, tmp_path, capsys, monkeypatch):
+    """Four facts in two MEMIT batches: every record scored with its batch's two-fact edit; the
+    batches' edits are kept in the output folder and a rerun scores with them, fitting nothing."""
+    import kvmem.editing.memit as memit
+
+    args = ("edit", "--facts", facts_file, "--limit", "4", "--out", tmp_path, "--cache-dir", tmp_path / "cache",
+            "--method", "memit", "--batch-size", "2")
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    assert len(list((tmp_path / "batch_edits").glob("batch_*.safetensors"))) == 2
+    first = json.loads((tmp_path / "summary.json").read_text())["table"]
+
+    def refit(*a, **k):
+        raise AssertionError("refitted a batch whose edit was saved")
+
+    monkeypatch.setattr(memit, "compute_memit_edit", refit)
+    (tmp_path / "edit_log.jsonl").unlink()  # as if stopped before any record was scored
+    code, _, err = _run(capsys, *args)
     assert code == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["table"] == first
+    with pytest.raises(AssertionError, match="refitted"):  # --restart fits every batch again
+        _run(capsys, *args, "--restart")
     assert summary["method"] == "memit" and summary["batch_size"] == 2 and summary["layers"] == [0, 1]
     assert summary["table"]["MEMIT"]["ES"] >= 50.0 and summary["table"]["unedited"]["ES"] == 0.0
     rows = json.loads((tmp_path / "edits.json").read_text())

@@ -378,3 +378,34 @@ def test_counterfact_evaluation_of_a_memit_batch_scores_it_under_one_application
     torch.testing.assert_close(torch.tensor(frames[3][metrics].to_numpy(dtype=float)),
                                torch.tensor(frames[1][metrics].to_numpy(dtype=float)), rtol=1e-5, atol=1e-6)
     assert list(frames[3]["condition"]) == ["unedited", "MEMIT"] * 3
+
+
+def test_batch_editor_saves_each_batch_edit_and_reads_it_back(tiny, tmp_path, monkeypatch):
+    """With save_dir, a batch's edit is written once and read back (not refitted) by a new editor with
+    the same inputs; a duplicate the batch skipped is still refused after the read; other statistics
+    give another file."""
+    import kvmem.editing.memit as memit
+    from kvmem.data import CounterFactRecord
+    from kvmem.evaluation import batch_edit_path, batch_editor
+
+    model, stats = tiny
+    facts = [REQUEST, Fact("Paris is the capital of", "Paris", target_true="France", target_new="Spain"), REQUEST]
+    records = [CounterFactRecord(case_id=i, request=f, template=f.prompt, paraphrase_prompts=(), neighborhood_prompts=(),
+                                 attribute_prompts=(), generation_prompts=()) for i, f in enumerate(facts)]
+    hp = MemitHparams(layers=(0, 1), value=FAST, mom2_update_weight=50.0)
+    first = batch_editor(model, records, stats=stats, hparams=hp, batch_size=3, save_dir=tmp_path)(model, records[0])
+    files = list(tmp_path.glob("batch_0000-*.safetensors"))
+    assert len(files) == 1
+
+    def refit(*a, **k):
+        raise AssertionError("refitted a saved batch")
+
+    monkeypatch.setattr(memit, "compute_memit_edit", refit)
+    editor = batch_editor(model, records, stats=stats, hparams=hp, batch_size=3, save_dir=tmp_path)
+    again = editor(model, records[1])
+    assert [torch.equal(a, b) for (_, a), (_, b) in zip(first.deltas(), again.deltas())] == [True, True]
+    with pytest.raises(InvalidArgumentError, match="skipped by its batch"):
+        editor(model, records[2])  # the duplicate of records[0]
+    other = {l: s.C * 2 for l, s in stats.items()} if hasattr(next(iter(stats.values())), "C") else {l: c * 2 for l, c in stats.items()}
+    assert batch_edit_path(tmp_path, model, 0, [r.request for r in records], other, hp, ()) != \
+        batch_edit_path(tmp_path, model, 0, [r.request for r in records], stats, hp, ())

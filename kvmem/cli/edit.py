@@ -70,8 +70,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
         layers = list(mhp.layers)
         per_layer = {l: options.stats(args, model, l, "kvmem edit") for l in layers}
         stats = per_layer[layers[-1]]
+        # each batch's edit is kept in the output folder: a rerun (after a stop while scoring) reads it
+        # back; --restart fits them again
+        saved = out / "batch_edits"
+        if args.restart and saved.exists():
+            for f in saved.glob("batch_*.safetensors"):
+                f.unlink()
         editor = batch_editor(model, records, stats=per_layer, hparams=mhp, batch_size=args.batch_size,
-                              progress=not args.quiet)
+                              progress=not args.quiet, save_dir=saved)
     settings = {"analysis": "rome_edit", "model": common.fingerprint(model), "layer": hp.layer,
                 "prefixes": [list(p) for p in hp.prefixes], "stats": stats.corpus_fingerprint,
                 "n_tokens": stats.n_tokens, "generation": args.generation, "seed": args.seed}
