@@ -308,12 +308,12 @@ def main(argv=None):
     if plan.summarising:
         log = RunLog(plan.log, json.loads(plan.log.read_text().splitlines()[0])["settings"])
         records = list(log.records().values())
+        # this summary's own provenance (the log grows over several runs and machines); where the
+        # cases came from, from the last computing run's summary
         meta = {**provenance(__file__, argv), "model": args.model, "source": args.source}
         old = Path(f"{prefix}.json")
-        if old.exists():  # keep the computing run's provenance line
-            prev = json.loads(old.read_text())
-            meta = {**{k: prev[k] for k in provenance(__file__, argv) if k in prev}, "model": args.model,
-                    "source": args.source, "cases_from": prev.get("cases_from")}
+        if old.exists():
+            meta["cases_from"] = json.loads(old.read_text()).get("cases_from")
     else:
         from bench_editing import load
         from kvmem.editing import context_prefixes, rome_hparams, second_moment
