@@ -91,6 +91,7 @@ def counterfact_cases(model, args):
 def run_record(model, rec, layers, extra, stats_for, prefixes, known, corpus, args) -> dict:
     from kvmem.editing import compute_rome_edit, edited, reinsert, rome_hparams
     from kvmem.editing.interference import predict_interference
+    from kvmem.errors import AlreadySatisfiedError
     from kvmem.evaluation import record_metrics
 
     hp = rome_hparams(model)
@@ -107,8 +108,12 @@ def run_record(model, rec, layers, extra, stats_for, prefixes, known, corpus, ar
                             "unedited": {k: extra.get("unedited", {}).get(k) for k in ("ES", "PS", "NS")}}
     for lname, layer in layers:
         t = time.perf_counter()
-        edit = compute_rome_edit(model, rec.request, layer=layer, stats=stats_for(layer),
-                                 hparams=dataclasses.replace(hp, layer=layer), prefixes=prefixes)
+        try:
+            edit = compute_rome_edit(model, rec.request, layer=layer, stats=stats_for(layer),
+                                     hparams=dataclasses.replace(hp, layer=layer), prefixes=prefixes)
+        except AlreadySatisfiedError as err:  # nothing to edit: logged as skipped, left out of the statistics
+            out["skipped"] = str(err)
+            return out
         edit_s = time.perf_counter() - t
         for cname, e in ((f"{lname} C", edit), (f"{lname} no C", reinsert(model, edit, None))):
             t = time.perf_counter()
@@ -246,9 +251,10 @@ def fmt(v, ci=None, d=2):
     return s
 
 
-def markdown(meta, res, n_records) -> str:
+def markdown(meta, res, n_records, n_skipped=0) -> str:
+    skipped = f" ({n_skipped} skipped: the model already answers their new object)" if n_skipped else ""
     L = [f"# Predicted interference vs measured neighbourhood damage: {meta['model']} ({meta['source']})", "",
-         f"{provenance_line(meta)} {n_records} records.", "",
+         f"{provenance_line(meta)} {n_records} records{skipped}.", "",
          "Outcome: the record's NS drops (NS before − after > 0; NS = share of neighbourhood prompts ranking the "
          "true object over the new one). `risk`: predicted share of the right neighbour prompts that flip "
          "(first-order readout through the network); `ns_pred_mean (−)`: minus the predicted mean margin change "
@@ -369,7 +375,7 @@ def main(argv=None):
     res = analyse(records, args.boot)
     write_atomic(f"{prefix}.json", json.dumps({**meta, "settings": settings, "n_records": len(records), "results": res},
                                               indent=1, default=float))
-    md = markdown(meta, res, len(records))
+    md = markdown(meta, res, len(records), sum("skipped" in r for r in records))
     write_atomic(f"{prefix}.md", md)
     print(md)
 
