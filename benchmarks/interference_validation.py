@@ -40,6 +40,7 @@ import torch
 
 from common import (RunPlan, add_data_arguments, add_run_arguments, bootstrap_ci, check_run_arguments, data_file, data_name,
                     provenance, provenance_line, results_dir)
+from kvmem.editing.interference import RISK_THRESHOLD
 
 OUTCOME = "ns_drop"  # NS before − NS after (share of neighbour prompts); "drops" = > 0
 
@@ -65,7 +66,7 @@ def diagnose_cases(model_name: str, args):
     for r in rows:
         rec = recs[str(r["case_id"])]
         assert rec.request.prompt == r["prompt"] and rec.request.target_new.strip() == r["target_new"].strip(), r["case_id"]
-        layers = [("fixed", r["fixed_layer"]), ("diagnosed", r["diagnosed_layer"])]
+        layers = [(k, r[f"{k}_layer"]) for k in args.diagnose_layers]
         out.append((rec, layers, r))
     return out, str(log)
 
@@ -224,6 +225,13 @@ def analyse(records: list[dict], n_boot: int = 1000) -> dict:
                           "spearman_ci": [sci.lo, sci.hi], "tau": tau, "false_safe_B": fs, "false_safe_B_ci": [fs_ci.lo, fs_ci.hi],
                           "base_unsafe_B": float(yb.mean()) if len(yb) else float("nan"),
                           "passing_B": float((pb <= tau).mean()) if len(pb) else float("nan")}
+        # the threshold kvmem ships (chosen on factworld), on every record of this model: does it transfer?
+        r_all = np.array(preds["risk"], float)
+        flagged = r_all > RISK_THRESHOLD
+        fs_ci = bootstrap_ci(lambda a, b: false_safe(a, b, RISK_THRESHOLD), r_all, y, n=n_boot)
+        res["shipped"] = {"tau": RISK_THRESHOLD, "false_safe": false_safe(r_all, y, RISK_THRESHOLD),
+                          "false_safe_ci": [fs_ci.lo, fs_ci.hi], "passing": float((~flagged).mean()),
+                          "recall": float(flagged[y].mean()) if y.any() else float("nan")}
         # the first-order readout against the applied edit (every prompt of every bank)
         m = np.array([p[1] for _, c in rows for p in c["prompts"]], float)
         d = np.array([p[2] for _, c in rows for p in c["prompts"]], float)
@@ -271,6 +279,14 @@ def markdown(meta, res, n_records, n_skipped=0) -> str:
             L.append(f"| {cond} | {p} | {r['n']} | {r['base_unsafe']:.2f} | {fmt(x['auc'], x['auc_ci'])} | "
                      f"{fmt(x['spearman'], x['spearman_ci'])} | {fmt(x['tau'], d=3)} | {fmt(x['false_safe_B'], x['false_safe_B_ci'])} | "
                      f"{fmt(x['base_unsafe_B'])} | {fmt(x['passing_B'])} |")
+    L += ["", f"At kvmem's shipped threshold (`RISK_THRESHOLD` = {RISK_THRESHOLD:g}, chosen on factworld: risk above "
+          "it = unsafe), over all records: false-safe rate P(NS drops | called safe), the share called safe "
+          "(passing), and recall (the share of the NS-dropping edits it flags).", "",
+          "| condition | n | base unsafe | false-safe | passing | recall |", "|---|---|---|---|---|---|"]
+    for cond, r in res.items():
+        x = r["shipped"]
+        L.append(f"| {cond} | {r['n']} | {r['base_unsafe']:.2f} | {fmt(x['false_safe'], x['false_safe_ci'])} | "
+                 f"{fmt(x['passing'])} | {fmt(x['recall'])} |")
     L += ["", "First-order readout against the applied edit (all neighbourhood and known-fact prompts): Pearson of "
           "predicted and exact margin change, median |error| vs median |exact change| (nats/token), agreement of "
           "predicted and actual flips; `exact = measured`: share of records whose exact (t = 1) NS drop equals the "
@@ -295,6 +311,9 @@ def main(argv=None):
     ap.add_argument("--n-known", type=int, default=20)
     ap.add_argument("--corpus-tokens", type=int, default=500)
     ap.add_argument("--diagnose-log", default=None)
+    ap.add_argument("--diagnose-layers", nargs="+", choices=("fixed", "diagnosed"), default=["fixed", "diagnosed"],
+                    help="--source diagnose: which of each fact's layers to edit (one of them halves the time; "
+                         "the output name then says which)")
     ap.add_argument("--committed", default=None, help="committed per-record CounterFact log to compare NS with")
     add_data_arguments(ap, "counterfact", "corpus", "pararel", "known")
     ap.add_argument("--threads", type=int, default=1)
@@ -307,9 +326,14 @@ def main(argv=None):
 
     from kvmem.runs import RunLog, write_atomic
 
-    prefix = Path(args.out or results_dir("interference") / f"interference_{args.model}_{args.source}")
+    name = f"interference_{args.model}_{args.source}"
+    if args.source == "diagnose" and len(args.diagnose_layers) == 1:
+        name += f"_{args.diagnose_layers[0]}"
+    prefix = Path(args.out or results_dir("interference") / name)
     plan = RunPlan.from_args(args, f"{prefix}.jsonl")
     settings = {k: getattr(args, k) for k in ("model", "source", "stats_tokens", "n_known", "corpus_tokens")}
+    if args.source == "diagnose":
+        settings["diagnose_layers"] = args.diagnose_layers
     plan.merge_shards("records")
     if plan.summarising:
         log = RunLog(plan.log, json.loads(plan.log.read_text().splitlines()[0])["settings"])
