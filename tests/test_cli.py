@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from kvmem.cli import common, main
@@ -162,6 +163,23 @@ def test_edit(factworld, facts_file, tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_edit_rome_under_the_null_space(factworld, facts_file, tmp_path, capsys):
+    """--null-space: ROME's updates confined to C's null space (AlphaEdit's constraint), labelled apart."""
+    code, out, err = _run(capsys, "edit", "--facts", facts_file, "--limit", "2", "--out", tmp_path,
+                          "--cache-dir", tmp_path / "cache", "--null-space")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ns = summary["null_space"]
+    assert ns["threshold"] == 0.02 and 0 < ns["rank"] < ns["d_mlp"]
+    assert set(summary["table"]) == {"unedited", "ROME (null space)"} and "| ROME (null space) |" in out
+    assert len(pd.read_csv(tmp_path / "edits.csv").dropna(subset=["ES"])) == 2
+    code, _, err = _run(capsys, "edit", "--facts", facts_file, "--limit", "2", "--out", tmp_path / "m",
+                        "--method", "memit", "--batch-size", "2", "--null-space", "0.1")
+    assert code == 2 and "--method alphaedit" in err
+    with pytest.raises(SystemExit):
+        _run(capsys, "edit", "--facts", facts_file, "--null-space", "-1")
+
+
 def test_edit_memit_batches(factworld, facts_file, tmp_path, capsys, monkeypatch):
     """Four facts in two MEMIT batches: every record scored with its batch's two-fact edit; the
     batches' edits are kept in the output folder and a rerun scores with them, fitting nothing."""
@@ -190,6 +208,9 @@ def test_edit_memit_batches(factworld, facts_file, tmp_path, capsys, monkeypatch
     rows = json.loads((tmp_path / "edits.json").read_text())
     assert [r["rows"][1]["batch_size"] for r in rows] == [2, 2, 2, 2]
     assert all(r["interference"] is None for r in rows)  # predicted for ROME edits only
+    paired = pd.read_csv(tmp_path / "edits.csv")  # one row per record, its MEMIT metrics beside the unedited ones
+    assert len(paired) == 4 and paired["ES"].notna().all() and (paired["ES_before"] == 0.0).all()
+    assert paired["ES"].mean() == pytest.approx(summary["table"]["MEMIT"]["ES"] / 100)
     code, _, err = _run(capsys, "edit", "--facts", facts_file, "--limit", "2", "--out", tmp_path / "r",
                         "--batch-size", "2")
     assert code == 2 and "--method memit or alphaedit" in err

@@ -9,6 +9,7 @@ from functools import partial
 from dataclasses import replace
 
 from kvmem.editing.memit import memit_hparams
+from kvmem.editing.nullspace import null_space
 from kvmem.editing.rome import context_prefixes
 from kvmem.errors import InvalidArgumentError
 from kvmem.evaluation import (METRICS, CounterFactEval, batch_editor, check_interference, counterfact_frame,
@@ -30,7 +31,7 @@ def _edit_fact(args: argparse.Namespace, state, record) -> dict:
     # --safe refuses here, which is logged or stops the run like any rejected edit
     check = check_interference(model, record, edit, safe=safe) if safe is not None else None
     rows = evaluate_record(model, record, editor=lambda m, r: edit, generation=args.generation,
-                           method=LABELS[getattr(args, "method", "rome")],
+                           method=_label(args),
                            gen_prompts=GEN_PROMPTS, gen_tokens=GEN_TOKENS, seed=args.seed)
     f = record.request
     return {"prompt": f.prompt, "subject": f.subject, "target_true": f.target_true, "target_new": f.target_new,
@@ -40,10 +41,17 @@ def _edit_fact(args: argparse.Namespace, state, record) -> dict:
                                                          "n_prompts": len(check.effects)}}
 
 
-def _rome_state(model, stats, hp, prefixes, safe) -> tuple:
+def _label(args: argparse.Namespace) -> str:
+    """The condition column of the method's rows (ROME under the null-space constraint has its own)."""
+    method = getattr(args, "method", "rome")
+    return LABELS[method] + (" (null space)" if method == "rome" and getattr(args, "null_space", None) else "")
+
+
+def _rome_state(model, stats, hp, prefixes, safe, null_space=None) -> tuple:
     """(model, ROME editor, `safe`) with the driver's context prefixes (every worker edits with the
-    same ones, whatever its device samples); `safe` as `kvmem.evaluation.check_interference`'s."""
-    return model, rome_editor(model, stats=stats, hparams=hp, prefixes=prefixes), safe
+    same ones, whatever its device samples); `safe` as `kvmem.evaluation.check_interference`'s;
+    `null_space`: AlphaEdit's constraint on every update (the driver's, from the same C)."""
+    return model, rome_editor(model, stats=stats, hparams=hp, prefixes=prefixes, null_space=null_space), safe
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -56,6 +64,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             raise InvalidArgumentError("--batch-size goes with --method memit or alphaedit (ROME edits one fact).")
         stats = options.stats(args, model, hp.layer, "kvmem edit")
         layers = [hp.layer]
+        ns = None if args.null_space is None else null_space(stats, threshold=args.null_space)
     else:  # one MEMIT/AlphaEdit edit per batch of --batch-size records, each record scored with its batch's edit
         if getattr(args, "executor", "serial") != "serial":
             raise InvalidArgumentError("--method memit/alphaedit makes one edit per batch of facts in order; run it with "
@@ -63,7 +72,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if args.safe:
             raise InvalidArgumentError("--safe checks ROME edits (kvmem.predict_interference predicts a rank-one "
                                        "update's interference); leave it out with --method memit or alphaedit.")
+        if method == "memit" and args.null_space is not None:
+            raise InvalidArgumentError("--null-space constrains ROME's or AlphaEdit's updates; MEMIT with the "
+                                       "constraint is --method alphaedit.")
         mhp = memit_hparams(model, null_space=method == "alphaedit")
+        if args.null_space is not None:
+            mhp = replace(mhp, nullspace_threshold=args.null_space)
         mhp = replace(mhp, value=replace(mhp.value, prefixes=hp.prefixes))
         if args.layer is not None:
             mhp = replace(mhp, layers=(args.layer,))
@@ -83,8 +97,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 "n_tokens": stats.n_tokens, "generation": args.generation, "seed": args.seed}
     if method != "rome":  # only then, so that logs of ROME runs keep resuming
         settings.update(method=method, batch_size=args.batch_size, layers=layers)
+    if args.null_space is not None:
+        settings.update(null_space=args.null_space)
     if method == "rome":  # each worker builds its editor once, on its own model, with the driver's prefixes
-        state = (_rome_state, stats, hp, context_prefixes(model, hp), args.safe)
+        state = (_rome_state, stats, hp, context_prefixes(model, hp), args.safe, ns)
         work = Work(batch.worker_setup(args, model, *state), partial(_edit_fact, args), local=state[0](model, *state[1:]))
     else:
         work = Work(None, partial(_edit_fact, args), local=(model, editor, None))
@@ -95,12 +111,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
     common.write_json(out / "edits.json", facts)
     summary = {"command": "edit", "model": args.model, "facts_file": str(args.facts), "layer": layers[-1],
                "method": method, "layers": layers, "batch_size": args.batch_size,
+               "null_space": None if args.null_space is None else (
+                   {"threshold": ns.threshold, "rank": ns.rank, "d_mlp": ns.d_mlp} if method == "rome"
+                   else {"threshold": args.null_space}),
                "n_edits": len(facts), "skipped_records": skipped, "failed": batch.failures(log, records), "table": None,
                "predicted_unsafe": sum(bool((f.get("interference") or {}).get("unsafe")) for f in facts)}
     files = []
     if facts:
         evaluation = CounterFactEval(counterfact_frame([row for fact in facts for row in fact["rows"]]))
-        paired = evaluation.paired_frame()
+        paired = evaluation.paired_frame(_label(args))
         paired.insert(0, "record", [fact["record"] for fact in facts])
         files = common.write_table(out, "edits", paired)
         summary["table"] = evaluation.summary()[list(METRICS)].to_dict(orient="index")

@@ -15,6 +15,7 @@ from kvmem.cli.recall import cmd_recall
 from kvmem.cli.stats import cmd_stats
 from kvmem.cli.runtime import add_executor_options, add_out_option, add_runtime_options
 from kvmem.cli.trace import cmd_trace
+from kvmem.editing.nullspace import ALPHAEDIT_THRESHOLD
 
 MODEL_HELP = "factworld (default), gemma-3-270m, smollm2-135m or a folder"
 
@@ -35,6 +36,16 @@ def positive_int(text: str) -> int:
 
 def nonneg_int(text: str) -> int:
     return _whole_number(text, 0, "0 or more")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def share(text: str) -> float:
@@ -164,6 +175,10 @@ def _add_batch_commands(sub) -> None:
     e.add_argument("--method", choices=("rome", "memit", "alphaedit"), default="rome",
                    help="rome: one edit per fact; memit/alphaedit: one multi-layer edit per --batch-size facts")
     e.add_argument("--batch-size", type=positive_int, default=1, help="facts per MEMIT/AlphaEdit edit (default: 1)")
+    e.add_argument("--null-space", type=positive_float, nargs="?", const=ALPHAEDIT_THRESHOLD, default=None,
+                   metavar="THRESHOLD",
+                   help="--method rome: confine each update to the null space of C (AlphaEdit's constraint: "
+                   f"eigenvalues of C below THRESHOLD, default {ALPHAEDIT_THRESHOLD:g}); --method alphaedit: its threshold")
     e.set_defaults(func=cmd_edit)
 
 
