@@ -47,8 +47,9 @@ OUTCOME = "ns_drop"  # NS before − NS after (share of neighbour prompts); "dro
 
 # --- cases -----------------------------------------------------------------------------------
 
-def diagnose_cases(model_name: str, args):
-    """(record, [(layer name, layer)], localization row) for each fact of the committed diagnose run."""
+def diagnose_cases(model_name: str, args, kinds=("fixed", "diagnosed")):
+    """(record, [(layer name, layer)], localization row) for each fact of the committed diagnose run;
+    `kinds`: which of its layers ("fixed": the preset's, "diagnosed": the tracing peak)."""
     log = Path(args.diagnose_log or results_dir("diagnose") / (
         "diagnose_factworld.jsonl" if model_name == "factworld" else f"diagnose_{model_name}_pararel.jsonl"))
     rows = [json.loads(l)["record"] for l in log.read_text().splitlines()[1:]]
@@ -66,7 +67,7 @@ def diagnose_cases(model_name: str, args):
     for r in rows:
         rec = recs[str(r["case_id"])]
         assert rec.request.prompt == r["prompt"] and rec.request.target_new.strip() == r["target_new"].strip(), r["case_id"]
-        layers = [(k, r[f"{k}_layer"]) for k in args.diagnose_layers]
+        layers = [(k, r[f"{k}_layer"]) for k in kinds]
         out.append((rec, layers, r))
     return out, str(log)
 
@@ -367,7 +368,7 @@ def main(argv=None):
             n_tok = args.stats_tokens or 200_000
             pool = load_known_facts(data_file(args, "known"))[:200]
         if args.source == "diagnose":
-            cases, src = diagnose_cases(args.model, args)
+            cases, src = diagnose_cases(args.model, args, args.diagnose_layers)
             cases = cases[: args.n_records]
         else:
             cases, src = counterfact_cases(model, args)
