@@ -230,9 +230,11 @@ def analyse(records: list[dict], n_boot: int = 1000) -> dict:
         r_all = np.array(preds["risk"], float)
         flagged = r_all > RISK_THRESHOLD
         fs_ci = bootstrap_ci(lambda a, b: false_safe(a, b, RISK_THRESHOLD), r_all, y, n=n_boot)
+        # the rule's own AUC (one point on the ROC curve: (TPR + TNR) / 2), comparable between models
+        rule_auc = float((flagged[y].mean() + (~flagged[~y]).mean()) / 2) if y.any() and (~y).any() else float("nan")
         res["shipped"] = {"tau": RISK_THRESHOLD, "false_safe": false_safe(r_all, y, RISK_THRESHOLD),
                           "false_safe_ci": [fs_ci.lo, fs_ci.hi], "passing": float((~flagged).mean()),
-                          "recall": float(flagged[y].mean()) if y.any() else float("nan")}
+                          "recall": float(flagged[y].mean()) if y.any() else float("nan"), "rule_auc": rule_auc}
         # the first-order readout against the applied edit (every prompt of every bank)
         m = np.array([p[1] for _, c in rows for p in c["prompts"]], float)
         d = np.array([p[2] for _, c in rows for p in c["prompts"]], float)
@@ -282,12 +284,13 @@ def markdown(meta, res, n_records, n_skipped=0) -> str:
                      f"{fmt(x['base_unsafe_B'])} | {fmt(x['passing_B'])} |")
     L += ["", f"At kvmem's shipped threshold (`RISK_THRESHOLD` = {RISK_THRESHOLD:g}, chosen on factworld: risk above "
           "it = unsafe), over all records: false-safe rate P(NS drops | called safe), the share called safe "
-          "(passing), and recall (the share of the NS-dropping edits it flags).", "",
-          "| condition | n | base unsafe | false-safe | passing | recall |", "|---|---|---|---|---|---|"]
+          "(passing), recall (the share of the NS-dropping edits it flags) and the rule's AUC ((recall + "
+          "specificity) / 2: the threshold's own point on the ROC curve).", "",
+          "| condition | n | base unsafe | false-safe | passing | recall | rule's AUC |", "|---|---|---|---|---|---|---|"]
     for cond, r in res.items():
         x = r["shipped"]
         L.append(f"| {cond} | {r['n']} | {r['base_unsafe']:.2f} | {fmt(x['false_safe'], x['false_safe_ci'])} | "
-                 f"{fmt(x['passing'])} | {fmt(x['recall'])} |")
+                 f"{fmt(x['passing'])} | {fmt(x['recall'])} | {fmt(x.get('rule_auc'))} |")
     L += ["", "First-order readout against the applied edit (all neighbourhood and known-fact prompts): Pearson of "
           "predicted and exact margin change, median |error| vs median |exact change| (nats/token), agreement of "
           "predicted and actual flips; `exact = measured`: share of records whose exact (t = 1) NS drop equals the "

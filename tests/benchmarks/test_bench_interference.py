@@ -5,6 +5,7 @@ by counting), and the summary of a small hand-made log (the shipped-threshold ta
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -50,6 +51,23 @@ def test_analyse_reports_the_shipped_threshold_over_all_records():
     assert shipped["tau"] == iv.RISK_THRESHOLD == 0.0
     assert shipped["false_safe"] == pytest.approx(1 / 3) and shipped["passing"] == pytest.approx(0.5)
     assert shipped["recall"] == pytest.approx(2 / 3)
+    assert shipped["rule_auc"] == pytest.approx((2 / 3 + 2 / 3) / 2)  # flags 2 of 3 damaging, passes 2 of 3 harmless
     assert res["risk"]["auc"] == pytest.approx(_pair_auc(risks, [d > 0 for d in drops]))
     md = iv.markdown({"model": "m", "source": "s", "command": "x", "date": "d", "machine": "m", "commit": "c"}, {"preset C": res}, 6)
     assert "| preset C | 6 | 0.50 | 0.33" in md
+
+
+def test_summary_compares_each_run_with_the_reference(tmp_path):
+    iv, summary = script("interference_validation"), script("interference_summary")
+    risks, drops = [0.0, 0.0, 0.0, 0.2, 0.5, 0.1], [0.0, 0.1, 0.0, 0.2, 0.3, 0.0]
+    for model, flip in (("gemma-3-270m", False), ("other", True)):
+        rs = [{"case_id": i, "conditions": {"preset C": _row(r, d if not flip else 0.3 - d)}}
+              for i, (r, d) in enumerate(zip(risks, drops))]
+        res = iv.analyse(rs, n_boot=20)
+        (tmp_path / f"interference_{model}_counterfact.json").write_text(
+            json.dumps({"model": model, "source": "counterfact", "results": res}))
+    table = {r["model"]: r for r in summary.rows(tmp_path)}
+    ref, other = table["gemma-3-270m"], table["other"]
+    assert ref["rule_auc_minus_reference"] == 0.0
+    assert other["rule_auc_minus_reference"] == pytest.approx(other["rule_auc"] - ref["rule_auc"])
+    assert other["rule_auc"] != ref["rule_auc"]
