@@ -33,7 +33,7 @@ def rows(folder: Path) -> list[dict]:
                 raise SystemExit(f"{path} predates the shipped-threshold columns: rerun its command with --logged-only")
             loc = r.get("localization (−)")
             out.append({"model": d["model"], "source": d["source"], "file": path.name, "condition": cond,
-                        "n": r["n"], "base_unsafe": r["base_unsafe"], "auc": r["risk"]["auc"], "auc_ci": r["risk"]["auc_ci"],
+                        "n": r["n"], "base_unsafe": r["base_unsafe"], "lam_median": r.get("ns_lam_max_median"), "auc": r["risk"]["auc"], "auc_ci": r["risk"]["auc_ci"],
                         "spearman": r["risk"]["spearman"], "localization_auc": loc["auc"] if loc else None,
                         **{k: r["shipped"][k] for k in ("false_safe", "false_safe_ci", "passing", "recall", "rule_auc")}})
     ref = next((r for r in out if (r["model"], r["source"], r["condition"]) == REFERENCE), None)
@@ -51,18 +51,19 @@ def _f(v, ci=None, d=2) -> str:
 def markdown(meta: dict, table: list[dict]) -> str:
     L = ["# Predicted interference across models: does the threshold transfer?", "",
          f"{provenance_line(meta)} From the `interference_validation.py` result files beside this one.", "",
-         "Outcome: the record's NS drops. `risk AUC`: threshold-free ranking of the edits by the predicted risk; "
+         "Outcome: the record's NS drops. `median λ max`: over the records, the largest |λ| of the neighbour "
+         "prompts' keys (how close the neighbourhood lies to the edited key). `risk AUC`: threshold-free ranking of the edits by the predicted risk; "
          "at the shipped threshold (risk > 0 = unsafe): false-safe rate P(NS drops | called safe) over all records "
          "(95% bootstrap CI) against the base unsafe rate, the share called safe, the share of damaging edits flagged, "
          "and the rule's AUC ((recall + specificity) / 2) with its difference from the reference "
          f"({REFERENCE[0]}, {REFERENCE[1]}, {REFERENCE[2]}). Conditions: \"C\" = ROME's edit, \"no C\" = the same "
          "k* → v* without the covariance (large neighbourhood damage), at the preset (\"preset\", \"fixed\") or the "
          "tracing peak (\"diagnosed\").", "",
-         "| model | facts | edits | n | base unsafe | risk AUC | localization AUC | false-safe at τ = 0 | passing | recall | rule's AUC | Δ vs reference |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| model | facts | edits | n | base unsafe | median λ max | risk AUC | localization AUC | false-safe at τ = 0 | passing | recall | rule's AUC | Δ vs reference |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         delta = r["rule_auc_minus_reference"]
-        L.append(f"| {r['model']} | {r['source']} | {r['condition']} | {r['n']} | {r['base_unsafe']:.2f} | "
+        L.append(f"| {r['model']} | {r['source']} | {r['condition']} | {r['n']} | {r['base_unsafe']:.2f} | {_f(r['lam_median'])} | "
                  f"{_f(r['auc'], r['auc_ci'])} | {_f(r['localization_auc'])} | {_f(r['false_safe'], r['false_safe_ci'])} | "
                  f"{_f(r['passing'])} | {_f(r['recall'])} | {_f(r['rule_auc'])} | "
                  f"{'n/a' if delta is None or delta != delta else f'{delta:+.2f}'} |")

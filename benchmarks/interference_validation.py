@@ -2,7 +2,7 @@
 
     python benchmarks/interference_validation.py --model factworld --source diagnose --threads 1
     python benchmarks/interference_validation.py --model gemma-3-270m --source counterfact --n-records 250 --threads 1
-    python benchmarks/interference_validation.py --model gemma-3-270m --source diagnose --threads 1
+    python benchmarks/interference_validation.py --model gemma-3-270m --source diagnose --diagnose-layers fixed --threads 1
     python benchmarks/interference_validation.py --model smollm2-135m --source counterfact --n-records 100 --threads 1
 
 Per record and condition, the edit is computed (k*, v*: ROME with the model's preset, C over
@@ -209,7 +209,9 @@ def analyse(records: list[dict], n_boot: int = 1000) -> dict:
         y_drop = np.array([c[OUTCOME] for _, c in rows], float)
         y = y_drop > 1e-9
         h = np.array([half(r["case_id"]) for r, _ in rows])
-        res = {"n": len(rows), "base_unsafe": float(y.mean())}
+        res = {"n": len(rows), "base_unsafe": float(y.mean()),
+               # how close the neighbours' keys lie to k*: the median over records of their largest |λ|
+               "ns_lam_max_median": float(np.median([c["ns_lam_max"] for _, c in rows]))}
         preds = {"risk": [c["risk"] for _, c in rows], "ns_pred_mean (−)": [-c["ns_pred_mean"] for _, c in rows],
                  "ns_lam_max": [c["ns_lam_max"] for _, c in rows]}
         if all("localization" in r for r, _ in rows):

@@ -5,5 +5,7 @@ set -e
 cd benchmarks
 python interference_validation.py --model factworld --source diagnose --n-records 40 --threads 1
 python interference_validation.py --model gemma-3-270m --source counterfact --n-records 250 --threads 1
-python interference_validation.py --model gemma-3-270m --source diagnose --n-records 100 --threads 1
+python interference_validation.py --model gemma-3-270m --source diagnose --diagnose-layers fixed --n-records 100 --threads 1
 python interference_validation.py --model smollm2-135m --source counterfact --n-records 100 --threads 1
+python interference_validation.py --model gemma-3-270m --source diagnose --diagnose-layers diagnosed --n-records 100 --threads 1
+python interference_summary.py
