@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from common import provenance, provenance_line, results_dir
+from interference_validation import fmt
 
 REFERENCE = ("gemma-3-270m", "counterfact", "preset C")
 
@@ -42,12 +42,6 @@ def rows(folder: Path) -> list[dict]:
     return out
 
 
-def _f(v, ci=None, d=2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.{d}f}" + (f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci and not any(c != c for c in ci) else "")
-
-
 def markdown(meta: dict, table: list[dict]) -> str:
     L = ["# Predicted interference across models: does the threshold transfer?", "",
          f"{provenance_line(meta)} From the `interference_validation.py` result files beside this one.", "",
@@ -63,9 +57,9 @@ def markdown(meta: dict, table: list[dict]) -> str:
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         delta = r["rule_auc_minus_reference"]
-        L.append(f"| {r['model']} | {r['source']} | {r['condition']} | {r['n']} | {r['base_unsafe']:.2f} | {_f(r['lam_median'])} | "
-                 f"{_f(r['auc'], r['auc_ci'])} | {_f(r['localization_auc'])} | {_f(r['false_safe'], r['false_safe_ci'])} | "
-                 f"{_f(r['passing'])} | {_f(r['recall'])} | {_f(r['rule_auc'])} | "
+        L.append(f"| {r['model']} | {r['source']} | {r['condition']} | {r['n']} | {r['base_unsafe']:.2f} | {fmt(r['lam_median'])} | "
+                 f"{fmt(r['auc'], r['auc_ci'])} | {fmt(r['localization_auc'])} | {fmt(r['false_safe'], r['false_safe_ci'])} | "
+                 f"{fmt(r['passing'])} | {fmt(r['recall'])} | {fmt(r['rule_auc'])} | "
                  f"{'n/a' if delta is None or delta != delta else f'{delta:+.2f}'} |")
     return "\n".join(L) + "\n"
 

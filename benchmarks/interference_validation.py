@@ -209,11 +209,11 @@ def analyse(records: list[dict], n_boot: int = 1000) -> dict:
         y_drop = np.array([c[OUTCOME] for _, c in rows], float)
         y = y_drop > 1e-9
         h = np.array([half(r["case_id"]) for r, _ in rows])
-        res = {"n": len(rows), "base_unsafe": float(y.mean()),
-               # how close the neighbours' keys lie to k*: the median over records of their largest |λ|
-               "ns_lam_max_median": float(np.median([c["ns_lam_max"] for _, c in rows]))}
         preds = {"risk": [c["risk"] for _, c in rows], "ns_pred_mean (−)": [-c["ns_pred_mean"] for _, c in rows],
                  "ns_lam_max": [c["ns_lam_max"] for _, c in rows]}
+        res = {"n": len(rows), "base_unsafe": float(y.mean()),
+               # how close the neighbours' keys lie to k*: the median over records of their largest |λ|
+               "ns_lam_max_median": float(np.median(preds["ns_lam_max"]))}
         if all("localization" in r for r, _ in rows):
             preds["localization (−)"] = [-r["localization"]["score"] for r, _ in rows]
         for pname, p in preds.items():
@@ -232,11 +232,12 @@ def analyse(records: list[dict], n_boot: int = 1000) -> dict:
         r_all = np.array(preds["risk"], float)
         flagged = r_all > RISK_THRESHOLD
         fs_ci = bootstrap_ci(lambda a, b: false_safe(a, b, RISK_THRESHOLD), r_all, y, n=n_boot)
-        # the rule's own AUC (one point on the ROC curve: (TPR + TNR) / 2), comparable between models
-        rule_auc = float((flagged[y].mean() + (~flagged[~y]).mean()) / 2) if y.any() and (~y).any() else float("nan")
+        recall = float(flagged[y].mean()) if y.any() else float("nan")
+        specificity = float((~flagged[~y]).mean()) if (~y).any() else float("nan")
         res["shipped"] = {"tau": RISK_THRESHOLD, "false_safe": false_safe(r_all, y, RISK_THRESHOLD),
-                          "false_safe_ci": [fs_ci.lo, fs_ci.hi], "passing": float((~flagged).mean()),
-                          "recall": float(flagged[y].mean()) if y.any() else float("nan"), "rule_auc": rule_auc}
+                          "false_safe_ci": [fs_ci.lo, fs_ci.hi], "passing": float((~flagged).mean()), "recall": recall,
+                          # the rule's own point on the ROC curve, comparable between models
+                          "rule_auc": (recall + specificity) / 2}
         # the first-order readout against the applied edit (every prompt of every bank)
         m = np.array([p[1] for _, c in rows for p in c["prompts"]], float)
         d = np.array([p[2] for _, c in rows for p in c["prompts"]], float)
