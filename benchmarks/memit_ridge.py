@@ -40,17 +40,13 @@ def edit_file(path: str) -> Path:
 
 def resolved(edit, C, *, lam: float | None = None, alpha: float | None = None, P=None):
     """The edit with U solved again from its own keys: MEMIT at ridge `lam`, or AlphaEdit (`P`, `alpha`)."""
-    import torch
+    from kvmem.editing import solve_update
 
-    K = edit.keys[0].double()
-    C = C.double()
     if alpha is None:
-        U = torch.linalg.solve(lam * C + K.T @ K, K.T)
         method, hp = "memit", dataclasses.replace(edit.hparams, mom2_update_weight=lam, null_space=False)
     else:
-        P = P.double()
-        U = torch.linalg.solve(P @ (K.T @ K) + alpha * torch.eye(K.shape[1], dtype=torch.float64), P @ K.T)
         method, hp = "alphaedit", dataclasses.replace(edit.hparams, l2=alpha, null_space=True)
+    U = solve_update(edit.keys[0], C, hp, P=P)
     return dataclasses.replace(edit, U=(U,), method=method, hparams=hp, keys_after=())
 
 

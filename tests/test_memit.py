@@ -29,6 +29,7 @@ from kvmem.editing import (
     model_fingerprint,
     null_space,
     second_moment,
+    solve_update,
 )
 from kvmem.errors import (DuplicateRequestError, InvalidArgumentError, LayerOutOfRangeError, ModelMismatchError,
                           SingularStatisticsError)
@@ -164,6 +165,34 @@ def test_null_space_projection_by_construction():
     # AlphaEdit's threshold is absolute; relative=True scales it by the largest eigenvalue
     rel = null_space(K.T @ K / K.shape[0], threshold=1e-9, relative=True)
     assert rel.rank == d - r and rel.relative
+
+
+def test_solve_update_against_woodbury_and_the_null_space():
+    """MEMIT's U = (λC + KᵀK)⁻¹Kᵀ equals the Woodbury form C⁻¹Kᵀ(λI + KC⁻¹Kᵀ)⁻¹; AlphaEdit's U lies in
+    P's range (so ΔW = U R cannot move a key in C's preserved span) and solves its normal equation."""
+    g = torch.Generator().manual_seed(1)
+    d, n, r = 30, 6, 20
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    X = torch.randn(400, d, generator=g, dtype=torch.float64)
+    C = X.T @ X / 400
+    K = torch.randn(n, d, generator=g, dtype=torch.float64)
+    hp = MemitHparams(layers=(0,), mom2_update_weight=7.0)
+    U = solve_update(K.float(), C, hp)
+    Ci = torch.linalg.inv(C)
+    woodbury = Ci @ K.T @ torch.linalg.inv(7.0 * torch.eye(n, dtype=torch.float64) + K @ Ci @ K.T)
+    assert U.dtype == torch.float64 and torch.allclose(U, woodbury.to(U.dtype), atol=1e-6, rtol=1e-5)
+
+    low = torch.randn(400, r, generator=g, dtype=torch.float64) @ basis[:, :r].T
+    P = null_space(low.T @ low / 400, threshold=1e-8).P
+    Kp = torch.randn(3, d, generator=g, dtype=torch.float64)
+    ahp = dataclasses.replace(hp, null_space=True, l2=0.5)
+    U = solve_update(K, C, ahp, P=P, prev_keys=Kp.T @ Kp)
+    assert torch.allclose(P @ U, U, atol=1e-10)
+    assert float((low @ U).abs().max()) < 1e-8
+    lhs = P @ (K.T @ K + Kp.T @ Kp) @ U + 0.5 * U
+    assert torch.allclose(lhs, P @ K.T, atol=1e-10)
+    with pytest.raises(InvalidArgumentError, match="null-space projector"):
+        solve_update(K, C, ahp)
 
 
 def _corpus_keys(model, layer, sentences):

@@ -21,7 +21,14 @@ from kvmem.editing.rome import (
     rome_statistics,
 )
 from kvmem.editing.stats import SecondMoment, load_second_moment, second_moment
-from kvmem.editing.memit import MEMIT_PRESETS, MemitHparams, compute_memit_edit, memit_hparams, memit_statistics
+from kvmem.editing.memit import (
+    MEMIT_PRESETS,
+    MemitHparams,
+    compute_memit_edit,
+    memit_hparams,
+    memit_statistics,
+    solve_update,
+)
 from kvmem.editing.multi_edit import MultiLayerEdit, load_edit
 from kvmem.editing.nullspace import NullSpace, null_space
 from kvmem.editing.session import EditSession, SessionStep
@@ -33,5 +40,5 @@ __all__ = [
     "load_second_moment", "SingularStatisticsError", "ModelMismatchError", "model_fingerprint",
     "choose_edit_layer", "tracing_peak_layer", "reinsert",
     "MemitHparams", "MEMIT_PRESETS", "memit_hparams", "compute_memit_edit", "memit_statistics",
-    "MultiLayerEdit", "load_edit", "NullSpace", "null_space", "EditSession", "SessionStep",
+    "solve_update", "MultiLayerEdit", "load_edit", "NullSpace", "null_space", "EditSession", "SessionStep",
 ]

@@ -256,6 +256,35 @@ def check_layers(model, layers) -> tuple[int, ...]:
 
 # --- the edit -----------------------------------------------------------------------------
 
+def solve_update(
+    K: Float[Tensor, "n d_mlp"],
+    C: Float[Tensor, "d_mlp d_mlp"],
+    hparams: MemitHparams,
+    *,
+    P: Float[Tensor, "d_mlp d_mlp"] | None = None,
+    prev_keys: Float[Tensor, "d_mlp d_mlp"] | None = None,
+) -> Float[Tensor, "d_mlp n"]:
+    """U with ΔW = U R for one layer's keys K (one row per request) and residuals R (float64).
+
+    MEMIT (`hparams.null_space` False): U = (λC + KᵀK)⁻¹Kᵀ, λ = `mom2_update_weight`.
+    AlphaEdit: U = (P(KᵀK + Σ KpKpᵀ) + αI)⁻¹ P Kᵀ with P the null-space projector (required) and
+    `prev_keys` the earlier edits' Σ KpKpᵀ (None: no earlier edits), α = `l2`. The one solve both
+    `compute_memit_edit` and a re-solve of a saved batch at other settings go through.
+    """
+    K = K.double()
+    if hparams.null_space:
+        if P is None:
+            raise InvalidArgumentError("AlphaEdit's solve needs P, the null-space projector (kvmem.null_space(C).P).")
+        P = P.double().to(K.device)
+        A = K.T @ K
+        if prev_keys is not None:
+            A = A + prev_keys.double().to(K.device)
+        eye = torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
+        return torch.linalg.solve(P @ A + hparams.l2 * eye, P @ K.T)
+    C = C.double().to(K.device)
+    return torch.linalg.solve(hparams.mom2_update_weight * C + K.T @ K, K.T)
+
+
 def compute_memit_edit(
     model,
     requests: Sequence[Fact],
@@ -379,13 +408,7 @@ def compute_memit_edit(
                     reach = g.abs() > 1e-6 * float(g.abs().max())
                     R = torch.where(reach, R / torch.where(reach, g, torch.ones_like(g)), torch.zeros_like(R))
                 R = R * scale
-            C = Cs[l].to(K.device)
-            if hp.null_space:
-                P = Ps[l].to(K.device)
-                A = K.T @ K + (prev_keys[l].double().to(K.device) if prev_keys is not None and l in prev_keys else 0.0)
-                U = torch.linalg.solve(P @ A + hp.l2 * torch.eye(d_mlp, dtype=torch.float64, device=K.device), P @ K.T)
-            else:
-                U = torch.linalg.solve(hp.mom2_update_weight * C + K.T @ K, K.T)
+            U = solve_update(K, Cs[l], hp, P=Ps.get(l), prev_keys=(prev_keys or {}).get(l))
             W = mlp_weights(model, l).W_out
             with torch.no_grad():
                 W.add_((U @ R).to(W.device).to(W.dtype))
@@ -420,5 +443,5 @@ def memit_statistics(model, hparams: MemitHparams | None = None, *, corpus="wiki
     return {l: second_moment(model, l, corpus, **kwargs) for l in check_layers(model, hp.layers)}
 
 
-__all__ = ["MemitHparams", "MEMIT_PRESETS", "memit_hparams", "compute_memit_edit", "memit_statistics",
-           "context_keys"]
+__all__ = ["MemitHparams", "MEMIT_PRESETS", "memit_hparams", "compute_memit_edit", "solve_update",
+           "memit_statistics", "context_keys"]
