@@ -62,12 +62,13 @@ def _ci(values, n_boot):
 
 
 def summarise(records, n_boot=1000) -> dict:
-    rows = {}
+    rows, per_fact = {}, {}
     for name, pick in (("least-interference", lambda r: r["chosen"]), ("tracing peak", lambda r: r["diagnosed_layer"]),
                        ("preset", lambda r: r["fixed_layer"])):
         vals = {k: [] for k in ("ES", "PS", "NS")}
+        per_fact[name] = {}
         n = 0
-        for r in records:
+        for i, r in enumerate(records):
             l = pick(r)
             cell = r["layers"].get(str(l)) if l is not None else None
             if cell is None:  # not a candidate: the diagnose run's own measurement
@@ -76,6 +77,7 @@ def summarise(records, n_boot=1000) -> dict:
                     continue
                 cell = c
             n += 1
+            per_fact[name][i] = cell
             for k in vals:
                 vals[k].append(cell[k])
         rows[name] = {"n": n, **{k: float(np.mean(v)) if v else float("nan") for k, v in vals.items()},
@@ -84,7 +86,17 @@ def summarise(records, n_boot=1000) -> dict:
     counts = {}
     for r in records:
         counts[str(r["chosen"])] = counts.get(str(r["chosen"]), 0) + 1
-    return {"table": rows, "chosen_layers": counts}
+    # the same facts under two rules: least-interference minus the other, per fact
+    paired = {}
+    for other in ("tracing peak", "preset"):
+        both = sorted(set(per_fact["least-interference"]) & set(per_fact[other]))
+        row = {"n": len(both)}
+        for k in ("PS", "NS"):
+            d = [per_fact["least-interference"][i][k] - per_fact[other][i][k] for i in both]
+            row[k] = float(np.mean(d)) if d else float("nan")
+            row[f"{k}_ci"] = _ci(d, n_boot)
+        paired[other] = row
+    return {"table": rows, "chosen_layers": counts, "paired": paired}
 
 
 def markdown(meta, s, n) -> str:
@@ -97,6 +109,13 @@ def markdown(meta, s, n) -> str:
         for k in ("ES", "PS", "NS"):
             ci = r.get(f"{k}_ci")
             cells.append(f"{r[k]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        L.append(f"| {name} | {r['n']} | " + " | ".join(cells) + " |")
+    L += ["", "Paired, per fact: least-interference minus the other rule (mean, 95% bootstrap CI; NS > 0: the "
+          "chosen layer damages the neighbourhood less).", "", "| against | n | PS difference | NS difference |",
+          "|---|---|---|---|"]
+    for name, r in s.get("paired", {}).items():
+        cells = [f"{r[k]:+.3f}" + (f" [{r[f'{k}_ci'][0]:+.3f}, {r[f'{k}_ci'][1]:+.3f}]" if r[f"{k}_ci"] else "")
+                 for k in ("PS", "NS")]
         L.append(f"| {name} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(L) + "\n"
 
