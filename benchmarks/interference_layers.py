@@ -65,9 +65,7 @@ def summarise(records, n_boot=1000) -> dict:
     rows, per_fact = {}, {}
     for name, pick in (("least-interference", lambda r: r["chosen"]), ("tracing peak", lambda r: r["diagnosed_layer"]),
                        ("preset", lambda r: r["fixed_layer"])):
-        vals = {k: [] for k in ("ES", "PS", "NS")}
         per_fact[name] = {}
-        n = 0
         for i, r in enumerate(records):
             l = pick(r)
             cell = r["layers"].get(str(l)) if l is not None else None
@@ -76,11 +74,9 @@ def summarise(records, n_boot=1000) -> dict:
                 if not c or c.get("ES") is None:
                     continue
                 cell = c
-            n += 1
             per_fact[name][i] = cell
-            for k in vals:
-                vals[k].append(cell[k])
-        rows[name] = {"n": n, **{k: float(np.mean(v)) if v else float("nan") for k, v in vals.items()},
+        vals = {k: [cell[k] for cell in per_fact[name].values()] for k in ("ES", "PS", "NS")}
+        rows[name] = {"n": len(per_fact[name]), **{k: float(np.mean(v)) if v else float("nan") for k, v in vals.items()},
                       **{f"{k}_ci": _ci(v, n_boot) for k, v in vals.items()}}
     rows["unedited"] = {"n": len(records), **{k: float(np.mean([r["unedited"][k] for r in records])) for k in ("ES", "PS", "NS")}}
     counts = {}
